@@ -1,0 +1,8 @@
+"""cnnx: convolutional networks trained fast on CPUs and scaled out over Dask."""
+from cnnx._kernels import openmp_enabled
+from cnnx._threads import get_num_threads, num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = ["openmp_enabled", "get_num_threads", "num_threads", "set_num_threads",
+           "__version__"]

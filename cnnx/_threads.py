@@ -1,0 +1,50 @@
+"""How many threads the kernels use: a process default plus a thread-local override."""
+import contextlib
+import os
+import threading
+
+_default = None                 # set by set_num_threads; None means "from the environment"
+_local = threading.local()      # per-Python-thread override from the num_threads() context
+
+
+def _from_environment():
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _check(n_threads):
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+        raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+    return n_threads
+
+
+def set_num_threads(n_threads):
+    """Set the process-wide default thread count of the kernels (None: back to OMP_NUM_THREADS)."""
+    global _default
+    _default = None if n_threads is None else _check(n_threads)
+
+
+def get_num_threads():
+    """The thread count the kernels use now, on this Python thread."""
+    override = getattr(_local, "n_threads", None)
+    if override is not None:
+        return override
+    return _default if _default is not None else _from_environment()
+
+
+@contextlib.contextmanager
+def num_threads(n_threads):
+    """Use n_threads for kernels called from this Python thread inside the block."""
+    previous = getattr(_local, "n_threads", None)
+    _local.n_threads = _check(n_threads)
+    try:
+        yield
+    finally:
+        _local.n_threads = previous
+
+
+def resolve(n_threads):
+    """The thread count for one kernel call: the argument, else the current default."""
+    return get_num_threads() if n_threads is None else _check(n_threads)

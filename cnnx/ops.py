@@ -1,0 +1,233 @@
+"""Stateless NumPy-facing ops (NHWC, HWIO weights) that the layers call: arrays in, arrays out.
+
+Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output.
+float32 arrays run on the C kernels; float64 arrays take the NumPy path below, which the
+gradient checks use (same maths, no rounding noise).
+"""
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from cnnx import _threads
+
+PADDINGS = ("valid", "same")
+
+
+def _pair(value, what):
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
+        raise ValueError(f"{what} must be a positive int or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _check_padding(padding):
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+
+
+def output_size(size, kernel, stride, padding):
+    """Output length along one axis, by TensorFlow/Keras rules."""
+    _check_padding(padding)
+    if padding == "same":
+        return -(-size // stride)
+    return (size - kernel) // stride + 1 if size >= kernel else 0
+
+
+def padding_before(size, kernel, stride, padding):
+    """Zeros added before the first element along one axis ('same' puts the odd one after)."""
+    if padding == "valid":
+        return 0
+    out = -(-size // stride)
+    return max((out - 1) * stride + kernel - size, 0) // 2
+
+
+def _geometry(h, w, kh, kw, strides, padding):
+    sh, sw = strides
+    oh, ow = output_size(h, kh, sh, padding), output_size(w, kw, sw, padding)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} window with strides {strides} and padding "
+                         f"{padding!r} does not fit a {h}x{w} input")
+    return oh, ow, padding_before(h, kh, sh, padding), padding_before(w, kw, sw, padding)
+
+
+def _padded(x, top, left, oh, ow, kh, kw, strides, fill=0.0):
+    """x padded so that every window of the output grid lies inside it."""
+    n, h, w, c = x.shape
+    need_h = (oh - 1) * strides[0] + kh
+    need_w = (ow - 1) * strides[1] + kw
+    bottom, right = max(need_h - h - top, 0), max(need_w - w - left, 0)
+    if top == bottom == left == right == 0:
+        return x
+    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+
+
+def _windows(xp, kh, kw, strides, oh, ow):
+    # (N, OH, OW, C, KH, KW) view of the padded input, one window per output pixel
+    view = sliding_window_view(xp, (kh, kw), axis=(1, 2))
+    return view[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
+
+
+def _check_nhwc(x, what):
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        raise ValueError(f"{what} expects x of shape (N, H, W, C), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{what} expects float32 (or float64) arrays, got {x.dtype}")
+    if x.size == 0:
+        raise ValueError(f"{what} got an empty input of shape {x.shape}")
+
+
+# ---------------------------------------------------------------------------- convolution
+
+def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None):
+    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F)."""
+    _check_nhwc(x, "conv2d_forward")
+    strides = _pair(strides, "strides")
+    kh, kw, c, f = kernel.shape
+    if x.shape[3] != c:
+        raise ValueError(f"conv2d_forward: x has {x.shape[3]} channels but the kernel "
+                         f"{kernel.shape} expects {c}")
+    n, h, w, _ = x.shape
+    oh, ow, top, left = _geometry(h, w, kh, kw, strides, padding)
+    _threads.resolve(n_threads)
+    xp = _padded(x, top, left, oh, ow, kh, kw, strides)
+    cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
+    # (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) -> (N*OH*OW, F), already NHWC
+    y = cols.reshape(n * oh * ow, kh * kw * c) @ kernel.reshape(kh * kw * c, f)
+    if bias is not None:
+        y += bias
+    if relu:
+        np.maximum(y, 0, out=y)
+    return y.reshape(n, oh, ow, f).astype(x.dtype, copy=False)
+
+
+def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
+                    need_input_grad=True, n_threads=None):
+    """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
+    _check_nhwc(x, "conv2d_backward")
+    strides = _pair(strides, "strides")
+    kh, kw, c, f = kernel.shape
+    n, h, w, _ = x.shape
+    oh, ow, top, left = _geometry(h, w, kh, kw, strides, padding)
+    if grad_output.shape != (n, oh, ow, f):
+        raise ValueError(f"conv2d_backward: grad_output is {grad_output.shape}, "
+                         f"expected {(n, oh, ow, f)}")
+    _threads.resolve(n_threads)
+    xp = _padded(x, top, left, oh, ow, kh, kw, strides)
+    cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
+    g = grad_output.reshape(n * oh * ow, f)
+    # (KH*KW*C, N*OH*OW) @ (N*OH*OW, F) -> (KH*KW*C, F)
+    grad_kernel = (cols.reshape(-1, kh * kw * c).T @ g).reshape(kernel.shape)
+    grad_bias = g.sum(axis=0)
+    grad_input = None
+    if need_input_grad:
+        # (N*OH*OW, F) @ (F, KH*KW*C) -> per-pixel column gradients, scattered back (col2im)
+        grad_cols = (g @ kernel.reshape(-1, f).T).reshape(n, oh, ow, kh, kw, c)
+        grad_xp = np.zeros(xp.shape, x.dtype)
+        sh, sw = strides
+        for i in range(kh):
+            for j in range(kw):
+                grad_xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] += grad_cols[:, :, :, i, j]
+        grad_input = np.ascontiguousarray(grad_xp[:, top : top + h, left : left + w])
+    return grad_input, grad_kernel.astype(x.dtype, copy=False), grad_bias.astype(x.dtype, copy=False)
+
+
+# -------------------------------------------------------------------------------- pooling
+
+def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
+    """y = max over each window -> (y, argmax); argmax is the int32 index h*W+w in the input plane."""
+    _check_nhwc(x, "max_pool2d_forward")
+    ph, pw = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else (ph, pw), "strides")
+    n, h, w, c = x.shape
+    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+    _threads.resolve(n_threads)
+    xp = _padded(x, top, left, oh, ow, ph, pw, strides, fill=-np.inf)
+    windows = _windows(xp, ph, pw, strides, oh, ow).reshape(n, oh, ow, c, ph * pw)
+    flat = windows.argmax(axis=-1)                                  # first max wins, like Keras
+    y = np.take_along_axis(windows, flat[..., None], axis=-1)[..., 0]
+    rows = np.arange(oh)[:, None, None] * strides[0] - top + flat // pw   # (N,OH,OW,C) broadcast
+    cols = np.arange(ow)[None, :, None] * strides[1] - left + flat % pw
+    return np.ascontiguousarray(y), (rows * w + cols).astype(np.int32)
+
+
+def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None):
+    """Route each output gradient to the input cell that held the max."""
+    n, h, w, c = input_shape
+    if argmax.shape != grad_output.shape:
+        raise ValueError(f"max_pool2d_backward: argmax {argmax.shape} and grad_output "
+                         f"{grad_output.shape} differ")
+    _threads.resolve(n_threads)
+    grad_input = np.zeros((n, h * w, c), grad_output.dtype)
+    batch = np.arange(n)[:, None, None, None]
+    channel = np.arange(c)[None, None, None, :]
+    np.add.at(grad_input, (batch, argmax, channel), grad_output)
+    return grad_input.reshape(n, h, w, c)
+
+
+def _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left):
+    # how many real (unpadded) cells each window covers: (OH, OW, 1)
+    rows = np.arange(oh) * strides[0] - top
+    cols = np.arange(ow) * strides[1] - left
+    count_h = np.minimum(rows + ph, h) - np.maximum(rows, 0)
+    count_w = np.minimum(cols + pw, w) - np.maximum(cols, 0)
+    return (count_h[:, None] * count_w[None, :])[:, :, None]
+
+
+def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
+    """y = mean over each window's real cells (padding is not counted, as in Keras)."""
+    _check_nhwc(x, "avg_pool2d_forward")
+    ph, pw = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else (ph, pw), "strides")
+    n, h, w, c = x.shape
+    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+    _threads.resolve(n_threads)
+    xp = _padded(x, top, left, oh, ow, ph, pw, strides)
+    sums = _windows(xp, ph, pw, strides, oh, ow).sum(axis=(-2, -1))
+    counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
+    return (sums / counts).astype(x.dtype, copy=False)
+
+
+def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, padding="valid",
+                        n_threads=None):
+    """Spread each output gradient evenly over its window's real cells."""
+    ph, pw = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else (ph, pw), "strides")
+    n, h, w, c = input_shape
+    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+    _threads.resolve(n_threads)
+    counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
+    share = grad_output / counts
+    need_h, need_w = (oh - 1) * strides[0] + ph, (ow - 1) * strides[1] + pw
+    grad_xp = np.zeros((n, max(need_h, top + h), max(need_w, left + w), c), grad_output.dtype)
+    sh, sw = strides
+    for i in range(ph):
+        for j in range(pw):
+            grad_xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] += share
+    return np.ascontiguousarray(grad_xp[:, top : top + h, left : left + w])
+
+
+# ---------------------------------------------------------------------------------- dense
+
+def dense_forward(x, kernel, bias, relu=False, n_threads=None):
+    """y = x @ kernel + bias (ReLU if asked).  x (N,I), kernel (I,U) -> (N,U)."""
+    if x.ndim != 2 or x.shape[1] != kernel.shape[0]:
+        raise ValueError(f"dense_forward: x is {x.shape} but the kernel is {kernel.shape}")
+    _threads.resolve(n_threads)
+    y = x @ kernel
+    if bias is not None:
+        y += bias
+    if relu:
+        np.maximum(y, 0, out=y)
+    return y
+
+
+def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None):
+    """Gradients of dense_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
+    if grad_output.shape != (x.shape[0], kernel.shape[1]):
+        raise ValueError(f"dense_backward: grad_output is {grad_output.shape}, expected "
+                         f"{(x.shape[0], kernel.shape[1])}")
+    _threads.resolve(n_threads)
+    grad_kernel = x.T @ grad_output              # (I, N) @ (N, U) -> (I, U)
+    grad_bias = grad_output.sum(axis=0)
+    grad_input = grad_output @ kernel.T if need_input_grad else None
+    return grad_input, grad_kernel, grad_bias
