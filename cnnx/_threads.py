@@ -7,11 +7,17 @@ _default = None                 # set by set_num_threads; None means "from the e
 _local = threading.local()      # per-Python-thread override from the num_threads() context
 
 
-def _from_environment():
+def _read_environment():
     value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# Read once at import: a Dask nanny started later in this process writes OMP_NUM_THREADS=1
+# into os.environ for its workers, which must not silently shrink the driver's own threads.
+# Worker processes import cnnx after the nanny set it, so they do see 1.
+_environment_default = _read_environment()
 
 
 def _check(n_threads):
@@ -31,7 +37,7 @@ def get_num_threads():
     override = getattr(_local, "n_threads", None)
     if override is not None:
         return override
-    return _default if _default is not None else _from_environment()
+    return _default if _default is not None else _environment_default
 
 
 @contextlib.contextmanager

@@ -1,0 +1,8 @@
+"""Fixtures shared by every test package."""
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261122)
