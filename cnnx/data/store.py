@@ -1,0 +1,208 @@
+"""The cnnx Zarr store format: create, write chunk by chunk, mark complete, open and read.
+
+Layout of a store (a Zarr v3 group):
+    images  uint8 (N, H, W, C), chunks (chunk_size, H, W, C), unsharded
+    labels  int64 (N,),         chunks (chunk_size,)
+    attrs   format, complete, class_names, counts, mean, std (per channel, uint8 scale),
+            image_size, channels, source, skipped [{"path", "reason"}], n_images, chunk_size
+
+Images and labels share one chunking so that one writer owns image chunk i and label chunk
+i together (zarr 3.1 loses data when two processes write parts of one chunk or shard).
+A store is written with `complete: false` and flipped to `complete: true` by one final
+attribute write, so a reader never mistakes a half-written store for a finished one.
+"""
+import math
+import os
+
+import numpy as np
+import zarr
+
+from cnnx.data.normalize import normalize as _normalize
+from cnnx.data.split import stratified_split
+
+FORMAT = 1
+DEFAULT_CHUNK_SIZE = 256
+
+
+def store_url(store):
+    """A string zarr can open in any process: local paths as paths, `file://` stripped."""
+    if isinstance(store, os.PathLike):
+        store = os.fspath(store)
+    if not isinstance(store, str):
+        raise TypeError(f"store must be a path or URL string, got {type(store).__name__}")
+    if store.startswith("file://"):
+        store = store[len("file://"):]     # LocalStore is faster than fsspec's local wrapper
+    return store
+
+
+def is_shared_store(store):
+    """True when other processes can open the store (not an in-process memory:// store)."""
+    return not store_url(store).startswith("memory://")
+
+
+def create_store(store, n_images, image_shape, chunk_size, attrs, overwrite=False):
+    """Create an empty, incomplete store; returns the zarr group."""
+    if n_images <= 0:
+        raise ValueError(f"create_store: need at least one image, got n_images={n_images}")
+    if chunk_size <= 0:
+        raise ValueError(f"create_store: chunk_size must be positive, got {chunk_size}")
+    group = zarr.open_group(store_url(store), mode="w" if overwrite else "w-")
+    height, width, channels = image_shape
+    group.create_array("images", shape=(n_images, height, width, channels),
+                       chunks=(chunk_size, height, width, channels), dtype="uint8",
+                       fill_value=0)
+    group.create_array("labels", shape=(n_images,), chunks=(chunk_size,), dtype="int64",
+                       fill_value=-1)
+    group.attrs.update({**attrs, "format": FORMAT, "complete": False,
+                        "n_images": int(n_images), "chunk_size": int(chunk_size),
+                        "image_size": [int(height), int(width)], "channels": int(channels)})
+    return group
+
+
+def chunk_bounds(index, chunk_size, n_images):
+    """(start, stop) of chunk `index`; the last chunk may be short."""
+    start = index * chunk_size
+    return start, min(start + chunk_size, n_images)
+
+
+def write_chunk(group, index, images, labels):
+    """Write whole chunk `index` of images and labels (the caller owns this chunk)."""
+    chunk_size = group["images"].chunks[0]
+    start, stop = chunk_bounds(index, chunk_size, group["images"].shape[0])
+    if len(images) != stop - start or len(labels) != stop - start:
+        raise ValueError(f"write_chunk: chunk {index} holds {stop - start} images, "
+                         f"got {len(images)} images and {len(labels)} labels")
+    group["images"][start:stop] = images
+    group["labels"][start:stop] = labels
+
+
+def pixel_sums(images):
+    """Exact per-channel pixel count, sum and sum of squares of a uint8 batch (N, H, W, C).
+
+    Python ints, so partial sums from any number of chunks combine exactly in any order."""
+    flat = images.reshape(-1, images.shape[-1])
+    sums = flat.sum(axis=0, dtype=np.int64)
+    squares = np.einsum("ij,ij->j", flat, flat, dtype=np.int64)
+    return {"count": int(flat.shape[0]), "sum": [int(s) for s in sums],
+            "sumsq": [int(s) for s in squares]}
+
+
+def add_pixel_sums(a, b):
+    if a is None:
+        return b
+    return {"count": a["count"] + b["count"],
+            "sum": [x + y for x, y in zip(a["sum"], b["sum"])],
+            "sumsq": [x + y for x, y in zip(a["sumsq"], b["sumsq"])]}
+
+
+def mean_std(sums):
+    """Per-channel mean and std (population) from pixel_sums."""
+    count = sums["count"]
+    mean = [s / count for s in sums["sum"]]
+    std = [math.sqrt(max(q / count - m * m, 0.0)) for q, m in zip(sums["sumsq"], mean)]
+    return mean, std
+
+
+def finalize(group, sums, labels_count, class_names, extra_attrs=None):
+    """Write the statistics, then mark the store complete in the same final attribute write."""
+    mean, std = mean_std(sums)
+    attrs = dict(extra_attrs or {})
+    attrs.update({"class_names": list(class_names),
+                  "counts": [int(c) for c in labels_count],
+                  "mean": mean, "std": std, "complete": True})
+    group.attrs.update(attrs)
+
+
+class Dataset:
+    """A complete cnnx store opened for reading; picklable (workers reopen it by `store`)."""
+
+    def __init__(self, store):
+        self.store = store_url(store)
+        try:
+            group = zarr.open_group(self.store, mode="r")
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"open_dataset: no Zarr group at {self.store!r} "
+                "(did `cnnx ingest` finish?)") from error
+        attrs = group.attrs.asdict()
+        if attrs.get("format") != FORMAT or "images" not in group or "labels" not in group:
+            raise ValueError(f"open_dataset: {self.store!r} is a Zarr group but not a cnnx "
+                             f"image store (expected format {FORMAT} with images and labels)")
+        if not attrs.get("complete"):
+            raise ValueError(
+                f"open_dataset: store {self.store!r} is incomplete (an ingest or synth run was "
+                "interrupted); re-run the same command to finish it, it resumes where it stopped")
+        self.attrs = attrs
+        self._images = group["images"]
+        self._labels = group["labels"]
+        self._all_labels = None
+        self.image_shape = tuple(int(s) for s in self._images.shape[1:])
+        self.chunk_size = int(self._images.chunks[0])
+        self.n_chunks = math.ceil(len(self) / self.chunk_size)
+        self.class_names = tuple(attrs["class_names"])
+        self.counts = tuple(attrs["counts"])
+        self.mean = np.asarray(attrs["mean"], np.float32)
+        self.std = np.asarray(attrs["std"], np.float32)
+        self.skipped = attrs.get("skipped", [])
+
+    def __len__(self):
+        return int(self._images.shape[0])
+
+    def __repr__(self):
+        return (f"Dataset({self.store!r}, n={len(self)}, image_shape={self.image_shape}, "
+                f"classes={list(self.class_names)}, chunk_size={self.chunk_size})")
+
+    def __getstate__(self):
+        return {"store": self.store}
+
+    def __setstate__(self, state):
+        self.__init__(state["store"])
+
+    def chunk_bounds(self, index):
+        """(start, stop) image indices of chunk `index`."""
+        if not 0 <= index < self.n_chunks:
+            raise IndexError(f"Dataset has {self.n_chunks} chunks, got chunk index {index}")
+        return chunk_bounds(index, self.chunk_size, len(self))
+
+    def read_chunk(self, index):
+        """Images uint8 (n, H, W, C) and labels int64 (n,) of chunk `index`."""
+        start, stop = self.chunk_bounds(index)
+        return self._images[start:stop], self._labels[start:stop]
+
+    def read(self, indices):
+        """Images and labels at `indices` (any order, repeats allowed), in that order."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"Dataset.read: indices must lie in [0, {len(self)}), "
+                             f"got min {indices.min()} and max {indices.max()}")
+        images = np.empty((indices.size, *self.image_shape), np.uint8)
+        labels = np.empty(indices.size, np.int64)
+        chunk_of = indices // self.chunk_size
+        for chunk in np.unique(chunk_of):
+            where = np.flatnonzero(chunk_of == chunk)
+            wanted = indices[where]
+            # one contiguous read per chunk: zarr decodes the whole chunk either way
+            low, high = int(wanted.min()), int(wanted.max()) + 1
+            images[where] = self._images[low:high][wanted - low]
+            labels[where] = self._labels[low:high][wanted - low]
+        return images, labels
+
+    @property
+    def labels(self):
+        """All labels, int64 (N,) (read once, then cached)."""
+        if self._all_labels is None:
+            self._all_labels = self._labels[:]
+        return self._all_labels
+
+    def normalize(self, images, mode="standardize"):
+        """uint8 images -> float32 with this store's per-channel mean and std."""
+        return _normalize(images, mode, mean=self.mean, std=self.std)
+
+    def split(self, train=0.8, val=0.1, test=0.1, seed=0):
+        """Stratified, deterministic (train, val, test) index arrays, each sorted."""
+        return stratified_split(self.labels, train, val, test, seed)
+
+
+def open_dataset(store):
+    """Open a complete cnnx store (local path, `file://`, `memory://`, `s3://` ... URL)."""
+    return Dataset(store)

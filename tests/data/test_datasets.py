@@ -1,0 +1,71 @@
+"""Bundled datasets: scikit-image's faces and Fashion-MNIST from IDX files."""
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from cnnx import data
+from cnnx.data.datasets import FASHION_MNIST_DIR
+
+
+def test_load_faces():
+    faces = data.load_faces()
+    images, labels, class_names = faces
+    assert images.shape == (200, 25, 25, 1) and images.dtype == np.uint8
+    assert class_names == ("face", "non_face")
+    assert np.bincount(labels).tolist() == [100, 100] and labels[0] == 0 and labels[-1] == 1
+    assert images.max() > 200 and images.min() < 50   # the full uint8 range, not [0, 1]
+
+
+def write_idx(path, array, compress):
+    codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C}
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    header += np.array(array.shape, ">u4").tobytes()
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
+def test_fashion_mnist_reads_idx_files(tmp_path, rng, compress):
+    suffix = ".gz" if compress else ""
+    parts = {}
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+        parts[prefix] = images, labels
+    train, test = data.load_fashion_mnist(tmp_path)
+    np.testing.assert_array_equal(train.images[..., 0], parts["train"][0])
+    np.testing.assert_array_equal(test.labels, parts["t10k"][1])
+    assert train.labels.dtype == np.int64 and train.class_names[9] == "Ankle boot"
+
+
+def test_read_idx_other_dtypes_and_truncation(tmp_path):
+    values = np.arange(12, dtype=">i4").reshape(3, 4)
+    write_idx(tmp_path / "x.idx", values, compress=False)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "x.idx"), values)
+    raw = (tmp_path / "x.idx").read_bytes()
+    (tmp_path / "cut.idx").write_bytes(raw[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_idx(tmp_path / "cut.idx")
+    (tmp_path / "junk.idx").write_bytes(b"\x89PNG0000")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "junk.idx")
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist absent")
+def test_fashion_mnist_real_files():
+    train, test = data.load_fashion_mnist()
+    assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+    assert np.bincount(train.labels).tolist() == [6000] * 10
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    # a known property of the set: mean pixel ~72.9 (0.286 of 255)
+    assert abs(train.images.mean() - 72.94) < 0.1
