@@ -1,0 +1,140 @@
+"""Dense, Flatten, Dropout and the stand-alone activation layers."""
+import numpy as np
+
+from cnnx import ops
+from cnnx.nn import activations, initializers, regularizers
+from cnnx.nn.layer import ActivatedLayer, Layer, regularizer_config
+
+
+class Dense(ActivatedLayer):
+    """y = activation(x @ kernel + bias).   x (N, in_features) -> y (N, units)."""
+
+    def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
+                 name=None):
+        super().__init__(activation, name)
+        if int(units) != units or units < 1:
+            raise ValueError(f"Dense expects a positive number of units, got {units!r}")
+        self.units = int(units)
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self._x = None
+
+    def build(self, input_shape, rng):
+        if len(input_shape) != 1:
+            raise ValueError(f"Dense({self.units}) expected a flat input (N, features), got "
+                             f"{(None, *input_shape)}; add Flatten() before it")
+        (in_features,) = input_shape
+        self.params = {"kernel": self.kernel_initializer((in_features, self.units), rng)}
+        if self.use_bias:
+            self.params["bias"] = self.bias_initializer((self.units,), rng)
+        self.grads = {name: None for name in self.params}
+        self.regularizers = {name: reg for name, reg in
+                             (("kernel", self.kernel_regularizer), ("bias", self.bias_regularizer))
+                             if reg is not None and name in self.params}
+        return (self.units,)
+
+    def forward(self, x, training=False, rng=None):
+        self._x = x if training else None          # backward needs x for grads["kernel"]
+        z = ops.dense_forward(x, self.params["kernel"], self.params.get("bias"),
+                              relu=self.fused_relu)
+        return self._activate(z, training)
+
+    def _backward_linear(self, grad_z):
+        grad_input, grad_kernel, grad_bias = ops.dense_backward(
+            self._x, self.params["kernel"], grad_z, need_input_grad=self.need_input_grad)
+        self.grads["kernel"] = grad_kernel
+        if self.use_bias:
+            self.grads["bias"] = grad_bias
+        return grad_input
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
+                "kernel_initializer": initializers.name_of(self.kernel_initializer),
+                "bias_initializer": initializers.name_of(self.bias_initializer),
+                "kernel_regularizer": regularizer_config(self.kernel_regularizer),
+                "bias_regularizer": regularizer_config(self.bias_regularizer)}
+
+
+class Flatten(Layer):
+    """(N, d1, d2, ...) -> (N, d1 * d2 * ...), C-order like Keras channels-last."""
+
+    def build(self, input_shape, rng):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, training=False, rng=None):
+        return x.reshape(len(x), -1)
+
+    def backward(self, grad_output):
+        return grad_output.reshape(len(grad_output), *self.input_shape)
+
+
+class Dropout(Layer):
+    """Training: y = x * mask / (1 - rate), mask ~ Bernoulli(1 - rate) from the rng passed in.
+    Inference: y = x."""
+
+    def __init__(self, rate, name=None):
+        super().__init__(name)
+        if not 0 <= rate < 1:
+            raise ValueError(f"Dropout expects 0 <= rate < 1, got {rate}")
+        self.rate = float(rate)
+        self._mask = None
+
+    def forward(self, x, training=False, rng=None):
+        if not training or self.rate == 0:
+            self._mask = None
+            return x
+        if rng is None:
+            raise ValueError(f"layer {self.name!r} (Dropout) needs an rng in training; "
+                             f"Sequential passes np.random.default_rng((seed, epoch, step, shard))")
+        keep = rng.random(x.shape, dtype=np.float32) >= self.rate
+        # the mask carries the 1/(1-rate) scale, so backward is one multiply
+        self._mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - self.rate))
+        return x * self._mask
+
+    def backward(self, grad_output):
+        return grad_output if self._mask is None else grad_output * self._mask
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+class Activation(ActivatedLayer):
+    """y = activation(x), as a layer of its own (Keras' layers.Activation)."""
+
+    def __init__(self, activation, name=None):
+        super().__init__(activation, name)
+
+    def forward(self, x, training=False, rng=None):
+        z = np.maximum(x, 0) if self.fused_relu else x
+        return self._activate(z, training)
+
+    def _backward_linear(self, grad_z):
+        return grad_z
+
+
+class ReLU(Activation):
+    def __init__(self, name=None):
+        super().__init__("relu", name)
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+class LeakyReLU(Activation):
+    def __init__(self, alpha=0.01, name=None):
+        super().__init__(activations.LeakyReLU(alpha), name)
+
+    def get_config(self):
+        return {"name": self.name, "alpha": self.activation.alpha}
+
+
+class Softmax(Activation):
+    def __init__(self, name=None):
+        super().__init__("softmax", name)
+
+    def get_config(self):
+        return {"name": self.name}

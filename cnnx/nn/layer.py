@@ -1,0 +1,107 @@
+"""The Layer base class: parallel params/grads dicts, a forward cache, Keras-style config."""
+import numpy as np
+
+from cnnx.nn import activations
+
+
+class Layer:
+    """Subclasses implement build, forward and backward (right below it).
+
+    params / grads: parallel dicts of trainable arrays; state: non-trainable arrays.
+    Shapes passed to build and stored in input_shape / output_shape exclude the batch axis.
+    """
+
+    def __init__(self, name=None):
+        self.name = name
+        self.params, self.grads, self.state = {}, {}, {}
+        self.regularizers = {}            # param name -> L1L2, for the params that have one
+        self.input_shape = self.output_shape = None
+        self.need_input_grad = True       # Sequential clears it on the first layer
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    def build(self, input_shape, rng):
+        """Create params for input_shape; return the output shape.  Default: shape-preserving."""
+        return tuple(input_shape)
+
+    def forward(self, x, training=False, rng=None):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        """Overwrite self.grads; return grad_input (None when need_input_grad is False)."""
+        raise NotImplementedError
+
+    def check_input(self, x):
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"layer {self.name!r} ({type(self).__name__}) expected input "
+                             f"{(None, *self.input_shape)}, got {(None, *x.shape[1:])}")
+
+    def count_params(self):
+        return sum(p.size for p in self.params.values())
+
+    def get_config(self):
+        """A JSON-able dict from which from_config rebuilds this layer (without weights)."""
+        return {"name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class ActivatedLayer(Layer):
+    """A layer followed by an optional activation: y = activation(z), z = the layer's maths.
+
+    Subclasses compute z in forward and call _activate(z); backward calls
+    _backward_linear(_activation_backward(grad_output)).  A loss fused with the activation
+    (softmax + cross-entropy) takes the logits z and calls backward_logits(grad_z).
+    """
+
+    def __init__(self, activation=None, name=None):
+        super().__init__(name)
+        self.activation = activations.get(activation)
+        self._y = self._z = None
+
+    @property
+    def fused_relu(self):
+        """True when the kernels apply ReLU themselves (their relu=True epilogue)."""
+        return isinstance(self.activation, activations.ReLU)
+
+    def _activate(self, z, training):
+        if self.activation is None or self.fused_relu:
+            y = z                          # already activated by the kernel, or linear
+        else:
+            y = self.activation.forward(z)
+        # backward needs y; a fused loss needs the logits z (softmax / sigmoid outputs)
+        self._y, self._z = (y, z) if training else (None, None)
+        return y
+
+    def logits(self):
+        """The pre-activation output of the last training forward."""
+        return self._z
+
+    def _activation_backward(self, grad_output):
+        if self.activation is None:
+            return grad_output
+        return self.activation.backward(self._y, grad_output)
+
+    def backward(self, grad_output):
+        return self._backward_linear(self._activation_backward(grad_output))
+
+    def backward_logits(self, grad_logits):
+        return self._backward_linear(grad_logits)
+
+    def _backward_linear(self, grad_z):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {**super().get_config(), "activation": activations.name_of(self.activation)}
+
+
+def regularizer_config(regularizer):
+    return None if regularizer is None else regularizer.get_config()
+
+
+def as_float(array, like):
+    """A constant in the dtype of `like` (float32 on the fast path, float64 in gradient checks)."""
+    return np.asarray(array, dtype=like.dtype)

@@ -1,0 +1,314 @@
+"""Sequential: a stack of layers built eagerly, trained with compile / fit like Keras.
+
+fit is a loop over gradient() and apply_gradients(), the same two calls a distributed
+driver makes, so summing shard gradients and applying them reproduces fit.
+"""
+import time
+
+import numpy as np
+
+from cnnx import optim
+from cnnx.nn import callbacks as callbacks_module
+from cnnx.nn import losses
+from cnnx.nn.gradient_sum import GradientSum
+from cnnx.nn.layer import ActivatedLayer, Layer
+from cnnx.nn.summary import summary_table
+
+# Keras' default layer names (Keras numbers repeats: conv2d, conv2d_1, ...)
+_KERAS_NAMES = {"Conv2D": "conv2d", "MaxPool2D": "max_pooling2d", "AvgPool2D": "average_pooling2d",
+                "BatchNormalization": "batch_normalization", "ReLU": "re_lu",
+                "LeakyReLU": "leaky_re_lu"}
+
+# Separate random streams of one seed: (seed, _INIT, layer index), (seed, _SHUFFLE, epoch);
+# dropout draws from (seed, epoch, step, shard), a 4-tuple, so it never meets these.
+_INIT, _SHUFFLE = 0, 1
+
+
+class Sequential:
+    """layers applied in order to inputs of shape (N, *input_shape); float32 throughout."""
+
+    def __init__(self, layers, input_shape, seed=0, name="sequential"):
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential expects cnnx.nn layers, got {type(layer).__name__}")
+        self.layers = list(layers)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.seed = int(seed)
+        self.name = name
+        self.optimizer = self.loss = None
+        self.metrics = []
+        self.stop_training = False
+        self._build()
+
+    def _build(self):
+        counts, shape = {}, self.input_shape
+        for index, layer in enumerate(self.layers):
+            if layer.name is None:
+                base = _KERAS_NAMES.get(type(layer).__name__, type(layer).__name__.lower())
+                count = counts.get(base, 0)
+                layer.name = base if count == 0 else f"{base}_{count}"
+                counts[base] = count + 1
+            layer.input_shape = shape
+            layer.output_shape = tuple(layer.build(shape, np.random.default_rng(
+                (self.seed, _INIT, index))))
+            shape = layer.output_shape
+        names = [layer.name for layer in self.layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"Sequential: layer names must be unique, got {duplicates} twice")
+        self.layers[0].need_input_grad = False      # nobody needs the image gradient
+        self.output_shape = shape
+
+    # ------------------------------------------------------------------ flat parameter dicts
+
+    def _flat(self, attribute):
+        return {f"{layer.name}/{key}": value for layer in self.layers
+                for key, value in getattr(layer, attribute).items()}
+
+    @property
+    def params(self):
+        """{"layer/param": array}, the layers' own arrays (an optimizer updates them in place)."""
+        return self._flat("params")
+
+    @property
+    def grads(self):
+        return self._flat("grads")
+
+    @property
+    def state(self):
+        return self._flat("state")
+
+    def get_weights(self):
+        """Copies of params and state, keyed "layer/param"."""
+        return {key: value.copy() for key, value in {**self.params, **self.state}.items()}
+
+    def set_weights(self, weights):
+        """Copy weights (a dict like get_weights') into the model's own arrays."""
+        own = {**self.params, **self.state}
+        if set(weights) != set(own):
+            raise ValueError(f"{self.name}.set_weights: missing {sorted(set(own) - set(weights))},"
+                             f" unexpected {sorted(set(weights) - set(own))}")
+        for key, value in weights.items():
+            if np.shape(value) != own[key].shape:
+                raise ValueError(f"{self.name}.set_weights: {key!r} expected shape "
+                                 f"{own[key].shape}, got {np.shape(value)}")
+        for key, value in weights.items():
+            np.copyto(own[key], value, casting="same_kind")
+
+    def count_params(self):
+        """All weights, trainable and not (BatchNorm's moving statistics), as Keras counts."""
+        return sum(value.size for value in {**self.params, **self.state}.values())
+
+    # ------------------------------------------------------------------------- compile
+
+    def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None):
+        self.optimizer = optim.get(optimizer)
+        self.loss = losses.get(loss)
+        self.metrics = list(metrics or [])
+        for metric in self.metrics:
+            if metric not in ("accuracy", "acc"):
+                raise ValueError(f"{self.name}.compile: only the 'accuracy' metric is "
+                                 f"supported, got {metric!r}")
+        self.metrics = ["accuracy" for _ in self.metrics[:1]]
+        last = self.layers[-1]
+        # softmax + cross-entropy (sigmoid + binary): loss from the logits, gradient p - y
+        self._fused = (isinstance(last, ActivatedLayer)
+                       and isinstance(last.activation, self.loss.fuses_with))
+
+    def _require_compiled(self, who):
+        if self.loss is None:
+            raise RuntimeError(f"{self.name}.{who}: call compile(optimizer, loss) first")
+
+    # ------------------------------------------------------------------- one training step
+
+    def forward(self, x, training=False, rng=None):
+        self.layers[0].check_input(x)
+        for layer in self.layers:
+            x = layer.forward(x, training, rng)
+        return x
+
+    def gradient(self, x, y, key=(0, 0, 0)):
+        """One forward and backward in training mode on a batch -> GradientSum.
+
+        Dropout draws from np.random.default_rng((seed, *key)).  The model's BatchNorm
+        moving statistics are left as they were; the updated ones come back in
+        GradientSum.state (apply_gradients(grads, state) installs them).
+        """
+        self._require_compiled("gradient")
+        x = self._as_input(x, "gradient")
+        y = self._as_labels(y, len(x), "gradient")
+        state_before = {key_: value.copy() for key_, value in self.state.items()}
+        outputs = self.forward(x, training=True, rng=np.random.default_rng((self.seed, *key)))
+        last = self.layers[-1]
+        if self._fused:
+            loss_sum, grad = self.loss.from_logits(last.logits(), y)
+            grad = last.backward_logits(grad)
+        else:
+            loss_sum, grad = self.loss(outputs, y)
+            grad = last.backward(grad)
+        for layer in reversed(self.layers[:-1]):
+            grad = layer.backward(grad)
+        state_after = self.state
+        result = GradientSum(grads=dict(self.grads), n_samples=len(x), loss_sum=loss_sum,
+                             n_correct=self.loss.n_correct(outputs, y),
+                             state={k: v.copy() for k, v in state_after.items()})
+        for key_, value in state_before.items():
+            state_after[key_][...] = value
+        return result
+
+    def regularization_loss(self):
+        return sum(regularizer(layer.params[name]) for layer in self.layers
+                   for name, regularizer in layer.regularizers.items())
+
+    def regularization_gradient(self):
+        """{"layer/param": d penalty / d param} for the params that have a regularizer."""
+        return {f"{layer.name}/{name}": regularizer.gradient(layer.params[name])
+                for layer in self.layers for name, regularizer in layer.regularizers.items()}
+
+    def apply_gradients(self, grads, state=None):
+        """grads: MEAN gradients of the loss ({"layer/param": array}, i.e. GradientSum.grads
+        / n_samples).  Adds the regularizer gradient and takes one optimizer step; installs
+        `state` (GradientSum.state) as the new BatchNorm statistics when given."""
+        self._require_compiled("apply_gradients")
+        grads = dict(grads)
+        for key, penalty in self.regularization_gradient().items():
+            grads[key] = grads[key] + penalty
+        self.optimizer.apply(self.params, grads)
+        if state:
+            own = self.state
+            for key, value in state.items():
+                own[key][...] = value
+
+    # -------------------------------------------------------------------------- fit
+
+    def fit(self, x, y, batch_size=32, epochs=1, validation_data=None, validation_split=0.0,
+            shuffle=True, callbacks=None, verbose=1, initial_epoch=0):
+        """Train; returns a History whose history dict holds loss (+ accuracy, val_*) per epoch."""
+        self._require_compiled("fit")
+        x = self._as_input(x, "fit")
+        y = self._as_labels(y, len(x), "fit")
+        if validation_data is None and validation_split:
+            if not 0 < validation_split < 1:
+                raise ValueError(f"{self.name}.fit: validation_split must be in (0, 1), "
+                                 f"got {validation_split}")
+            cut = len(x) - int(round(len(x) * validation_split))   # the last samples, as Keras
+            x, y, validation_data = x[:cut], y[:cut], (x[cut:], y[cut:])
+        if len(x) == 0:
+            raise ValueError(f"{self.name}.fit: no training samples")
+        steps = -(-len(x) // batch_size)
+        history = callbacks_module.History()
+        every = [history, *(callbacks or [])]
+        if verbose:
+            every.append(callbacks_module.ProgressBar())
+        for callback in every:
+            callback.set_model(self)
+            callback.set_params({"epochs": epochs, "steps": steps, "verbose": verbose})
+            callback.on_train_begin()
+        self.stop_training = False
+        for epoch in range(initial_epoch, epochs):
+            for callback in every:
+                callback.on_epoch_begin(epoch)
+            logs = self._train_epoch(x, y, batch_size, epoch, shuffle, every)
+            if validation_data is not None:
+                values = self.evaluate(*validation_data, return_dict=True)
+                logs.update({f"val_{k}": v for k, v in values.items()})
+            for callback in every:
+                callback.on_epoch_end(epoch, logs)
+            if self.stop_training:
+                break
+        for callback in every:
+            callback.on_train_end()
+        return history
+
+    def _train_epoch(self, x, y, batch_size, epoch, shuffle, callbacks):
+        n = len(x)
+        order = (np.random.default_rng((self.seed, _SHUFFLE, epoch)).permutation(n)
+                 if shuffle else np.arange(n))
+        loss_sum, n_correct, seen, start = 0.0, 0, 0, time.perf_counter()
+        for step, begin in enumerate(range(0, n, batch_size)):
+            index = order[begin : begin + batch_size]
+            result = self.gradient(x[index], y[index], key=(epoch, step, 0))
+            if not np.isfinite(result.loss_sum):
+                raise FloatingPointError(f"{self.name}.fit: the loss became {result.loss_sum} "
+                                         f"at epoch {epoch}, step {step}; lower the learning "
+                                         f"rate or check the inputs for NaN/inf")
+            self.apply_gradients(result.mean_grads(), result.state)
+            loss_sum, n_correct, seen = (loss_sum + result.loss_sum,
+                                         n_correct + result.n_correct, seen + result.n_samples)
+            logs = self._logs(loss_sum, n_correct, seen)
+            logs["images/s"] = seen / max(time.perf_counter() - start, 1e-9)
+            for callback in callbacks:
+                callback.on_train_batch_end(step, logs)
+        logs = self._logs(loss_sum, n_correct, seen)
+        logs["loss"] += self.regularization_loss()
+        return logs
+
+    def _logs(self, loss_sum, n_correct, n):
+        logs = {"loss": loss_sum / n}
+        if self.metrics:
+            logs["accuracy"] = n_correct / n
+        return logs
+
+    # --------------------------------------------------------------------- inference
+
+    def predict(self, x, batch_size=256, verbose=0):
+        """Outputs in inference mode (moving BatchNorm statistics, no dropout)."""
+        x = self._as_input(x, "predict")
+        return np.concatenate([self.forward(x[i : i + batch_size])
+                               for i in range(0, len(x), batch_size)])
+
+    def evaluate(self, x, y, batch_size=256, verbose=0, return_dict=False):
+        """[loss, accuracy] (or the loss alone without metrics), loss including regularization."""
+        self._require_compiled("evaluate")
+        x = self._as_input(x, "evaluate")
+        y = self._as_labels(y, len(x), "evaluate")
+        loss_sum, n_correct = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            outputs = self.forward(x[i : i + batch_size])
+            loss_sum += self.loss(outputs, y[i : i + batch_size])[0]
+            n_correct += self.loss.n_correct(outputs, y[i : i + batch_size])
+        logs = self._logs(loss_sum, n_correct, len(x))
+        logs["loss"] += self.regularization_loss()
+        if return_dict:
+            return logs
+        return [logs["loss"], logs["accuracy"]] if self.metrics else logs["loss"]
+
+    # -------------------------------------------------------------- inputs at the edge
+
+    def _as_input(self, x, who):
+        """float32, C-contiguous, shape (N, *input_shape): converted once, here."""
+        x = np.asarray(x)
+        if x.shape[1:] != self.input_shape:
+            first = self.layers[0]
+            raise ValueError(f"{self.name}.{who}: layer {first.name!r} "
+                             f"({type(first).__name__}) expected input "
+                             f"{(None, *self.input_shape)}, got {x.shape}")
+        if len(x) == 0:
+            raise ValueError(f"{self.name}.{who}: got no samples (x has shape {x.shape})")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _as_labels(self, y, n, who):
+        y = np.asarray(y)
+        if len(y) != n:
+            raise ValueError(f"{self.name}.{who}: x has {n} samples but y has {len(y)}")
+        return self.loss.check_labels(y, self.output_shape[-1], f"{self.name}.{who}")
+
+    # ----------------------------------------------------------------- summary, saving
+
+    def summary(self, print_fn=print):
+        """A Keras-style table of layers, output shapes and parameter counts; also returned."""
+        text = summary_table(self)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def get_config(self):
+        return {"name": self.name, "input_shape": list(self.input_shape), "seed": self.seed,
+                "layers": [{"class_name": type(layer).__name__, "config": layer.get_config()}
+                           for layer in self.layers]}
+
+    def save(self, path, include_optimizer=True):
+        from cnnx.nn.serialization import save_model
+        save_model(self, path, include_optimizer)

@@ -1,0 +1,339 @@
+"""Optimizers and learning-rate schedules.
+
+An optimizer updates a flat dict of parameters in place from a dict of gradients with the
+same keys ("layer_name/param").  Its state is keyed by those names too, so state_dict()
+is a flat dict of arrays that goes into .npz checkpoints and over Dask as it is.
+Each optimizer implements one _update(name, param, grad, lr); the update rules are Keras'.
+"""
+import numpy as np
+
+
+# ------------------------------------------------------------------------------ schedules
+
+class Constant:
+    """lr(step) = learning_rate."""
+
+    def __init__(self, learning_rate):
+        self.learning_rate = float(learning_rate)
+
+    def __call__(self, step):
+        return self.learning_rate
+
+    def get_config(self):
+        return {"name": "Constant", "learning_rate": self.learning_rate}
+
+
+class StepDecay:
+    """lr(step) = learning_rate * gamma ** (step // step_size)."""
+
+    def __init__(self, learning_rate, step_size, gamma=0.1):
+        if step_size < 1:
+            raise ValueError(f"StepDecay expects step_size >= 1, got {step_size}")
+        self.learning_rate, self.step_size, self.gamma = float(learning_rate), int(step_size), gamma
+
+    def __call__(self, step):
+        return self.learning_rate * self.gamma ** (step // self.step_size)
+
+    def get_config(self):
+        return {"name": "StepDecay", "learning_rate": self.learning_rate,
+                "step_size": self.step_size, "gamma": self.gamma}
+
+
+class CosineDecay:
+    """lr(step) = learning_rate * (alpha + (1 - alpha) * (1 + cos(pi * t)) / 2),
+    t = min(step, decay_steps) / decay_steps."""
+
+    def __init__(self, learning_rate, decay_steps, alpha=0.0):
+        if decay_steps < 1:
+            raise ValueError(f"CosineDecay expects decay_steps >= 1, got {decay_steps}")
+        self.learning_rate, self.decay_steps, self.alpha = (float(learning_rate),
+                                                            int(decay_steps), alpha)
+
+    def __call__(self, step):
+        t = min(step, self.decay_steps) / self.decay_steps
+        return self.learning_rate * (self.alpha + (1 - self.alpha) * 0.5 * (1 + np.cos(np.pi * t)))
+
+    def get_config(self):
+        return {"name": "CosineDecay", "learning_rate": self.learning_rate,
+                "decay_steps": self.decay_steps, "alpha": self.alpha}
+
+
+_SCHEDULES = {cls.__name__: cls for cls in (Constant, StepDecay, CosineDecay)}
+
+
+def schedule(learning_rate):
+    """A number, a schedule, or a schedule's config -> a callable step -> lr."""
+    if isinstance(learning_rate, dict):
+        options = {k: v for k, v in learning_rate.items() if k != "name"}
+        return _SCHEDULES[learning_rate["name"]](**options)
+    if callable(learning_rate):
+        return learning_rate
+    return Constant(learning_rate)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+class Optimizer:
+    """Base: apply() counts steps and calls _update once per parameter.
+
+    `iterations` counts applied steps; the schedule sees the 0-based step being applied.
+    Slots (per-parameter state) live in self.slots[slot_name][param_name].
+    """
+    slot_names = ()
+
+    def __init__(self, learning_rate):
+        self.learning_rate = schedule(learning_rate)
+        self.iterations = 0
+        self.slots = {slot: {} for slot in self.slot_names}
+
+    def apply(self, params, grads):
+        """params[name] -= update(grads[name]) in place, for every name in grads."""
+        missing = set(grads) - set(params)
+        if missing:
+            raise KeyError(f"{type(self).__name__}.apply: gradients for unknown parameters "
+                           f"{sorted(missing)}")
+        lr = self.learning_rate(self.iterations)
+        self.iterations += 1
+        self._begin_step()
+        for name in sorted(grads):                # fixed order: state updates are reproducible
+            param, grad = params[name], grads[name]
+            if grad.shape != param.shape:
+                raise ValueError(f"{type(self).__name__}.apply: gradient for {name!r} is "
+                                 f"{grad.shape}, parameter is {param.shape}")
+            self._update(name, param, grad.astype(param.dtype, copy=False), lr)
+
+    def _begin_step(self):
+        """Hook for state shared by all parameters (Nadam's momentum product)."""
+
+    def _update(self, name, param, grad, lr):
+        raise NotImplementedError
+
+    def _slot(self, slot, name, like, fill=0.0):
+        table = self.slots[slot]
+        if name not in table:
+            table[name] = np.full_like(like, fill)
+        return table[name]
+
+    # serialisation: flat arrays, no pickle
+    def state_dict(self):
+        state = {"iterations": np.array(self.iterations, np.int64)}
+        for slot, table in self.slots.items():
+            for name, value in table.items():
+                state[f"{slot}/{name}"] = value.copy()
+        return state
+
+    def load_state_dict(self, state):
+        self.iterations = int(state["iterations"])
+        self.slots = {slot: {} for slot in self.slot_names}
+        for key, value in state.items():
+            if key == "iterations":
+                continue
+            slot, _, name = key.partition("/")
+            if slot not in self.slots:
+                raise KeyError(f"{type(self).__name__}.load_state_dict: unknown state {key!r}")
+            self.slots[slot][name] = np.array(value, copy=True)
+
+    def get_config(self):
+        lr = self.learning_rate
+        return {"name": type(self).__name__,
+                "learning_rate": lr.get_config() if hasattr(lr, "get_config") else lr(0)}
+
+
+class SGD(Optimizer):
+    """momentum 0: p -= lr g.  Else v = momentum v - lr g; p += v
+    (nesterov: p += momentum v - lr g)."""
+    slot_names = ("velocity",)
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
+        super().__init__(learning_rate)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SGD expects 0 <= momentum < 1, got {momentum}")
+        self.momentum, self.nesterov = momentum, nesterov
+
+    def _update(self, name, param, grad, lr):
+        if self.momentum == 0:
+            param -= lr * grad
+            return
+        velocity = self._slot("velocity", name, param)
+        velocity *= self.momentum
+        velocity -= lr * grad
+        if self.nesterov:
+            param += self.momentum * velocity - lr * grad
+        else:
+            param += velocity
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
+
+
+def Momentum(learning_rate=0.01, momentum=0.9):
+    return SGD(learning_rate, momentum)
+
+
+def Nesterov(learning_rate=0.01, momentum=0.9):
+    return SGD(learning_rate, momentum, nesterov=True)
+
+
+class Adagrad(Optimizer):
+    """a += g^2;  p -= lr g / (sqrt(a) + epsilon)."""
+    slot_names = ("accumulator",)
+
+    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.initial_accumulator_value, self.epsilon = initial_accumulator_value, epsilon
+
+    def _update(self, name, param, grad, lr):
+        accumulator = self._slot("accumulator", name, param, self.initial_accumulator_value)
+        accumulator += grad * grad
+        param -= lr * grad / (np.sqrt(accumulator) + self.epsilon)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon,
+                "initial_accumulator_value": self.initial_accumulator_value}
+
+
+class Adadelta(Optimizer):
+    """Zeiler 2012: Eg = rho Eg + (1-rho) g^2;  d = sqrt(Ed + eps) / sqrt(Eg + eps) g;
+    Ed = rho Ed + (1-rho) d^2;  p -= lr d.  (lr 1.0 is the paper's; Keras defaults to 0.001.)"""
+    slot_names = ("accumulated_grad", "accumulated_delta")
+
+    def __init__(self, learning_rate=1.0, rho=0.95, epsilon=1e-6):
+        super().__init__(learning_rate)
+        self.rho, self.epsilon = rho, epsilon
+
+    def _update(self, name, param, grad, lr):
+        mean_grad = self._slot("accumulated_grad", name, param)
+        mean_delta = self._slot("accumulated_delta", name, param)
+        mean_grad[...] = self.rho * mean_grad + (1 - self.rho) * grad * grad
+        delta = np.sqrt(mean_delta + self.epsilon) / np.sqrt(mean_grad + self.epsilon) * grad
+        mean_delta[...] = self.rho * mean_delta + (1 - self.rho) * delta * delta
+        param -= lr * delta
+
+    def get_config(self):
+        return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
+
+
+class RMSprop(Optimizer):
+    """v = rho v + (1-rho) g^2;  p -= lr g / (sqrt(v) + epsilon)."""
+    slot_names = ("velocity",)
+
+    def __init__(self, learning_rate=0.001, rho=0.9, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.rho, self.epsilon = rho, epsilon
+
+    def _update(self, name, param, grad, lr):
+        velocity = self._slot("velocity", name, param)
+        velocity[...] = self.rho * velocity + (1 - self.rho) * grad * grad
+        param -= lr * grad / (np.sqrt(velocity) + self.epsilon)
+
+    def get_config(self):
+        return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
+
+
+class Adam(Optimizer):
+    """Kingma & Ba 2015, Algorithm 1: m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+    p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + epsilon)."""
+    slot_names = ("m", "v")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+
+    def _update(self, name, param, grad, lr):
+        m, v = self._slot("m", name, param), self._slot("v", name, param)
+        t = self.iterations
+        m[...] = self.beta_1 * m + (1 - self.beta_1) * grad
+        v[...] = self.beta_2 * v + (1 - self.beta_2) * grad * grad
+        m_hat = m / (1 - self.beta_1 ** t)
+        v_hat = v / (1 - self.beta_2 ** t)
+        param -= lr * m_hat / (np.sqrt(v_hat) + self.epsilon)
+
+    def get_config(self):
+        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
+                "epsilon": self.epsilon}
+
+
+class AdaMax(Adam):
+    """Kingma & Ba 2015, Algorithm 2: m = b1 m + (1-b1) g;  u = max(b2 u, |g|);
+    p -= lr / (1 - b1^t) m / (u + epsilon)."""
+    slot_names = ("m", "u")
+
+    def __init__(self, learning_rate=0.002, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        super().__init__(learning_rate, beta_1, beta_2, epsilon)
+
+    def _update(self, name, param, grad, lr):
+        m, u = self._slot("m", name, param), self._slot("u", name, param)
+        m[...] = self.beta_1 * m + (1 - self.beta_1) * grad
+        np.maximum(self.beta_2 * u, np.abs(grad), out=u)
+        param -= lr / (1 - self.beta_1 ** self.iterations) * m / (u + self.epsilon)
+
+
+class Nadam(Adam):
+    """Dozat 2016 as in Keras, with the momentum schedule mu_t = b1 (1 - 0.5 * 0.96^(0.004 t)):
+    m_hat = mu_{t+1} m / (1 - prod_{i<=t+1} mu_i) + (1 - mu_t) g / (1 - prod_{i<=t} mu_i);
+    v_hat = v / (1 - b2^t);  p -= lr m_hat / (sqrt(v_hat) + epsilon)."""
+    slot_names = ("m", "v", "u_product")      # u_product holds one scalar, under the name ""
+
+    def _mu(self, t):
+        return self.beta_1 * (1 - 0.5 * 0.96 ** (0.004 * t))
+
+    def _begin_step(self):
+        t = self.iterations
+        product = self.slots["u_product"].get("", np.array(1.0))
+        self._mu_t, self._mu_next = self._mu(t), self._mu(t + 1)
+        self._product_t = float(product) * self._mu_t
+        self.slots["u_product"][""] = np.array(self._product_t)
+
+    def _update(self, name, param, grad, lr):
+        m, v = self._slot("m", name, param), self._slot("v", name, param)
+        m[...] = self.beta_1 * m + (1 - self.beta_1) * grad
+        v[...] = self.beta_2 * v + (1 - self.beta_2) * grad * grad
+        m_hat = (self._mu_next * m / (1 - self._product_t * self._mu_next)
+                 + (1 - self._mu_t) * grad / (1 - self._product_t))
+        v_hat = v / (1 - self.beta_2 ** self.iterations)
+        param -= lr * m_hat / (np.sqrt(v_hat) + self.epsilon)
+
+
+class LARS(Optimizer):
+    """You, Gitman & Ginsburg 2017 (Algorithm 1), per parameter tensor:
+    local_lr = eta ||w|| / (||g|| + weight_decay ||w||)   (1 when either norm is 0);
+    v = momentum v + lr local_lr (g + weight_decay w);  w -= v."""
+    slot_names = ("velocity",)
+
+    def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=0.0005, eta=0.001):
+        super().__init__(learning_rate)
+        self.momentum, self.weight_decay, self.eta = momentum, weight_decay, eta
+
+    def _update(self, name, param, grad, lr):
+        velocity = self._slot("velocity", name, param)
+        weight_norm = float(np.linalg.norm(param))
+        grad_norm = float(np.linalg.norm(grad))
+        if weight_norm > 0 and grad_norm > 0:
+            local_lr = self.eta * weight_norm / (grad_norm + self.weight_decay * weight_norm)
+        else:
+            local_lr = 1.0
+        velocity[...] = self.momentum * velocity + (lr * local_lr) * (grad + self.weight_decay
+                                                                      * param)
+        param -= velocity
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "eta": self.eta}
+
+
+_BY_NAME = {cls.__name__: cls for cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdaMax, Nadam,
+                                          LARS)}
+
+
+def get(optimizer):
+    """An Optimizer, its get_config(), or a Keras name ('adam', 'sgd', ...) with defaults."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, dict):
+        options = {k: v for k, v in optimizer.items() if k != "name"}
+        return _BY_NAME[optimizer["name"]](**options)
+    by_lower = {name.lower(): cls for name, cls in _BY_NAME.items()}
+    if not isinstance(optimizer, str) or optimizer.lower() not in by_lower:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected an Optimizer or one of "
+                         f"{sorted(by_lower)}")
+    return by_lower[optimizer.lower()]()
