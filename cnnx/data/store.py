@@ -125,13 +125,16 @@ class Dataset:
                 f"open_dataset: no Zarr group at {self.store!r} "
                 "(did `cnnx ingest` finish?)") from error
         attrs = group.attrs.asdict()
-        if attrs.get("format") != FORMAT or "images" not in group or "labels" not in group:
+        if attrs.get("format") != FORMAT:
             raise ValueError(f"open_dataset: {self.store!r} is a Zarr group but not a cnnx "
-                             f"image store (expected format {FORMAT} with images and labels)")
+                             f"image store (no attribute format={FORMAT})")
         if not attrs.get("complete"):
             raise ValueError(
                 f"open_dataset: store {self.store!r} is incomplete (an ingest or synth run was "
                 "interrupted); re-run the same command to finish it, it resumes where it stopped")
+        if "images" not in group or "labels" not in group:
+            raise ValueError(f"open_dataset: cnnx store {self.store!r} lacks its images or "
+                             "labels array")
         self.attrs = attrs
         self._images = group["images"]
         self._labels = group["labels"]
