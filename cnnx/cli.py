@@ -1,0 +1,242 @@
+"""The `cnnx` command: ingest, synth, train, evaluate, predict, grid, bench.
+
+Every subcommand takes --help; `--config FILE.toml` supplies defaults (a table per
+subcommand, e.g. `[train]` with `epochs = 5`) and flags on the command line override them.
+Errors people will hit print one line and exit with status 2; --traceback shows the rest.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import tomllib
+
+from cnnx.runs import UserError
+
+EXIT_USAGE = 2
+
+DATA_HELP = "a Zarr store made by `cnnx ingest`/`cnnx synth`, or 'faces' or 'fashion-mnist'"
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="cnnx", description="Train convolutional networks fast on CPUs, locally or on "
+                                 "a Dask cluster.")
+    parser.add_argument("--config", metavar="FILE", help="TOML file of defaults, one table "
+                        "per subcommand ([train], [ingest], ...); flags override it")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    ingest = commands.add_parser("ingest", help="image folders (one per class) -> Zarr store")
+    ingest.add_argument("source", help="folder with one sub-folder of images per class")
+    ingest.add_argument("store", help="Zarr store to write (a path or fsspec URL)")
+    ingest.add_argument("--size", nargs=2, type=int, default=(80, 80), metavar=("H", "W"))
+    ingest.add_argument("--grayscale", action="store_true", help="store one grey channel")
+    ingest.add_argument("--chunk-size", type=int, default=None, help="images per chunk")
+    ingest.add_argument("--processes", type=int, default=None,
+                        help="decoding processes (default: one per core)")
+    ingest.set_defaults(run=run_ingest)
+
+    synth = commands.add_parser("synth", help="synthetic faces with/without glasses -> store")
+    synth.add_argument("store")
+    synth.add_argument("--n", type=int, required=True, help="number of images")
+    synth.add_argument("--size", nargs=2, type=int, default=(80, 80), metavar=("H", "W"))
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=run_synth)
+
+    train = commands.add_parser("train", help="train a network (default: the bundled faces "
+                                "set on a local Dask cluster)")
+    add_training_arguments(train)
+    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--batch-size", type=int, default=32, help="global batch per step")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in --out")
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy, loss, per-class report and "
+                                   "confusion matrix of a saved model")
+    evaluate.add_argument("model", help="model.npz written by `cnnx train`")
+    evaluate.add_argument("--data", required=True, help=DATA_HELP)
+    evaluate.add_argument("--split", choices=("test", "all"), default="test",
+                          help="the run's held-out test split (default) or every image")
+    evaluate.set_defaults(run=run_evaluate)
+
+    predict = commands.add_parser("predict", help="class and probability of image files")
+    predict.add_argument("model", help="model.npz written by `cnnx train`")
+    predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, TIFF)")
+    predict.add_argument("--json", action="store_true", help="print JSON lines")
+    predict.set_defaults(run=run_predict)
+
+    grid = commands.add_parser("grid", help="learning rate x batch size grid on one cluster")
+    add_training_arguments(grid)
+    grid.add_argument("--epochs", type=int, default=5)
+    grid.add_argument("--lrs", type=float, nargs="+", default=[1e-1, 1e-2, 1e-3, 1e-4])
+    grid.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    grid.set_defaults(run=run_grid)
+
+    bench = commands.add_parser("bench", help="kernel, training and scaling benchmarks")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds, smaller shapes")
+    bench.add_argument("--threads", type=int, nargs="+", default=None,
+                       help="thread counts to measure (default: 1 and all cores)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def add_training_arguments(p):
+    p.add_argument("--data", default="faces", help=DATA_HELP + " (default: faces)")
+    p.add_argument("--arch", default=None, help="glasses, comics, fashion, small, or a "
+                   "model .npz/architecture .json file (default: chosen by image size)")
+    cluster = p.add_mutually_exclusive_group()
+    cluster.add_argument("--scheduler", metavar="ADDRESS",
+                         help="a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    cluster.add_argument("--workers", type=int, default=None,
+                         help="workers of a local cluster on 127.0.0.1 (default: one per core)")
+    p.add_argument("--mode", choices=("sync", "downpour", "dynsgd", "adag", "easgd"),
+                   default="sync")
+    p.add_argument("--shards", type=int, default=None,
+                   help="virtual shards per step (fixed: results do not depend on workers)")
+    p.add_argument("--optimizer", default="adam",
+                   help="sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam, adamax, "
+                        "nadam, lars")
+    p.add_argument("--augment", nargs="*", default=(), metavar="KIND",
+                   help="hflip vflip rotate zoom translate contrast invert")
+    p.add_argument("--normalize", choices=("standardize", "scale", "none"),
+                   default="standardize")
+    p.add_argument("--wire", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of weights and gradients on the network")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: "
+                   "./cnnx-runs/<timestamp>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def apply_config(parser, argv):
+    """Load --config (if given) into the subcommands' defaults; command-line flags still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    try:
+        with open(known.config, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {known.config!r} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"config file {known.config!r} is not valid TOML: {error}") from None
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for section, values in config.items():
+        if section not in subparsers.choices or not isinstance(values, dict):
+            raise UserError(f"config file {known.config!r}: unknown table [{section}]; "
+                            f"use one of {sorted(subparsers.choices)}")
+        sub = subparsers.choices[section]
+        known_keys = {a.dest for a in sub._actions}
+        settings = {key.replace("-", "_"): value for key, value in values.items()}
+        unknown = sorted(set(settings) - known_keys)
+        if unknown:
+            raise UserError(f"config file {known.config!r}: [{section}] has unknown "
+                            f"keys {unknown}")
+        sub.set_defaults(**settings)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    show_traceback = "--traceback" in argv
+    try:
+        apply_config(parser, argv)
+        args = parser.parse_args(argv)
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("cnnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:          # one clear line for the user, not a traceback
+        if show_traceback or not _is_user_facing(error):
+            raise
+        print(f"cnnx: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_user_facing(error):
+    # Errors whose message already says what is wrong and what to do; anything else is a
+    # bug in cnnx and keeps its traceback.
+    return isinstance(error, (UserError, ValueError, OSError, FloatingPointError))
+
+
+# --------------------------------------------------------------------------- commands
+
+def run_ingest(args):
+    from cnnx import data
+
+    summary = data.ingest(args.source, args.store, image_size=tuple(args.size),
+                          grayscale=args.grayscale, chunk_size=args.chunk_size,
+                          processes=args.processes, progress=True)
+    print(summary)
+
+
+def run_synth(args):
+    from cnnx import data
+
+    summary = data.make_synthetic(args.store, args.n, image_size=tuple(args.size),
+                                  seed=args.seed, progress=True)
+    print(summary)
+
+
+def run_train(args):
+    from cnnx import runs
+
+    run = runs.TrainingRun.from_args(args)
+    try:
+        run.train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  resume=args.resume)
+        run.finish()
+    finally:
+        run.close()
+
+
+def run_evaluate(args):
+    from cnnx import runs
+
+    result = runs.evaluate_model(args.model, args.data, split=args.split)
+    print(result.text())
+
+
+def run_predict(args):
+    from cnnx import runs
+
+    for row in runs.predict_files(args.model, args.images):
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{row['path']}: {row['class']} ({row['probability']:.3f})")
+
+
+def run_grid(args):
+    from cnnx import runs
+
+    run = runs.TrainingRun.from_args(args)
+    try:
+        table = run.grid(args.lrs, args.batch_sizes, epochs=args.epochs)
+        print(table)
+    finally:
+        run.close()
+
+
+def run_bench(args):
+    from cnnx import bench
+
+    results = bench.run(quick=args.quick, threads=args.threads)
+    print(bench.format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
