@@ -1,10 +1,351 @@
 # cython: language_level=3
-"""Cython driver for the C kernels: checks what memoryviews cannot, releases the GIL."""
+"""Cython driver for the C kernels: checks what memoryviews cannot, releases the GIL.
+
+Every kernel takes float32 C-contiguous arrays and writes into the output arrays it is given;
+it refuses anything else with a message naming the kernel, the argument, what it expected
+and what it got. Workspace is allocated here (NumPy), so the C side never allocates.
+"""
+import numpy as np
 
 cdef extern from "cnnx_kernels.h" nogil:
     int cnnx_openmp_enabled()
+    int cnnx_set_isa(int isa)
+    int cnnx_get_isa()
+    int cnnx_cpu_has_avx2_fma()
+    long cnnx_gemm_workspace_floats(int n_threads)
+    void cnnx_sgemm(int m, int n, int k, const float *a, int transpose_a, const float *b,
+                    int transpose_b, const float *bias, int relu, float *c, int n_threads,
+                    float *workspace)
+    ctypedef struct cnnx_conv_geometry:
+        int batch, in_h, in_w, channels
+        int out_h, out_w
+        int kernel_h, kernel_w
+        int stride_h, stride_w
+        int dilation_h, dilation_w
+        int pad_top, pad_left
+    void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
+                             const float *kernel, int filters, const float *bias, int relu,
+                             float *y, int n_threads, float *workspace)
+    long cnnx_conv2d_grad_kernel_workspace_floats(const cnnx_conv_geometry *geometry,
+                                                  int filters, int n_threads)
+    void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
+                                 const float *grad_output, int filters, float *grad_kernel,
+                                 float *grad_bias, int n_threads, float *workspace)
+    void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads)
+    ctypedef struct cnnx_pool_geometry:
+        int batch, in_h, in_w, channels
+        int out_h, out_w
+        int pool_h, pool_w
+        int stride_h, stride_w
+        int pad_top, pad_left
+    void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
+                                 float *y, int *argmax, int n_threads)
+    void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry,
+                                  const float *grad_output, const int *argmax,
+                                  float *grad_input, int n_threads)
+    void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
+                                 float *y, int n_threads)
+    void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
+                                  const float *grad_output, float *grad_input, int n_threads)
+    double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
+
+ISAS = {"auto": 0, "generic": 1, "avx2": 2}
+_ISA_NAMES = {1: "generic", 2: "avx2"}
+_INT_MAX = 2**31 - 1
 
 
 def openmp_enabled():
     """True when the kernels were compiled with OpenMP."""
     return bool(cnnx_openmp_enabled())
+
+
+def set_isa(name):
+    """Pick the GEMM micro-kernel: 'auto' (best the CPU has), 'avx2' or 'generic' (portable C).
+    Returns the name now in use ('avx2' falls back to 'generic' on CPUs without AVX2+FMA)."""
+    if name not in ISAS:
+        raise ValueError(f"set_isa: expected one of {sorted(ISAS)}, got {name!r}")
+    return _ISA_NAMES[cnnx_set_isa(ISAS[name])]
+
+
+def get_isa():
+    """The GEMM micro-kernel in use: 'avx2' or 'generic'."""
+    return _ISA_NAMES[cnnx_get_isa()]
+
+
+def cpu_has_avx2_fma():
+    return bool(cnnx_cpu_has_avx2_fma())
+
+
+# ------------------------------------------------------------------------------ checks
+
+cdef _check(who, name, array, shape=None, dtype=np.float32):
+    """array must be a C-contiguous, non-empty ndarray of dtype (and shape, -1 = any)."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{who}: {name} must be a numpy.ndarray, got {type(array).__name__}")
+    if array.dtype != dtype:
+        raise TypeError(f"{who}: {name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    if shape is not None:
+        if array.ndim != len(shape) or any(
+                want != -1 and want != got for want, got in zip(shape, array.shape)):
+            expected = "(" + ", ".join("any" if s == -1 else str(s) for s in shape) + ")"
+            raise ValueError(f"{who}: {name} must have shape {expected}, got {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{who}: {name} is empty (shape {array.shape})")
+    if array.size > _INT_MAX:
+        raise ValueError(f"{who}: {name} has {array.size} elements, more than 2**31 - 1")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{who}: {name} must be C-contiguous "
+                         f"(use numpy.ascontiguousarray), got strides {array.strides}")
+
+
+cdef _check_output(who, name, array, shape, dtype=np.float32):
+    _check(who, name, array, shape, dtype)
+    if not array.flags.writeable:
+        raise ValueError(f"{who}: {name} is read-only")
+
+
+cdef int _threads(who, n_threads) except -1:
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+        raise ValueError(f"{who}: n_threads must be a positive integer, got {n_threads!r}")
+    return min(n_threads, 1024)
+
+
+cdef float[::1] _workspace(long floats):
+    return np.empty(max(floats, 1), np.float32)
+
+
+# ------------------------------------------------------------------------------ GEMM
+
+def sgemm(a, b, c, bias=None, bint relu=False, bint transpose_a=False,
+          bint transpose_b=False, n_threads=1):
+    """c = op(a) @ op(b) (+ bias) (relu); op transposes when asked. float32, C-contiguous."""
+    who = "sgemm"
+    _check(who, "a", a, (-1, -1))
+    _check(who, "b", b, (-1, -1))
+    cdef int m = a.shape[1] if transpose_a else a.shape[0]
+    cdef int k = a.shape[0] if transpose_a else a.shape[1]
+    cdef int k_b = b.shape[1] if transpose_b else b.shape[0]
+    cdef int n = b.shape[0] if transpose_b else b.shape[1]
+    if k_b != k:
+        raise ValueError(f"sgemm: op(a) is {m}x{k} but op(b) is {k_b}x{n}; "
+                         f"inner sizes must match")
+    _check_output(who, "c", c, (m, n))
+    if bias is not None:
+        _check(who, "bias", bias, (n,))
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[:, ::1] a_view = a
+    cdef const float[:, ::1] b_view = b
+    cdef float[:, ::1] c_view = c
+    cdef const float[::1] bias_view
+    cdef const float *bias_pointer = NULL
+    if bias is not None:
+        bias_view = bias
+        bias_pointer = &bias_view[0]
+    cdef float[::1] workspace = _workspace(cnnx_gemm_workspace_floats(threads))
+    cdef int ta = transpose_a, tb = transpose_b, use_relu = relu
+    with nogil:
+        cnnx_sgemm(m, n, k, &a_view[0, 0], ta, &b_view[0, 0], tb, bias_pointer, use_relu,
+                   &c_view[0, 0], threads, &workspace[0])
+    return c
+
+
+def column_sums(a, sums, n_threads=1):
+    """sums[j] = sum_i a[i, j], rows added in order."""
+    who = "column_sums"
+    _check(who, "a", a, (-1, -1))
+    _check_output(who, "sums", sums, (a.shape[1],))
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[:, ::1] a_view = a
+    cdef float[::1] sums_view = sums
+    cdef int m = a.shape[0], n = a.shape[1]
+    with nogil:
+        cnnx_column_sums(m, n, &a_view[0, 0], &sums_view[0], threads)
+    return sums
+
+
+# ------------------------------------------------------------------------------ convolution
+
+cdef cnnx_conv_geometry _conv_geometry(who, tuple source_shape, tuple out_size, tuple kernel,
+                                       tuple strides, tuple dilation, tuple pads) except *:
+    cdef cnnx_conv_geometry g
+    g.batch, g.in_h, g.in_w, g.channels = source_shape
+    g.out_h, g.out_w = out_size
+    g.kernel_h, g.kernel_w = kernel
+    g.stride_h, g.stride_w = strides
+    g.dilation_h, g.dilation_w = dilation
+    g.pad_top, g.pad_left = pads
+    if min(g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
+           g.dilation_h, g.dilation_w) < 1 or min(g.pad_top, g.pad_left) < 0:
+        raise ValueError(f"{who}: bad geometry: out {out_size}, kernel {kernel}, strides "
+                         f"{strides}, dilation {dilation}, pads {pads}")
+    if g.batch * g.out_h * g.out_w > _INT_MAX or g.kernel_h * g.kernel_w * g.channels > _INT_MAX:
+        raise ValueError(f"{who}: the GEMM of this convolution has more than 2**31 - 1 rows")
+    return g
+
+
+def conv2d_forward(x, kernel, bias, y, strides=(1, 1), pads=(0, 0), bint relu=False,
+                   dilation=(1, 1), n_threads=1):
+    """y = conv(x, kernel) + bias (relu).  x (N,H,W,C), kernel (KH,KW,C,F) -> y (N,OH,OW,F).
+
+    pads = (top, left) zeros before the input; the output size is y's. dilation dilates the
+    input (the grad-input pass of a strided convolution)."""
+    who = "conv2d_forward"
+    _check(who, "x", x, (-1, -1, -1, -1))
+    _check(who, "kernel", kernel, (-1, -1, x.shape[3], -1))
+    cdef int filters = kernel.shape[3]
+    _check_output(who, "y", y, (x.shape[0], -1, -1, filters))
+    if bias is not None:
+        _check(who, "bias", bias, (filters,))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_conv_geometry g = _conv_geometry(
+        who, x.shape, y.shape[1:3], kernel.shape[:2], tuple(strides), tuple(dilation),
+        tuple(pads))
+    cdef const float[:, :, :, ::1] x_view = x
+    cdef const float[:, :, :, ::1] kernel_view = kernel
+    cdef float[:, :, :, ::1] y_view = y
+    cdef const float[::1] bias_view
+    cdef const float *bias_pointer = NULL
+    if bias is not None:
+        bias_view = bias
+        bias_pointer = &bias_view[0]
+    cdef float[::1] workspace = _workspace(cnnx_gemm_workspace_floats(threads))
+    cdef int use_relu = relu
+    with nogil:
+        cnnx_conv2d_forward(&g, &x_view[0, 0, 0, 0], &kernel_view[0, 0, 0, 0], filters,
+                            bias_pointer, use_relu, &y_view[0, 0, 0, 0], threads,
+                            &workspace[0])
+    return y
+
+
+def conv2d_grad_kernel(x, grad_output, grad_kernel, grad_bias, strides=(1, 1), pads=(0, 0),
+                       n_threads=1):
+    """grad_kernel = im2col(x)^T @ grad_output, grad_bias = sums of grad_output over pixels."""
+    who = "conv2d_grad_kernel"
+    _check(who, "x", x, (-1, -1, -1, -1))
+    _check(who, "grad_output", grad_output, (x.shape[0], -1, -1, -1))
+    cdef int filters = grad_output.shape[3]
+    _check_output(who, "grad_kernel", grad_kernel, (-1, -1, x.shape[3], filters))
+    _check_output(who, "grad_bias", grad_bias, (filters,))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_conv_geometry g = _conv_geometry(
+        who, x.shape, grad_output.shape[1:3], grad_kernel.shape[:2], tuple(strides), (1, 1),
+        tuple(pads))
+    cdef const float[:, :, :, ::1] x_view = x
+    cdef const float[:, :, :, ::1] grad_output_view = grad_output
+    cdef float[:, :, :, ::1] grad_kernel_view = grad_kernel
+    cdef float[::1] grad_bias_view = grad_bias
+    cdef float[::1] workspace = _workspace(
+        cnnx_conv2d_grad_kernel_workspace_floats(&g, filters, threads))
+    with nogil:
+        cnnx_conv2d_grad_kernel(&g, &x_view[0, 0, 0, 0], &grad_output_view[0, 0, 0, 0],
+                                filters, &grad_kernel_view[0, 0, 0, 0], &grad_bias_view[0],
+                                threads, &workspace[0])
+    return grad_kernel, grad_bias
+
+
+# ------------------------------------------------------------------------------ pooling
+
+cdef cnnx_pool_geometry _pool_geometry(tuple input_shape, tuple out_size, tuple pool,
+                                       tuple strides, tuple pads) except *:
+    cdef cnnx_pool_geometry g
+    g.batch, g.in_h, g.in_w, g.channels = input_shape
+    g.out_h, g.out_w = out_size
+    g.pool_h, g.pool_w = pool
+    g.stride_h, g.stride_w = strides
+    g.pad_top, g.pad_left = pads
+    # every window must hold at least one input cell
+    if (min(g.pool_h, g.pool_w, g.stride_h, g.stride_w) < 1 or min(g.pad_top, g.pad_left) < 0
+            or g.pad_top >= g.pool_h or g.pad_left >= g.pool_w
+            or (g.out_h - 1) * g.stride_h - g.pad_top >= g.in_h
+            or (g.out_w - 1) * g.stride_w - g.pad_left >= g.in_w):
+        raise ValueError(f"pooling: output {out_size} with pool {pool}, strides {strides}, "
+                         f"pads {pads} has windows outside the input {input_shape[1:3]}")
+    return g
+
+
+def max_pool2d_forward(x, y, argmax, pool_size, strides, pads=(0, 0), n_threads=1):
+    """y = window max of x, argmax = h*W + w of the first max.  x (N,H,W,C) -> (N,OH,OW,C)."""
+    who = "max_pool2d_forward"
+    _check(who, "x", x, (-1, -1, -1, -1))
+    _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
+    _check_output(who, "argmax", argmax, y.shape, np.int32)
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_pool_geometry g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size),
+                                               tuple(strides), tuple(pads))
+    cdef const float[:, :, :, ::1] x_view = x
+    cdef float[:, :, :, ::1] y_view = y
+    cdef int[:, :, :, ::1] argmax_view = argmax
+    with nogil:
+        cnnx_max_pool2d_forward(&g, &x_view[0, 0, 0, 0], &y_view[0, 0, 0, 0],
+                                &argmax_view[0, 0, 0, 0], threads)
+    return y, argmax
+
+
+def max_pool2d_backward(grad_output, argmax, grad_input, n_threads=1):
+    """grad_input[n, argmax, c] += grad_output (grad_input is overwritten)."""
+    who = "max_pool2d_backward"
+    _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
+    _check(who, "argmax", argmax, grad_output.shape, np.int32)
+    _check_output(who, "grad_input", grad_input,
+                  (grad_output.shape[0], -1, -1, grad_output.shape[3]))
+    cdef int threads = _threads(who, n_threads)
+    cells = grad_input.shape[1] * grad_input.shape[2]
+    low, high = int(argmax.min()), int(argmax.max())
+    if low < 0 or high >= cells:
+        raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells of "
+                         f"the input plane {grad_input.shape[1:3]}")
+    cdef cnnx_pool_geometry g
+    g.batch, g.in_h, g.in_w, g.channels = grad_input.shape
+    g.out_h, g.out_w = grad_output.shape[1:3]
+    cdef const float[:, :, :, ::1] grad_output_view = grad_output
+    cdef const int[:, :, :, ::1] argmax_view = argmax
+    cdef float[:, :, :, ::1] grad_input_view = grad_input
+    with nogil:
+        cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], &argmax_view[0, 0, 0, 0],
+                                 &grad_input_view[0, 0, 0, 0], threads)
+    return grad_input
+
+
+def avg_pool2d_forward(x, y, pool_size, strides, pads=(0, 0), n_threads=1):
+    """y = mean of each window's cells inside x.  x (N,H,W,C) -> y (N,OH,OW,C)."""
+    who = "avg_pool2d_forward"
+    _check(who, "x", x, (-1, -1, -1, -1))
+    _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_pool_geometry g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size),
+                                               tuple(strides), tuple(pads))
+    cdef const float[:, :, :, ::1] x_view = x
+    cdef float[:, :, :, ::1] y_view = y
+    with nogil:
+        cnnx_avg_pool2d_forward(&g, &x_view[0, 0, 0, 0], &y_view[0, 0, 0, 0], threads)
+    return y
+
+
+def avg_pool2d_backward(grad_output, grad_input, pool_size, strides, pads=(0, 0),
+                        n_threads=1):
+    """grad_input = each window's grad_output spread evenly over its cells (overwritten)."""
+    who = "avg_pool2d_backward"
+    _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
+    _check_output(who, "grad_input", grad_input,
+                  (grad_output.shape[0], -1, -1, grad_output.shape[3]))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_pool_geometry g = _pool_geometry(grad_input.shape, grad_output.shape[1:3],
+                                               tuple(pool_size), tuple(strides), tuple(pads))
+    cdef const float[:, :, :, ::1] grad_output_view = grad_output
+    cdef float[:, :, :, ::1] grad_input_view = grad_input
+    with nogil:
+        cnnx_avg_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0],
+                                 &grad_input_view[0, 0, 0, 0], threads)
+    return grad_input
+
+
+# ------------------------------------------------------------------------------ roofline
+
+def fma_peak_seconds(long n_iterations, n_threads=1):
+    """Seconds for n_iterations of 12 independent 8-wide FMA chains on each thread."""
+    cdef int threads = _threads("fma_peak_seconds", n_threads)
+    cdef float sink
+    cdef double seconds
+    with nogil:
+        seconds = cnnx_fma_peak_seconds(n_iterations, threads, &sink)
+    return seconds

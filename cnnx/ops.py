@@ -1,13 +1,13 @@
 """Stateless NumPy-facing ops (NHWC, HWIO weights) that the layers call: arrays in, arrays out.
 
 Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output.
-float32 arrays run on the C kernels; float64 arrays take the NumPy path below, which the
-gradient checks use (same maths, no rounding noise).
+float32 arrays run on the C kernels (every operand must then be float32); float64 arrays
+take the NumPy path below, which the gradient checks use (same maths, no rounding noise).
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cnnx import _threads
+from cnnx import _kernels, _threads
 
 PADDINGS = ("valid", "same")
 
@@ -76,6 +76,10 @@ def _check_nhwc(x, what):
         raise ValueError(f"{what} got an empty input of shape {x.shape}")
 
 
+def _c(array):
+    return np.ascontiguousarray(array)
+
+
 # ---------------------------------------------------------------------------- convolution
 
 def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None):
@@ -88,7 +92,12 @@ def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False,
                          f"{kernel.shape} expects {c}")
     n, h, w, _ = x.shape
     oh, ow, top, left = _geometry(h, w, kh, kw, strides, padding)
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if x.dtype == np.float32:
+        # one GEMM (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) with im2col built panel by panel
+        y = np.empty((n, oh, ow, f), np.float32)
+        return _kernels.conv2d_forward(_c(x), _c(kernel), None if bias is None else _c(bias),
+                                       y, strides, (top, left), relu, n_threads=n_threads)
     xp = _padded(x, top, left, oh, ow, kh, kw, strides)
     cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
     # (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) -> (N*OH*OW, F), already NHWC
@@ -111,7 +120,10 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
     if grad_output.shape != (n, oh, ow, f):
         raise ValueError(f"conv2d_backward: grad_output is {grad_output.shape}, "
                          f"expected {(n, oh, ow, f)}")
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if x.dtype == np.float32:
+        return _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad,
+                                        (top, left), n_threads)
     xp = _padded(x, top, left, oh, ow, kh, kw, strides)
     cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
     g = grad_output.reshape(n * oh * ow, f)
@@ -131,6 +143,27 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
     return grad_input, grad_kernel.astype(x.dtype, copy=False), grad_bias.astype(x.dtype, copy=False)
 
 
+def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, pads,
+                             n_threads):
+    kh, kw, c, f = kernel.shape
+    x, grad_output = _c(x), _c(grad_output)
+    grad_kernel = np.empty(kernel.shape, np.float32)
+    grad_bias = np.empty(f, np.float32)
+    # (KH*KW*C, N*OH*OW) @ (N*OH*OW, F), summed over fixed pixel chunks
+    _kernels.conv2d_grad_kernel(x, grad_output, grad_kernel, grad_bias, strides, pads,
+                                n_threads=n_threads)
+    grad_input = None
+    if need_input_grad:
+        # grad_input is a convolution of grad_output (input dilated by the stride) with the
+        # kernel flipped in space and transposed in channels: (KH, KW, F, C)
+        flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+        grad_input = np.empty(x.shape, np.float32)
+        _kernels.conv2d_forward(grad_output, flipped, None, grad_input, (1, 1),
+                                (kh - 1 - pads[0], kw - 1 - pads[1]), False, strides,
+                                n_threads=n_threads)
+    return grad_input, grad_kernel, grad_bias
+
+
 # -------------------------------------------------------------------------------- pooling
 
 def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
@@ -140,7 +173,11 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
     strides = _pair(strides if strides is not None else (ph, pw), "strides")
     n, h, w, c = x.shape
     oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if x.dtype == np.float32:
+        y, argmax = np.empty((n, oh, ow, c), np.float32), np.empty((n, oh, ow, c), np.int32)
+        return _kernels.max_pool2d_forward(_c(x), y, argmax, (ph, pw), strides, (top, left),
+                                           n_threads=n_threads)
     xp = _padded(x, top, left, oh, ow, ph, pw, strides, fill=-np.inf)
     windows = _windows(xp, ph, pw, strides, oh, ow).reshape(n, oh, ow, c, ph * pw)
     flat = windows.argmax(axis=-1)                                  # first max wins, like Keras
@@ -156,7 +193,11 @@ def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None):
     if argmax.shape != grad_output.shape:
         raise ValueError(f"max_pool2d_backward: argmax {argmax.shape} and grad_output "
                          f"{grad_output.shape} differ")
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if grad_output.dtype == np.float32:
+        grad_input = np.empty((n, h, w, c), np.float32)
+        return _kernels.max_pool2d_backward(_c(grad_output), _c(argmax), grad_input,
+                                            n_threads=n_threads)
     grad_input = np.zeros((n, h * w, c), grad_output.dtype)
     batch = np.arange(n)[:, None, None, None]
     channel = np.arange(c)[None, None, None, :]
@@ -180,7 +221,11 @@ def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
     strides = _pair(strides if strides is not None else (ph, pw), "strides")
     n, h, w, c = x.shape
     oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if x.dtype == np.float32:
+        y = np.empty((n, oh, ow, c), np.float32)
+        return _kernels.avg_pool2d_forward(_c(x), y, (ph, pw), strides, (top, left),
+                                           n_threads=n_threads)
     xp = _padded(x, top, left, oh, ow, ph, pw, strides)
     sums = _windows(xp, ph, pw, strides, oh, ow).sum(axis=(-2, -1))
     counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
@@ -194,7 +239,14 @@ def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, paddi
     strides = _pair(strides if strides is not None else (ph, pw), "strides")
     n, h, w, c = input_shape
     oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if grad_output.shape != (n, oh, ow, c):
+        raise ValueError(f"avg_pool2d_backward: grad_output is {grad_output.shape}, "
+                         f"expected {(n, oh, ow, c)}")
+    if grad_output.dtype == np.float32:
+        grad_input = np.empty((n, h, w, c), np.float32)
+        return _kernels.avg_pool2d_backward(_c(grad_output), grad_input, (ph, pw), strides,
+                                            (top, left), n_threads=n_threads)
     counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
     share = grad_output / counts
     need_h, need_w = (oh - 1) * strides[0] + ph, (ow - 1) * strides[1] + pw
@@ -212,7 +264,11 @@ def dense_forward(x, kernel, bias, relu=False, n_threads=None):
     """y = x @ kernel + bias (ReLU if asked).  x (N,I), kernel (I,U) -> (N,U)."""
     if x.ndim != 2 or x.shape[1] != kernel.shape[0]:
         raise ValueError(f"dense_forward: x is {x.shape} but the kernel is {kernel.shape}")
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if x.dtype == np.float32:
+        y = np.empty((x.shape[0], kernel.shape[1]), np.float32)   # (N, I) @ (I, U)
+        return _kernels.sgemm(_c(x), _c(kernel), y, None if bias is None else _c(bias), relu,
+                              n_threads=n_threads)
     y = x @ kernel
     if bias is not None:
         y += bias
@@ -226,7 +282,19 @@ def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None)
     if grad_output.shape != (x.shape[0], kernel.shape[1]):
         raise ValueError(f"dense_backward: grad_output is {grad_output.shape}, expected "
                          f"{(x.shape[0], kernel.shape[1])}")
-    _threads.resolve(n_threads)
+    n_threads = _threads.resolve(n_threads)
+    if x.dtype == np.float32:
+        x, kernel, grad_output = _c(x), _c(kernel), _c(grad_output)
+        grad_kernel = np.empty(kernel.shape, np.float32)        # (I, N) @ (N, U)
+        _kernels.sgemm(x, grad_output, grad_kernel, transpose_a=True, n_threads=n_threads)
+        grad_bias = _kernels.column_sums(grad_output, np.empty(kernel.shape[1], np.float32),
+                                         n_threads=n_threads)
+        grad_input = None
+        if need_input_grad:
+            grad_input = np.empty(x.shape, np.float32)          # (N, U) @ (U, I)
+            _kernels.sgemm(grad_output, kernel, grad_input, transpose_b=True,
+                           n_threads=n_threads)
+        return grad_input, grad_kernel, grad_bias
     grad_kernel = x.T @ grad_output              # (I, N) @ (N, U) -> (I, U)
     grad_bias = grad_output.sum(axis=0)
     grad_input = grad_output @ kernel.T if need_input_grad else None

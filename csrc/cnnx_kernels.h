@@ -1,10 +1,89 @@
 /* cnnx C kernels: raw loops on contiguous float32 buffers.
  * Contract: callers (cnnx/_kernels.pyx) have checked shapes, dtypes, contiguity and
- * non-emptiness. Kernels never allocate Python objects, never fail, never touch the GIL. */
+ * non-emptiness, and allocated any workspace (sized by the *_workspace_floats functions).
+ * Kernels never allocate, never fail, never touch the GIL. Every kernel takes n_threads and
+ * gives bit-identical results for any n_threads (fixed partitions, fixed-order sums).
+ * Layout: NHWC activations, HWIO kernels (KH, KW, C, F), row-major matrices. */
 #ifndef CNNX_KERNELS_H
 #define CNNX_KERNELS_H
 
 /* 1 when built with OpenMP, 0 otherwise. */
 int cnnx_openmp_enabled(void);
+
+/* Instruction set of the GEMM micro-kernel: CNNX_ISA_AUTO picks AVX2+FMA when the CPU has
+ * it; CNNX_ISA_GENERIC forces the portable C kernel (tests). Returns the ISA now in use. */
+enum { CNNX_ISA_AUTO = 0, CNNX_ISA_GENERIC = 1, CNNX_ISA_AVX2 = 2 };
+int cnnx_set_isa(int isa);
+int cnnx_get_isa(void);
+int cnnx_cpu_has_avx2_fma(void);
+
+/* Floats of workspace the GEMM-based kernels need (sgemm, conv forward, conv grad input). */
+long cnnx_gemm_workspace_floats(int n_threads);
+
+/* c[m,n] = op(a) @ op(b) (+ bias[n]) (relu if flagged); op(a) is a[m,k] or, transposed,
+ * a stored as [k,m]; op(b) is b[k,n] or b stored as [n,k]. c is row-major [m,n]. */
+void cnnx_sgemm(int m, int n, int k, const float *a, int transpose_a, const float *b,
+                int transpose_b, const float *bias, int relu, float *c, int n_threads,
+                float *workspace);
+
+/* Geometry of one convolution seen from its GEMM rows: a source tensor (batch, in_h, in_w,
+ * channels) read through a kernel_h x kernel_w window for each of the out_h x out_w grid
+ * cells. Source row of tap i for grid row y: q = y*stride_h + i - pad_top, used when q is a
+ * multiple of dilation_h (input dilation; 1 for a forward convolution) and q/dilation_h is
+ * inside the source. The GEMM's k index is (i*kernel_w + j)*channels + c (HWIO order). */
+typedef struct {
+    int batch, in_h, in_w, channels;
+    int out_h, out_w;
+    int kernel_h, kernel_w;
+    int stride_h, stride_w;
+    int dilation_h, dilation_w;
+    int pad_top, pad_left;
+} cnnx_conv_geometry;
+
+/* y[N*OH*OW, F] = im2col(x) @ kernel[KH*KW*C, F] (+ bias) (relu). The im2col operand is built
+ * panel by panel inside the GEMM, never for the whole batch. Also the grad-input pass: the
+ * same call on grad_output with flipped, transposed weights and a dilated geometry. */
+void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
+                         const float *kernel, int filters, const float *bias, int relu,
+                         float *y, int n_threads, float *workspace);
+
+/* grad_kernel[KH*KW*C, F] = im2col(x)^T @ grad_output[N*OH*OW, F];
+ * grad_bias[F] = column sums of grad_output. Sums run over fixed chunks of output pixels,
+ * combined in chunk order. */
+long cnnx_conv2d_grad_kernel_workspace_floats(const cnnx_conv_geometry *geometry,
+                                              int filters, int n_threads);
+void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
+                             const float *grad_output, int filters, float *grad_kernel,
+                             float *grad_bias, int n_threads, float *workspace);
+
+/* sums[n] = sum over rows of a[m, n], rows added in order (dense grad bias). */
+void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads);
+
+/* Pooling over NHWC x (batch, in_h, in_w, channels) -> (batch, out_h, out_w, channels).
+ * Windows start at y*stride - pad; cells outside the input are skipped. */
+typedef struct {
+    int batch, in_h, in_w, channels;
+    int out_h, out_w;
+    int pool_h, pool_w;
+    int stride_h, stride_w;
+    int pad_top, pad_left;
+} cnnx_pool_geometry;
+
+/* y = max over the window, argmax = h*in_w + w of the first maximum (row-major scan). */
+void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
+                             int *argmax, int n_threads);
+/* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. */
+void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
+                              const int *argmax, float *grad_input, int n_threads);
+/* y = mean over the window's cells inside the input. */
+void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
+                             int n_threads);
+/* grad_input = sum over windows covering the cell of grad_output / window cell count. */
+void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
+                              float *grad_input, int n_threads);
+
+/* Seconds to run n_iterations of 12 independent 8-wide FMA chains on each of n_threads
+ * threads (2 * 8 * 12 * n_iterations * n_threads flops); generic code if no AVX2+FMA. */
+double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink);
 
 #endif

@@ -1,0 +1,397 @@
+/* BLIS-style single-precision GEMM with a fused bias/ReLU epilogue.
+ *
+ * Design:
+ *   - Output is cut into MC x NC tiles; OpenMP threads take whole tiles, so every output
+ *     element is computed by one thread in one fixed order: results do not depend on
+ *     n_threads.
+ *   - Inside a tile, k runs in equal blocks of at most KC (chosen from k alone). For each
+ *     block, B is packed into KC x 16 panels (L1) and A into KC x 6 panels (the A block sits
+ *     in L2); a 6x16 micro-kernel then sweeps the tile. The first k block stores, later ones
+ *     add, the last adds bias and applies ReLU.
+ *   - An A operand may be an im2col view of a convolution input: packing builds its panels
+ *     straight from the NHWC tensor, so the batch's im2col matrix never exists.
+ *   - Operands already in the right shape are read in place (no packing) when packing would
+ *     not pay: a row-major A feeding few column panels, a row-major B feeding few rows.
+ *   - Micro-kernels: AVX2+FMA intrinsics (target attribute, picked at run time with
+ *     __builtin_cpu_supports) and a portable C kernel; cnnx_set_isa forces the latter.
+ */
+#include <string.h>
+
+#include "gemm_internal.h"
+
+#if CNNX_OPENMP
+#include <omp.h>
+#define THREAD_ID() omp_get_thread_num()
+#else
+#define THREAD_ID() 0
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CNNX_X86 1
+#include <immintrin.h>
+#else
+#define CNNX_X86 0
+#endif
+
+/* A micro-kernel: c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j), then
+ * + bias[j] and ReLU when given. a(r, p) = a[r*a_row_stride + p*a_k_stride];
+ * b(p, j) = b[p*b_k_stride + j]. */
+typedef void (*micro_kernel_fn)(int kc, const float *a, long a_row_stride, long a_k_stride,
+                                const float *b, long b_k_stride, float *c, long ldc,
+                                int accumulate, const float *bias, int relu);
+
+/* ------------------------------------------------------------------ portable micro-kernel */
+
+static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long a_k_stride,
+                                 const float *b, long b_k_stride, float *c, long ldc,
+                                 int accumulate, const float *bias, int relu)
+{
+    float acc[GEMM_MR][GEMM_NR];
+    memset(acc, 0, sizeof(acc));
+    for (int p = 0; p < kc; ++p) {
+        for (int r = 0; r < GEMM_MR; ++r) {
+            float a_value = a[r * a_row_stride];
+            for (int j = 0; j < GEMM_NR; ++j)
+                acc[r][j] += a_value * b[j];
+        }
+        a += a_k_stride;
+        b += b_k_stride;
+    }
+    for (int r = 0; r < GEMM_MR; ++r) {
+        float *row = c + r * ldc;
+        for (int j = 0; j < GEMM_NR; ++j) {
+            float value = accumulate ? row[j] + acc[r][j] : acc[r][j];
+            if (bias) value += bias[j];
+            if (relu) value = value > 0.0f ? value : 0.0f;
+            row[j] = value;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 + FMA micro-kernel */
+#if CNNX_X86
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
+static inline __attribute__((always_inline)) AVX2 void
+micro_kernel_avx2_body(int kc, const float *a, long a_row_stride, long a_k_stride,
+                       const float *b, long b_k_stride, float *c, long ldc, int accumulate,
+                       const float *bias, int relu)
+{
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int p = 0; p < kc; ++p) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 a_value = _mm256_broadcast_ss(a);
+        c00 = _mm256_fmadd_ps(a_value, b0, c00);
+        c01 = _mm256_fmadd_ps(a_value, b1, c01);
+        a_value = _mm256_broadcast_ss(a + a_row_stride);
+        c10 = _mm256_fmadd_ps(a_value, b0, c10);
+        c11 = _mm256_fmadd_ps(a_value, b1, c11);
+        a_value = _mm256_broadcast_ss(a + 2 * a_row_stride);
+        c20 = _mm256_fmadd_ps(a_value, b0, c20);
+        c21 = _mm256_fmadd_ps(a_value, b1, c21);
+        a_value = _mm256_broadcast_ss(a + 3 * a_row_stride);
+        c30 = _mm256_fmadd_ps(a_value, b0, c30);
+        c31 = _mm256_fmadd_ps(a_value, b1, c31);
+        a_value = _mm256_broadcast_ss(a + 4 * a_row_stride);
+        c40 = _mm256_fmadd_ps(a_value, b0, c40);
+        c41 = _mm256_fmadd_ps(a_value, b1, c41);
+        a_value = _mm256_broadcast_ss(a + 5 * a_row_stride);
+        c50 = _mm256_fmadd_ps(a_value, b0, c50);
+        c51 = _mm256_fmadd_ps(a_value, b1, c51);
+        a += a_k_stride;
+        b += b_k_stride;
+    }
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    if (bias) {
+        bias0 = _mm256_loadu_ps(bias);
+        bias1 = _mm256_loadu_ps(bias + 8);
+    }
+    const __m256 zero = _mm256_setzero_ps();
+#define STORE_ROW(r, x0, x1)                                                      \
+    do {                                                                          \
+        float *row = c + (r) * ldc;                                               \
+        __m256 v0 = (x0), v1 = (x1);                                              \
+        if (accumulate) {                                                         \
+            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
+            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
+        }                                                                         \
+        if (bias) {                                                               \
+            v0 = _mm256_add_ps(v0, bias0);                                        \
+            v1 = _mm256_add_ps(v1, bias1);                                        \
+        }                                                                         \
+        if (relu) {                                                               \
+            v0 = _mm256_max_ps(v0, zero);                                         \
+            v1 = _mm256_max_ps(v1, zero);                                         \
+        }                                                                         \
+        _mm256_storeu_ps(row, v0);                                                \
+        _mm256_storeu_ps(row + 8, v1);                                            \
+    } while (0)
+    STORE_ROW(0, c00, c01);
+    STORE_ROW(1, c10, c11);
+    STORE_ROW(2, c20, c21);
+    STORE_ROW(3, c30, c31);
+    STORE_ROW(4, c40, c41);
+    STORE_ROW(5, c50, c51);
+#undef STORE_ROW
+}
+
+/* Packed panels: constant strides let gcc use fixed addressing. */
+static AVX2 void micro_kernel_avx2_packed(int kc, const float *a, long a_row_stride,
+                                          long a_k_stride, const float *b, long b_k_stride,
+                                          float *c, long ldc, int accumulate,
+                                          const float *bias, int relu)
+{
+    (void)a_row_stride;
+    (void)a_k_stride;
+    (void)b_k_stride;
+    micro_kernel_avx2_body(kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias, relu);
+}
+
+static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_stride,
+                                           long a_k_stride, const float *b, long b_k_stride,
+                                           float *c, long ldc, int accumulate,
+                                           const float *bias, int relu)
+{
+    micro_kernel_avx2_body(kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, accumulate,
+                           bias, relu);
+}
+#endif
+
+/* ------------------------------------------------------------------ run-time dispatch */
+
+static int current_isa = CNNX_ISA_AUTO;    /* resolved on first use */
+
+int cnnx_cpu_has_avx2_fma(void)
+{
+#if CNNX_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+int cnnx_set_isa(int isa)
+{
+    if (isa == CNNX_ISA_AUTO || (isa == CNNX_ISA_AVX2 && !cnnx_cpu_has_avx2_fma()))
+        isa = cnnx_cpu_has_avx2_fma() ? CNNX_ISA_AVX2 : CNNX_ISA_GENERIC;
+    current_isa = isa;
+    return current_isa;
+}
+
+int cnnx_get_isa(void)
+{
+    if (current_isa == CNNX_ISA_AUTO)
+        cnnx_set_isa(CNNX_ISA_AUTO);
+    return current_isa;
+}
+
+static micro_kernel_fn packed_kernel(void)
+{
+#if CNNX_X86
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        return micro_kernel_avx2_packed;
+#endif
+    return micro_kernel_generic;
+}
+
+static micro_kernel_fn strided_kernel(void)
+{
+#if CNNX_X86
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        return micro_kernel_avx2_strided;
+#endif
+    return micro_kernel_generic;
+}
+
+/* ------------------------------------------------------------------ packing */
+
+/* dst[p*6 + r] = a(i0 + r, k0 + p) for r < rows, zero for the rows past the edge. */
+static void pack_a_panel(const gemm_operand *a, int i0, int rows, int k0, int kc, float *dst)
+{
+    if (rows < GEMM_MR)
+        memset(dst, 0, sizeof(float) * GEMM_MR * kc);
+    if (a->kind == OPERAND_MATRIX) {
+        const float *base = a->data + i0 * a->row_stride + k0 * a->col_stride;
+        if (a->row_stride == 1) {                       /* transposed: 6 rows contiguous */
+            for (int p = 0; p < kc; ++p)
+                for (int r = 0; r < rows; ++r)
+                    dst[p * GEMM_MR + r] = base[p * a->col_stride + r];
+        } else {
+            for (int r = 0; r < rows; ++r)
+                for (int p = 0; p < kc; ++p)
+                    dst[p * GEMM_MR + r] = base[r * a->row_stride + p * a->col_stride];
+        }
+    } else if (a->kind == OPERAND_IM2COL) {
+        for (int r = 0; r < rows; ++r)
+            im2col_row_segment(a->geometry, a->data, (long)i0 + r, k0, kc, dst + r, GEMM_MR);
+    } else {                                            /* rows are (tap, channel) indices */
+        for (int p = 0; p < kc; ++p)
+            im2col_row_segment(a->geometry, a->data, (long)k0 + p, i0, rows,
+                               dst + p * GEMM_MR, 1);
+    }
+}
+
+/* dst[p*16 + j] = b(k0 + p, j0 + j) for j < cols, zero past the edge. */
+static void pack_b_panel(const gemm_operand *b, int k0, int kc, int j0, int cols, float *dst)
+{
+    const float *base = b->data + k0 * b->row_stride + j0 * b->col_stride;
+    if (cols < GEMM_NR)
+        memset(dst, 0, sizeof(float) * GEMM_NR * kc);
+    if (b->col_stride == 1) {
+        for (int p = 0; p < kc; ++p)
+            memcpy(dst + p * GEMM_NR, base + p * b->row_stride, sizeof(float) * cols);
+    } else {                                            /* transposed: walk k contiguously */
+        for (int j = 0; j < cols; ++j)
+            for (int p = 0; p < kc; ++p)
+                dst[p * GEMM_NR + j] = base[j * b->col_stride + p * b->row_stride];
+    }
+}
+
+/* ------------------------------------------------------------------ driver */
+
+int gemm_k_block(int k)
+{
+    int blocks = (k + GEMM_KC - 1) / GEMM_KC;
+    return (k + blocks - 1) / blocks;
+}
+
+/* One micro-tile, with an edge copy when it sticks out of c (rows < 6 or cols < 16). */
+static void micro_tile(micro_kernel_fn kernel, int kc, const float *a, long a_row_stride,
+                       long a_k_stride, const float *b, long b_k_stride, float *c, long ldc,
+                       int rows, int cols, int accumulate, const float *bias, int relu,
+                       float *edge_tile, float *edge_bias)
+{
+    if (rows == GEMM_MR && cols == GEMM_NR) {
+        kernel(kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, accumulate, bias,
+               relu);
+        return;
+    }
+    for (int r = 0; r < rows; ++r)
+        if (accumulate)
+            memcpy(edge_tile + r * GEMM_NR, c + r * ldc, sizeof(float) * cols);
+    if (bias) {
+        memset(edge_bias, 0, sizeof(float) * GEMM_NR);
+        memcpy(edge_bias, bias, sizeof(float) * cols);
+    }
+    kernel(kc, a, a_row_stride, a_k_stride, b, b_k_stride, edge_tile, GEMM_NR, accumulate,
+           bias ? edge_bias : NULL, relu);
+    for (int r = 0; r < rows; ++r)
+        memcpy(c + r * ldc, edge_tile + r * GEMM_NR, sizeof(float) * cols);
+}
+
+void gemm_tile(int i0, int mc, int j0, int nc, int k0, int k1, const gemm_operand *a,
+               const gemm_operand *b, float *c, long ldc, const float *bias, int relu,
+               int direct_b, float *workspace)
+{
+    float *packed_a = workspace;
+    float *packed_b = packed_a + (long)GEMM_MC * GEMM_KC;
+    float *edge_tile = packed_b + (long)GEMM_KC * GEMM_NC;
+    float *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
+    micro_kernel_fn packed = packed_kernel(), strided = strided_kernel();
+    int kc_max = gemm_k_block(k1 - k0);
+    int a_panels = (mc + GEMM_MR - 1) / GEMM_MR, b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
+    /* A read in place pays when each A panel meets few B panels (conv-shaped GEMMs). */
+    int direct_a = a->kind == OPERAND_MATRIX && b_panels <= 4 && a->col_stride == 1;
+
+    for (int kb = k0; kb < k1; kb += kc_max) {
+        int kc = k1 - kb < kc_max ? k1 - kb : kc_max;
+        int first = kb == k0, last = kb + kc == k1;
+        if (!direct_b)
+            for (int jp = 0; jp < b_panels; ++jp) {
+                int cols = nc - jp * GEMM_NR < GEMM_NR ? nc - jp * GEMM_NR : GEMM_NR;
+                pack_b_panel(b, kb, kc, j0 + jp * GEMM_NR, cols, packed_b + (long)jp * kc * GEMM_NR);
+            }
+        for (int ip = 0; ip < a_panels; ++ip) {
+            int rows = mc - ip * GEMM_MR < GEMM_MR ? mc - ip * GEMM_MR : GEMM_MR;
+            if (!direct_a || rows < GEMM_MR)
+                pack_a_panel(a, i0 + ip * GEMM_MR, rows, kb, kc,
+                             packed_a + (long)ip * kc * GEMM_MR);
+        }
+        for (int jp = 0; jp < b_panels; ++jp) {
+            int j = j0 + jp * GEMM_NR;
+            int cols = nc - jp * GEMM_NR < GEMM_NR ? nc - jp * GEMM_NR : GEMM_NR;
+            const float *b_panel;
+            long b_k_stride;
+            if (direct_b && cols == GEMM_NR) {
+                b_panel = b->data + kb * b->row_stride + j;
+                b_k_stride = b->row_stride;
+            } else {
+                if (direct_b)                           /* the ragged last panel only */
+                    pack_b_panel(b, kb, kc, j, cols, packed_b + (long)jp * kc * GEMM_NR);
+                b_panel = packed_b + (long)jp * kc * GEMM_NR;
+                b_k_stride = GEMM_NR;
+            }
+            micro_kernel_fn kernel = b_k_stride == GEMM_NR ? packed : strided;
+            for (int ip = 0; ip < a_panels; ++ip) {
+                int i = i0 + ip * GEMM_MR;
+                int rows = mc - ip * GEMM_MR < GEMM_MR ? mc - ip * GEMM_MR : GEMM_MR;
+                float *c_tile = c + (long)(i - i0) * ldc + (j - j0);
+                const float *tile_bias = last && bias ? bias + j : NULL;
+                if (direct_a && rows == GEMM_MR)
+                    micro_tile(strided, kc, a->data + (long)i * a->row_stride + kb,
+                               a->row_stride, 1, b_panel, b_k_stride, c_tile, ldc, rows, cols,
+                               !first, tile_bias, relu && last, edge_tile, edge_bias);
+                else
+                    micro_tile(kernel, kc, packed_a + (long)ip * kc * GEMM_MR, 1, GEMM_MR,
+                               b_panel, b_k_stride, c_tile, ldc, rows, cols, !first,
+                               tile_bias, relu && last, edge_tile, edge_bias);
+            }
+        }
+    }
+}
+
+void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b, float *c,
+              long ldc, const float *bias, int relu, int n_threads, float *workspace)
+{
+    int row_tiles = (m + GEMM_MC - 1) / GEMM_MC, column_tiles = (n + GEMM_NC - 1) / GEMM_NC;
+    long tiles = (long)row_tiles * column_tiles;
+    /* B read in place when few row tiles reuse it; only row-major B qualifies. */
+    int direct_b = b->kind == OPERAND_MATRIX && b->col_stride == 1 && row_tiles <= 2;
+    (void)n_threads;
+    cnnx_get_isa();                                    /* resolve before threads race on it */
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && tiles > 1)
+    for (long t = 0; t < tiles; ++t) {
+        int i0 = (int)(t / column_tiles) * GEMM_MC, j0 = (int)(t % column_tiles) * GEMM_NC;
+        int mc = m - i0 < GEMM_MC ? m - i0 : GEMM_MC, nc = n - j0 < GEMM_NC ? n - j0 : GEMM_NC;
+        gemm_tile(i0, mc, j0, nc, 0, k, a, b, c + (long)i0 * ldc + j0, ldc, bias, relu,
+                  direct_b, workspace + THREAD_ID() * GEMM_WORKSPACE_FLOATS);
+    }
+}
+
+long cnnx_gemm_workspace_floats(int n_threads)
+{
+    return (long)n_threads * GEMM_WORKSPACE_FLOATS;
+}
+
+void cnnx_sgemm(int m, int n, int k, const float *a, int transpose_a, const float *b,
+                int transpose_b, const float *bias, int relu, float *c, int n_threads,
+                float *workspace)
+{
+    gemm_operand a_operand = {OPERAND_MATRIX, a, transpose_a ? 1 : k, transpose_a ? m : 1, 0};
+    gemm_operand b_operand = {OPERAND_MATRIX, b, transpose_b ? 1 : n, transpose_b ? k : 1, 0};
+    gemm_run(m, n, k, &a_operand, &b_operand, c, n, bias, relu, n_threads, workspace);
+}
+
+void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads)
+{
+    (void)n_threads;
+    /* Parallel over column strips; rows are added in order within each column. */
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && n >= 256)
+    for (int j0 = 0; j0 < n; j0 += 64) {
+        int width = n - j0 < 64 ? n - j0 : 64;
+        float strip[64];
+        memset(strip, 0, sizeof(strip));
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < width; ++j)
+                strip[j] += a[(long)i * n + j0 + j];
+        memcpy(sums + j0, strip, sizeof(float) * width);
+    }
+}

@@ -1,0 +1,118 @@
+"""Convolution forward/backward (float32 kernels) against the naive loops."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnx import _kernels, ops
+import reference
+
+# (x shape NHWC, kernel shape HWIO, strides, padding)
+CASES = [
+    ((1, 1, 1, 1), (1, 1, 1, 1), (1, 1), "valid"),
+    ((2, 7, 6, 3), (3, 3, 3, 4), (2, 2), "same"),
+    ((2, 7, 6, 1), (3, 3, 1, 5), (1, 1), "valid"),
+    ((1, 9, 8, 5), (2, 3, 5, 17), (2, 1), "same"),
+    ((2, 6, 5, 3), (5, 5, 3, 7), (1, 1), "same"),
+    ((2, 4, 5, 16), (1, 1, 16, 33), (1, 1), "valid"),
+    ((1, 8, 8, 2), (3, 3, 2, 3), (3, 3), "valid"),
+]
+IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1][0]}x{c[1][1]}-s{c[2][0]}{c[2][1]}-{c[3]}" for c in CASES]
+
+
+def f32(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def tolerance(kernel_shape):
+    depth = int(np.prod(kernel_shape[:3]))
+    return {"rtol": 1e-5, "atol": 2e-6 * depth}
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES, ids=IDS)
+def test_conv2d_forward_matches_reference(x_shape, kernel_shape, strides, padding, isa, rng):
+    x, kernel, bias = f32(rng, x_shape), f32(rng, kernel_shape), f32(rng, kernel_shape[3])
+    for relu in (False, True):
+        got = ops.conv2d_forward(x, kernel, bias, strides, padding, relu=relu, n_threads=2)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, reference.conv2d(x, kernel, bias, strides, padding, relu),
+                                   **tolerance(kernel_shape))
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES, ids=IDS)
+def test_conv2d_backward_matches_reference(x_shape, kernel_shape, strides, padding, isa, rng):
+    x, kernel = f32(rng, x_shape), f32(rng, kernel_shape)
+    grad_output = f32(rng, ops.conv2d_forward(x, kernel, None, strides, padding).shape)
+    grad_input, grad_kernel, grad_bias = ops.conv2d_backward(x, kernel, grad_output, strides,
+                                                             padding, n_threads=2)
+    expected = reference.conv2d_backward(x, kernel, grad_output, strides, padding)
+    np.testing.assert_allclose(grad_input, expected[0], **tolerance(kernel_shape))
+    np.testing.assert_allclose(grad_kernel, expected[1], rtol=1e-5, atol=1e-5 * x.size ** 0.5)
+    np.testing.assert_allclose(grad_bias, expected[2], rtol=1e-5, atol=1e-5 * x.size ** 0.5)
+    skipped = ops.conv2d_backward(x, kernel, grad_output, strides, padding,
+                                  need_input_grad=False, n_threads=2)
+    assert skipped[0] is None
+    assert np.array_equal(skipped[1], grad_kernel) and np.array_equal(skipped[2], grad_bias)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 2), h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 5),
+       f=st.integers(1, 20), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), padding=st.sampled_from(["valid", "same"]),
+       seed=st.integers(0, 2**16))
+def test_conv2d_random_geometry(n, h, w, c, f, kh, kw, sh, sw, padding, seed):
+    if padding == "valid" and (kh > h or kw > w):
+        return                                     # no output: rejected, tested elsewhere
+    rng = np.random.default_rng(seed)
+    x, kernel, bias = f32(rng, (n, h, w, c)), f32(rng, (kh, kw, c, f)), f32(rng, f)
+    y = ops.conv2d_forward(x, kernel, bias, (sh, sw), padding, n_threads=2)
+    np.testing.assert_allclose(y, reference.conv2d(x, kernel, bias, (sh, sw), padding),
+                               **tolerance(kernel.shape))
+    grad_output = f32(rng, y.shape)
+    got = ops.conv2d_backward(x, kernel, grad_output, (sh, sw), padding, n_threads=2)
+    expected = reference.conv2d_backward(x, kernel, grad_output, (sh, sw), padding)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
+
+
+def test_conv2d_is_bit_identical_for_any_thread_count(rng):
+    # 4*48*48 = 9216 output pixels: three reduction chunks for the kernel gradient
+    x, kernel, bias = f32(rng, (4, 48, 48, 5)), f32(rng, (3, 3, 5, 18)), f32(rng, 18)
+    grad_output = f32(rng, (4, 48, 48, 18))
+    runs = []
+    for n_threads in (1, 2, 3):
+        y = ops.conv2d_forward(x, kernel, bias, 1, "same", relu=True, n_threads=n_threads)
+        runs.append((y, *ops.conv2d_backward(x, kernel, grad_output, 1, "same",
+                                              n_threads=n_threads)))
+    for other in runs[1:]:
+        for first, second in zip(runs[0], other):
+            assert np.array_equal(first, second)
+
+
+def test_conv2d_float32_agrees_with_float64_path(rng):
+    x, kernel, bias = f32(rng, (2, 11, 10, 3)), f32(rng, (3, 3, 3, 8)), f32(rng, 8)
+    y32 = ops.conv2d_forward(x, kernel, bias, 2, "same", relu=True)
+    y64 = ops.conv2d_forward(x.astype(np.float64), kernel.astype(np.float64),
+                             bias.astype(np.float64), 2, "same", relu=True)
+    np.testing.assert_allclose(y32, y64, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_kernel_rejects_wrong_dtype_and_channels(rng):
+    x = f32(rng, (1, 5, 5, 3))
+    y = np.empty((1, 3, 3, 4), np.float32)
+    with pytest.raises(TypeError, match=r"conv2d_forward: kernel must be float32, got float64"):
+        _kernels.conv2d_forward(x, np.ones((3, 3, 3, 4)), None, y)
+    with pytest.raises(ValueError, match=r"conv2d_forward: kernel must have shape "
+                                         r"\(any, any, 3, any\), got \(3, 3, 2, 4\)"):
+        _kernels.conv2d_forward(x, f32(rng, (3, 3, 2, 4)), None, y)
+    with pytest.raises(ValueError, match=r"conv2d_forward: x must be C-contiguous"):
+        _kernels.conv2d_forward(x[:, :, ::-1], f32(rng, (3, 3, 3, 4)), None, y)
+    with pytest.raises(ValueError, match=r"conv2d_forward: x is empty"):
+        _kernels.conv2d_forward(np.empty((0, 5, 5, 3), np.float32), f32(rng, (3, 3, 3, 4)),
+                                None, np.empty((0, 3, 3, 4), np.float32))
+
+
+def test_conv2d_backward_rejects_wrong_grad_output(rng):
+    x, kernel = f32(rng, (1, 5, 5, 3)), f32(rng, (3, 3, 3, 4))
+    with pytest.raises(ValueError, match=r"grad_output is \(1, 5, 5, 4\), expected \(1, 3, 3, 4\)"):
+        ops.conv2d_backward(x, kernel, f32(rng, (1, 5, 5, 4)))

@@ -1,0 +1,144 @@
+"""Pooling and dense kernels against the naive loops; thread-count independence; errors."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cnnx
+from cnnx import _kernels, ops
+import reference
+
+POOLS = [  # (x shape, pool, strides, padding)
+    ((1, 1, 1, 1), 1, 1, "valid"),
+    ((2, 6, 5, 3), 2, 2, "valid"),
+    ((2, 7, 6, 3), 3, 2, "same"),
+    ((1, 5, 7, 17), (2, 3), (1, 2), "same"),
+    ((2, 9, 8, 2), 3, 1, "valid"),
+]
+POOL_IDS = [f"{'x'.join(map(str, p[0]))}-p{p[1]}-s{p[2]}-{p[3]}" for p in POOLS]
+
+
+def f32(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("x_shape, pool, strides, padding", POOLS, ids=POOL_IDS)
+def test_max_pool2d_matches_reference(x_shape, pool, strides, padding, rng):
+    x = f32(rng, x_shape)
+    y, argmax = ops.max_pool2d_forward(x, pool, strides, padding, n_threads=2)
+    expected_y, expected_argmax = reference.max_pool2d(x, pool, strides, padding)
+    assert argmax.dtype == np.int32
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(argmax, expected_argmax)
+    grad_output = f32(rng, y.shape)
+    grad_input = ops.max_pool2d_backward(grad_output, argmax, x.shape, n_threads=2)
+    np.testing.assert_allclose(grad_input,
+                               reference.max_pool2d_backward(grad_output, argmax, x.shape),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool2d_takes_the_first_of_tied_maxima():
+    x = np.zeros((1, 4, 4, 2), np.float32)
+    y, argmax = ops.max_pool2d_forward(x, 2, 2, "valid")
+    np.testing.assert_array_equal(argmax[0, :, :, 0], [[0, 2], [8, 10]])
+
+
+@pytest.mark.parametrize("x_shape, pool, strides, padding", POOLS, ids=POOL_IDS)
+def test_avg_pool2d_matches_reference(x_shape, pool, strides, padding, rng):
+    x = f32(rng, x_shape)
+    y = ops.avg_pool2d_forward(x, pool, strides, padding, n_threads=2)
+    np.testing.assert_allclose(y, reference.avg_pool2d(x, pool, strides, padding),
+                               rtol=1e-5, atol=1e-6)
+    grad_output = f32(rng, y.shape)
+    grad_input = ops.avg_pool2d_backward(grad_output, x.shape, pool, strides, padding,
+                                         n_threads=2)
+    np.testing.assert_allclose(
+        grad_input, reference.avg_pool2d_backward(grad_output, x.shape, pool, strides, padding),
+        rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), c=st.integers(1, 4), ph=st.integers(1, 4),
+       pw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
+       padding=st.sampled_from(["valid", "same"]), seed=st.integers(0, 2**16))
+def test_pooling_random_geometry(h, w, c, ph, pw, sh, sw, padding, seed):
+    if padding == "valid" and (ph > h or pw > w):
+        return
+    rng = np.random.default_rng(seed)
+    x = f32(rng, (2, h, w, c))
+    y, argmax = ops.max_pool2d_forward(x, (ph, pw), (sh, sw), padding)
+    expected_y, expected_argmax = reference.max_pool2d(x, (ph, pw), (sh, sw), padding)
+    np.testing.assert_array_equal(argmax, expected_argmax)
+    np.testing.assert_allclose(ops.avg_pool2d_forward(x, (ph, pw), (sh, sw), padding),
+                               reference.avg_pool2d(x, (ph, pw), (sh, sw), padding),
+                               rtol=1e-5, atol=1e-6)
+    grad_output = f32(rng, y.shape)
+    np.testing.assert_allclose(
+        ops.avg_pool2d_backward(grad_output, x.shape, (ph, pw), (sh, sw), padding),
+        reference.avg_pool2d_backward(grad_output, x.shape, (ph, pw), (sh, sw), padding),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_is_bit_identical_for_any_thread_count(rng):
+    x = f32(rng, (5, 13, 11, 7))
+    runs = []
+    for n_threads in (1, 2, 3):
+        y, argmax = ops.max_pool2d_forward(x, 3, 2, "same", n_threads=n_threads)
+        back = ops.max_pool2d_backward(y, argmax, x.shape, n_threads=n_threads)
+        avg = ops.avg_pool2d_forward(x, 3, 2, "same", n_threads=n_threads)
+        avg_back = ops.avg_pool2d_backward(avg, x.shape, 3, 2, "same", n_threads=n_threads)
+        runs.append((y, argmax, back, avg, avg_back))
+    for other in runs[1:]:
+        for first, second in zip(runs[0], other):
+            assert np.array_equal(first, second)
+
+
+def test_max_pool2d_backward_rejects_bad_argmax(rng):
+    grad_output = f32(rng, (1, 2, 2, 1))
+    with pytest.raises(TypeError, match=r"max_pool2d_backward: argmax must be int32, got int64"):
+        _kernels.max_pool2d_backward(grad_output, np.zeros((1, 2, 2, 1), np.int64),
+                                     np.empty((1, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match=r"argmax holds 0\.\.16, outside the 16 cells"):
+        _kernels.max_pool2d_backward(grad_output, np.array([0, 1, 2, 16], np.int32).reshape(
+            1, 2, 2, 1), np.empty((1, 4, 4, 1), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 6, 5), (33, 300, 17), (4, 5000, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dense_matches_reference(shape, isa, rng):
+    n, i, u = shape
+    x, kernel, bias = f32(rng, (n, i)), f32(rng, (i, u)), f32(rng, u)
+    y = ops.dense_forward(x, kernel, bias, relu=True, n_threads=2)
+    expected = np.maximum(x.astype(np.float64) @ kernel + bias, 0)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * i ** 0.5)
+    grad_output = f32(rng, (n, u))
+    got = ops.dense_backward(x, kernel, grad_output, n_threads=2)
+    for g, e in zip(got, reference.dense_backward(x, kernel, grad_output)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * max(n, u) ** 0.5)
+    assert ops.dense_backward(x, kernel, grad_output, need_input_grad=False)[0] is None
+
+
+def test_dense_is_bit_identical_for_any_thread_count(rng):
+    x, kernel, bias = f32(rng, (32, 3000)), f32(rng, (3000, 128)), f32(rng, 128)
+    grad_output = f32(rng, (32, 128))
+    runs = [(ops.dense_forward(x, kernel, bias, n_threads=t),
+             *ops.dense_backward(x, kernel, grad_output, n_threads=t)) for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for first, second in zip(runs[0], other):
+            assert np.array_equal(first, second)
+
+
+def test_openmp_is_enabled_on_linux():
+    import sys
+    if sys.platform.startswith("linux"):
+        assert cnnx.openmp_enabled()
+
+
+def test_set_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"set_isa: expected one of .*, got 'sse9'"):
+        _kernels.set_isa("sse9")
+
+
+def test_roofline_measures_a_positive_peak():
+    from cnnx import roofline
+    assert roofline.fma_peak_gflops(n_threads=1, seconds=0.01) > 1.0
