@@ -1,4 +1,5 @@
 """Zarr image stores: ingest, open, read, normalise, split, augment; bundled and synthetic data."""
+from cnnx.data.augment import Augment
 from cnnx.data.datasets import (ArrayDataset, ingest_arrays, load_fashion_mnist, load_faces,
                                 read_idx)
 from cnnx.data.ingest import BadImage, ingest, load_image
@@ -7,5 +8,5 @@ from cnnx.data.split import stratified_split
 from cnnx.data.store import Dataset, open_dataset
 from cnnx.data.summary import StoreSummary
 
-__all__ = ["ArrayDataset", "Dataset", "StoreSummary", "BadImage", "ingest", "ingest_arrays", "load_image", "load_faces",
+__all__ = ["ArrayDataset", "Augment", "Dataset", "StoreSummary", "BadImage", "ingest", "ingest_arrays", "load_image", "load_faces",
            "load_fashion_mnist", "normalize", "open_dataset", "read_idx", "stratified_split"]

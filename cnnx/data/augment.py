@@ -1,0 +1,163 @@
+"""Random augmentation of a float32 batch (N, H, W, C), vectorised over the batch.
+
+Every call draws the same fixed sequence of per-image values from the generator it is
+given, whichever operations are switched on, so a batch's augmentation depends only on the
+generator's key (seed, epoch, step, shard) and reproduces anywhere.
+"""
+import numpy as np
+
+
+def _range(value, name, centre=0.0):
+    """A symmetric half-width `v` -> (centre - v, centre + v); a pair is taken as is."""
+    if np.ndim(value) == 0:
+        if value < 0:
+            raise ValueError(f"Augment: {name} must be >= 0 or a (low, high) pair, got {value}")
+        return centre - float(value), centre + float(value)
+    low, high = (float(v) for v in value)
+    if low > high:
+        raise ValueError(f"Augment: {name} range must have low <= high, got {value}")
+    return low, high
+
+
+def _probability(value, name):
+    if not 0 <= value <= 1:
+        raise ValueError(f"Augment: {name} is a probability in [0, 1], got {value}")
+    return float(value)
+
+
+class Augment:
+    """Augment(horizontal_flip=0.5, rotation=15, zoom=0.1, ...)(images, rng).
+
+    horizontal_flip, vertical_flip, invert: probability per image.
+    rotation: degrees, uniform in [-r, r] (or a (low, high) pair); positive turns the picture
+        counter-clockwise as displayed.
+    zoom: scale factor uniform in [1 - z, 1 + z] (or a pair); > 1 zooms in, < 1 zooms out.
+    translation: fraction of height and width, uniform in [-t, t] each.
+    contrast: factor uniform in [1 - c, 1 + c]: pixels move away from (or towards) their
+        image's per-channel mean.
+    invert: x -> low + high - x with value_range=(low, high) (e.g. (0, 1) after "scale");
+        without value_range each image is reflected about its own min and max.
+    fill_mode: what rotation, zoom out and translation show beyond the border: "nearest"
+        (edge pixels) or "constant" (fill_value; 0 is the mean after "standardize").
+    Rotation, zoom and translation form one affine map per image, sampled bilinearly.
+    """
+
+    def __init__(self, horizontal_flip=0.0, vertical_flip=0.0, rotation=0.0, zoom=0.0,
+                 translation=0.0, contrast=0.0, invert=0.0, value_range=None,
+                 fill_mode="nearest", fill_value=0.0):
+        self.horizontal_flip = _probability(horizontal_flip, "horizontal_flip")
+        self.vertical_flip = _probability(vertical_flip, "vertical_flip")
+        self.invert = _probability(invert, "invert")
+        self.rotation = _range(rotation, "rotation")
+        self.zoom = _range(zoom, "zoom", centre=1.0)
+        self.translation = _range(translation, "translation")
+        self.contrast = _range(contrast, "contrast", centre=1.0)
+        if self.zoom[0] <= 0 or self.contrast[0] < 0:
+            raise ValueError(f"Augment: zoom must stay > 0 and contrast >= 0, got zoom "
+                             f"{self.zoom} and contrast {self.contrast}")
+        if fill_mode not in ("nearest", "constant"):
+            raise ValueError(f"Augment: fill_mode must be 'nearest' or 'constant', "
+                             f"got {fill_mode!r}")
+        self.value_range = value_range
+        self.fill_mode = fill_mode
+        self.fill_value = np.float32(fill_value)
+        self._affine = (self.rotation != (0.0, 0.0) or self.zoom != (1.0, 1.0)
+                        or self.translation != (0.0, 0.0))
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"Augment({fields})"
+
+    def __call__(self, images, rng):
+        """Augmented copy of float32 images (N, H, W, C); `rng` a Generator or a seed key."""
+        if not isinstance(rng, np.random.Generator):
+            rng = np.random.default_rng(rng)
+        images = np.asarray(images)
+        if images.ndim != 4 or images.dtype != np.float32:
+            raise ValueError(f"Augment expected float32 images (N, H, W, C), got "
+                             f"{images.dtype} {images.shape}")
+        n = len(images)
+        # one fixed sequence of draws: switching an operation on or off changes no other
+        draws = {name: rng.random(n) for name in
+                 ("hflip", "vflip", "angle", "zoom", "shift_y", "shift_x", "contrast", "invert")}
+        out = images.copy()
+        flip = draws["hflip"] < self.horizontal_flip
+        out[flip] = out[flip, :, ::-1]
+        flip = draws["vflip"] < self.vertical_flip
+        out[flip] = out[flip, ::-1]
+        if self._affine:
+            out = self._transform(out, draws)
+        if self.contrast != (1.0, 1.0):
+            factor = _uniform(draws["contrast"], self.contrast)[:, None, None, None]
+            mean = out.reshape(n, -1, out.shape[-1]).mean(axis=1)[:, None, None, :]
+            out -= mean
+            out *= factor.astype(np.float32)
+            out += mean
+        chosen = draws["invert"] < self.invert
+        if chosen.any():
+            if self.value_range is not None:
+                total = np.float32(sum(self.value_range))
+            else:
+                picked = out[chosen]
+                total = (picked.min(axis=(1, 2, 3), keepdims=True) +
+                         picked.max(axis=(1, 2, 3), keepdims=True))
+            out[chosen] = total - out[chosen]
+        return out.astype(np.float32, copy=False)
+
+    def _transform(self, images, draws):
+        """Rotation, zoom and translation as one inverse affine map per image, bilinear."""
+        n, height, width, channels = images.shape
+        angle = np.deg2rad(_uniform(draws["angle"], self.rotation))          # float64, (N,)
+        scale = _uniform(draws["zoom"], self.zoom)
+        shift_y = _uniform(draws["shift_y"], self.translation) * height
+        shift_x = _uniform(draws["shift_x"], self.translation) * width
+        centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
+        rows, cols = np.meshgrid(np.arange(height, dtype=np.float32) - centre_y,
+                                 np.arange(width, dtype=np.float32) - centre_x,
+                                 indexing="ij")                                  # (H, W)
+        # output pixel (r, c) shows source pixel R(-angle) ((r, c) - shift) / scale; with
+        # rows pointing down, this turns the picture counter-clockwise as displayed
+        cos = (np.cos(angle) / scale).astype(np.float32)[:, None, None]          # (N, 1, 1)
+        sin = (np.sin(angle) / scale).astype(np.float32)[:, None, None]
+        r = rows[None] - shift_y.astype(np.float32)[:, None, None]               # (N, H, W)
+        c = cols[None] - shift_x.astype(np.float32)[:, None, None]
+        source_y = cos * r + sin * c + centre_y
+        source_x = -sin * r + cos * c + centre_x
+        return _bilinear(images, source_y, source_x, self.fill_mode, self.fill_value)
+
+
+def _uniform(u, bounds):
+    low, high = bounds
+    return low + (high - low) * u
+
+
+def _bilinear(images, source_y, source_x, fill_mode, fill_value):
+    """Sample images (N, H, W, C) at fractional coordinates (N, H, W) -> (N, H, W, C)."""
+    n, height, width, channels = images.shape
+    if fill_mode == "constant":
+        outside = ((source_y < -0.5) | (source_y > height - 0.5) |
+                   (source_x < -0.5) | (source_x > width - 0.5))
+    source_y = np.clip(source_y, 0, height - 1)
+    source_x = np.clip(source_x, 0, width - 1)
+    # the top-left neighbour, kept one step inside so its bottom-right neighbour exists
+    y0 = np.minimum(source_y.astype(np.intp), max(height - 2, 0))
+    x0 = np.minimum(source_x.astype(np.intp), max(width - 2, 0))
+    wy = source_y - y0.astype(np.float32)                                        # (N, H, W)
+    wx = source_x - x0.astype(np.float32)
+    step_y = width if height > 1 else 0
+    step_x = 1 if width > 1 else 0
+    top_left = (np.arange(n) * (height * width))[:, None, None] + y0 * width + x0  # (N, H, W)
+    corners = (top_left, top_left + step_x, top_left + step_y, top_left + (step_y + step_x))
+    out = np.empty_like(images)
+    # one channel plane at a time: 1-D np.take and unbroadcast arithmetic on (N, H, W) are
+    # several times faster than gathering (..., C) rows and broadcasting weights over C
+    for channel in range(channels):
+        plane = np.ascontiguousarray(images[..., channel]).reshape(-1)           # (N*H*W,)
+        top, top_right, bottom, bottom_right = (plane.take(c) for c in corners)
+        top += (top_right - top) * wx
+        bottom += (bottom_right - bottom) * wx
+        top += (bottom - top) * wy
+        out[..., channel] = top
+    if fill_mode == "constant":
+        out[outside] = fill_value
+    return out
