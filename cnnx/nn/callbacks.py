@@ -152,14 +152,16 @@ class ProgressBar(Callback):
                          desc=f"Epoch {epoch + 1}/{self.params['epochs']}")
 
     def on_train_batch_end(self, batch, logs=None):
+        self._speed = (logs or {}).get("images/s")
         self._bar.update(1)
         self._bar.set_postfix(_short(logs), refresh=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._bar.set_postfix(_short(logs))
+        # the epoch's logs (with val_*) plus the training speed, which History does not keep
+        self._bar.set_postfix(_short({**(logs or {}), "images/s": self._speed}))
         self._bar.close()
 
 
 def _short(logs):
     return {key: (f"{value:.0f}" if key == "images/s" else f"{value:.4f}")
-            for key, value in (logs or {}).items()}
+            for key, value in (logs or {}).items() if value is not None}
