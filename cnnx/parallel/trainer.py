@@ -1,0 +1,335 @@
+"""DaskTrainer: train one model on a Dask cluster, synchronously or asynchronously.
+
+The driver holds the master weights (float32) and the optimizer; workers read their own
+chunks of the Zarr store and return gradient sums (worker.py). Policy lives here, in small
+named methods: which shard runs where, how a step is reduced and applied, what is recorded,
+when a checkpoint is written, and how to ride out workers leaving and joining.
+"""
+import concurrent.futures
+import copy
+import time
+import uuid
+
+import numpy as np
+
+from cnnx.parallel import checkpoint, cluster, plan, wire, worker
+
+MODES = ("sync", "downpour", "dynsgd", "adag", "easgd")
+LOST = (concurrent.futures.CancelledError,)     # FutureCancelledError: data lost with workers
+
+
+def _default_opener(store):
+    from cnnx.data import open_dataset
+    return open_dataset(store)
+
+
+class DaskTrainer:
+    """Data-parallel training of `model` (a compiled cnnx.nn.Sequential) over Dask.
+
+    client: a distributed.Client, a scheduler address ("tcp://host:8786"), or None for a
+        LocalCluster on 127.0.0.1 with one single-threaded worker per core (closed by close()).
+    mode: "sync" (G virtual shards per step, a fixed pair-sum tree, bit-reproducible),
+        "downpour", "dynsgd" (gradients applied on arrival, dynsgd scaled by 1/(staleness+1)),
+        "adag" (tau local SGD steps, the change scaled by 1/(staleness+1)), "easgd" (tau local
+        steps, elastic exchange with the centre, strength alpha).
+    shards: G, the number of virtual shards a step's batch is split into (default: the number
+        of workers at the start). Same seed and G give the same weights on any worker count.
+    wire_dtype: "float32" or "bfloat16" for weights and gradients on the wire.
+    """
+
+    def __init__(self, model, client=None, mode="sync", shards=None, *, seed=0,
+                 wire_dtype="float32", normalize="standardize", augment=None,
+                 cache_bytes=512 * 2**20, checkpoint_every=None, worker_timeout=60.0,
+                 connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, learning_rate=0.01, tau=4,
+                 alpha=0.5, max_in_flight=None, replay_log=None, max_step_retries=3,
+                 progress=True, opener=None, echo=print):
+        if mode not in MODES:
+            raise ValueError(f"DaskTrainer: mode must be one of {MODES}, got {mode!r}")
+        if shards is not None and (not isinstance(shards, int) or shards < 1):
+            raise ValueError(f"DaskTrainer: shards must be a positive integer, got {shards!r}")
+        self.model, self.mode, self.shards, self.seed = model, mode, shards, seed
+        self.wire_dtype = wire.check_format(wire_dtype)
+        self.normalize, self.augment, self.cache_bytes = normalize, augment, cache_bytes
+        self.checkpoint_every, self.worker_timeout = checkpoint_every, worker_timeout
+        self.learning_rate, self.tau, self.alpha = learning_rate, tau, alpha
+        self.max_in_flight, self.replay_log = max_in_flight, replay_log
+        self.max_step_retries, self.progress, self.echo = max_step_retries, progress, echo
+        self.opener = opener or _default_opener
+        self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
+        self.history, self.steps, self.commits = [], [], []
+        self.staleness = {}                       # worker address -> list of staleness values
+        self.version, self.applied, self.duplicates = 0, set(), 0   # async commit bookkeeping
+        self.local_weights = {}                   # easgd: shard -> its worker-side weights
+        self._run = uuid.uuid4().hex[:8]
+        self._model_future = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self):
+        """Close the LocalCluster this trainer started (a given client stays open)."""
+        if self._owned_cluster is not None:
+            self.client.close()
+            self._owned_cluster.close()
+            self._owned_cluster = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----------------------------------------------------------------- fit
+    def fit(self, dataset, epochs, batch_size, indices=None, validation=None,
+            checkpoint_dir=None, resume=False, callbacks=()):
+        """Train for `epochs` epochs of global batches of `batch_size`; returns self.history.
+
+        dataset: a cnnx.data Dataset (or its store path); workers reopen it by `store`.
+        indices: the training samples (default: all). validation: indices into the same
+            dataset, evaluated on the workers at each epoch end.
+        checkpoint_dir: written every `checkpoint_every` steps and at each epoch end;
+            resume=True continues from the checkpoint there."""
+        if isinstance(dataset, str):
+            dataset = self.opener(dataset)
+        self._dataset = dataset
+        self._store = str(dataset.store)
+        workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
+        n_shards = self.shards or len(workers)
+        shard_batch = plan.per_shard_batch(batch_size, n_shards)
+        samples = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
+        owned = plan.shard_indices(samples, dataset.chunk_size, n_shards)
+        self._meta = {"mode": self.mode, "seed": self.seed, "shards": n_shards,
+                      "batch_size": batch_size, "wire_dtype": self.wire_dtype}
+        start_epoch, start_step = 0, 0
+        if resume and checkpoint_dir is not None:
+            start_epoch, start_step = self._restore(checkpoint_dir)
+        self._scatter_model()
+        callbacks = list(callbacks)
+        for epoch in range(start_epoch, epochs):
+            epoch_plan = plan.epoch_plan(owned, self.seed, epoch, shard_batch)
+            first = start_step if epoch == start_epoch else 0
+            started = time.perf_counter()
+            transfers = self._worker_transfer_bytes()
+            if self.mode == "sync":
+                records = self._sync_epoch(epoch, epoch_plan, first, checkpoint_dir, callbacks)
+            else:
+                records = self._async_epoch(epoch, epoch_plan, first, callbacks)
+            summary = self._epoch_summary(epoch, records, time.perf_counter() - started)
+            summary["bytes_between_workers"] = self._worker_transfer_bytes() - transfers
+            if validation is not None:
+                summary.update(self.evaluate(validation, prefix="val_"))
+            self.history.append(summary)
+            self._echo_epoch(summary)
+            if checkpoint_dir is not None:
+                self.save_checkpoint(checkpoint_dir, epoch + 1, 0)
+        self._model_future = None                 # release the workers' copies
+        return self.history
+
+    # ----------------------------------------------------------------- sync
+    def _sync_epoch(self, epoch, epoch_plan, first_step, checkpoint_dir, callbacks):
+        records = []
+        bar = _progress(len(epoch_plan), first_step, f"epoch {epoch}", self.progress)
+        try:
+            for step in range(first_step, len(epoch_plan)):
+                record = self._sync_step(epoch, step, epoch_plan[step])
+                records.append(record)
+                self.steps.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                if (checkpoint_dir is not None and self.checkpoint_every
+                        and (step + 1) % self.checkpoint_every == 0 and step + 1 < len(epoch_plan)):
+                    self.save_checkpoint(checkpoint_dir, epoch, step + 1)
+                for callback in callbacks:
+                    callback(self, record)
+        finally:
+            bar.close()
+        return records
+
+    def _sync_step(self, epoch, step, step_plan):
+        """One synchronous step, retried from its inputs if workers die and take data along."""
+        for attempt in range(self.max_step_retries + 1):
+            workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
+            try:
+                return self._sync_step_once(epoch, step, step_plan, workers, attempt)
+            except LOST:
+                if attempt == self.max_step_retries:
+                    raise
+                self.echo(f"cnnx: step {step} of epoch {epoch} lost its data with a worker; "
+                          f"retrying it ({attempt + 1}/{self.max_step_retries})")
+                self._scatter_model()
+        raise AssertionError("unreachable")
+
+    def _sync_step_once(self, epoch, step, step_plan, workers, attempt):
+        started = time.perf_counter()
+        weights = wire.encode(self.model.get_weights(), self.wire_dtype)
+        weights_future = self._broadcast(weights)
+        scattered = time.perf_counter()
+        prefix = f"cnnx-{self._run}-e{epoch}-s{step}-a{attempt}"
+        leaves = [self._submit_shard(weights_future, step_plan[shard], (epoch, step, shard),
+                                     workers, f"{prefix}-grad-{shard}")
+                  for shard in range(len(step_plan))]
+        root = self._reduce_tree(leaves, prefix)
+        try:
+            total, stats = root.result()
+        except worker.NonFiniteGradientError as error:
+            raise worker.NonFiniteGradientError(
+                f"{error}; training stopped before applying step {step} of epoch {epoch}: the "
+                f"model holds the weights after the previous step") from None
+        received = time.perf_counter()
+        self._apply_sum(total)
+        applied = time.perf_counter()
+        del leaves, root, weights_future
+        return self._step_record(epoch, step, total, stats, workers, {
+            "scatter_s": scattered - started, "wait_s": received - scattered,
+            "optimizer_s": applied - received, "time_s": applied - started,
+            "bytes_out": wire.nbytes(weights) * len(workers),
+            "bytes_in": wire.nbytes(total.grads)})
+
+    def _submit_shard(self, weights_future, indices, key, workers, task_key):
+        preferred = workers[key[2] % len(workers)]
+        return self.client.submit(worker.shard_gradient, self._model_future, weights_future,
+                                  self._spec(indices), key, self.wire_dtype, key=task_key,
+                                  workers=[preferred], allow_other_workers=True, pure=False)
+
+    def _reduce_tree(self, leaves, prefix):
+        """Pair-sum tasks in a fixed tree: the order of every addition depends on G only."""
+        nodes = leaves
+        for depth, level in enumerate(plan.tree_pairs(len(leaves))):
+            nodes = [nodes[pair[0]] if len(pair) == 1 else
+                     self.client.submit(worker.sum_pair, nodes[pair[0]], nodes[pair[1]],
+                                        key=f"{prefix}-sum-{depth}-{i}", pure=False)
+                     for i, pair in enumerate(level)]
+        return nodes[0]
+
+    def _apply_sum(self, total):
+        """Mean gradient -> regulariser + optimizer step: what Sequential.fit does per batch."""
+        total = copy.copy(total)
+        total.grads = wire.decode(total.grads)
+        self.model.apply_gradients(total.mean_grads(), total.state)
+
+    def _set_state(self, state):
+        own = self.model.state
+        for name, value in state.items():
+            own[name][...] = value
+
+    # ----------------------------------------------------------------- async
+    def _async_epoch(self, epoch, epoch_plan, first_step, callbacks):
+        from cnnx.parallel import asynchronous
+        return asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
+
+    # ----------------------------------------------------------------- validation
+    def evaluate(self, indices, prefix=""):
+        """Loss and accuracy of the current weights on `indices`, computed on the workers."""
+        workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
+        indices = np.sort(np.asarray(indices, np.int64))
+        chunk_of = indices // self._dataset.chunk_size
+        groups = [indices[chunk_of % len(workers) == i] for i in range(len(workers))]
+        weights = wire.encode(self.model.get_weights(), self.wire_dtype)
+        weights_future = self._broadcast(weights)
+        futures = [self.client.submit(worker.evaluate_batch, self._model_future, weights_future,
+                                      self._spec(group), workers=[address],
+                                      allow_other_workers=True, pure=False)
+                   for group, address in zip(groups, workers) if len(group)]
+        results = self.client.gather(futures)
+        loss_sum = sum(r[0] for r in results)
+        n_correct = sum(r[1] for r in results)
+        n = sum(r[2] for r in results)
+        return {f"{prefix}loss": loss_sum / n, f"{prefix}accuracy": n_correct / n}
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory, epoch, step):
+        """Checkpoint the state that resumes at (epoch, step)."""
+        meta = dict(self._meta, epoch=epoch, step=step, history=self.history,
+                    commits=len(self.commits))
+        optimizer = getattr(self.model, "optimizer", None)
+        state = optimizer.state_dict() if optimizer is not None else {}
+        return checkpoint.save_checkpoint(directory, self.model.get_weights(), state, meta)
+
+    def _restore(self, directory):
+        loaded = checkpoint.load_checkpoint(directory)
+        if loaded is None:
+            self.echo(f"cnnx: no checkpoint in {directory}; starting from the beginning")
+            return 0, 0
+        weights, optimizer_state, meta = loaded
+        for name in ("mode", "seed", "shards", "batch_size"):
+            if meta[name] != self._meta[name]:
+                raise ValueError(f"DaskTrainer: the checkpoint in {directory} was written with "
+                                 f"{name}={meta[name]!r}, this run has {self._meta[name]!r}")
+        self.model.set_weights(weights)
+        if optimizer_state:
+            self.model.optimizer.load_state_dict(optimizer_state)
+        self.history = list(meta.get("history", []))
+        self.echo(f"cnnx: resuming from {directory} at epoch {meta['epoch']}, step {meta['step']}")
+        return meta["epoch"], meta["step"]
+
+    # ----------------------------------------------------------------- helpers
+    def _scatter_model(self):
+        self._model_future = self._broadcast(self.model)
+
+    def _broadcast(self, value):
+        """One copy of `value` on every worker (a dict would be scattered entry by entry)."""
+        return self.client.scatter([value], broadcast=True, hash=False)[0]
+
+    def _spec(self, indices):
+        return {"store": self._store, "opener": self.opener, "indices": np.asarray(indices),
+                "normalize": self.normalize, "augment": self.augment, "seed": self.seed,
+                "cache_bytes": self.cache_bytes}
+
+    def _worker_transfer_bytes(self):
+        """Bytes workers have sent to each other so far (Dask's own counter)."""
+        try:
+            counts = self.client.run(_transfer_bytes)
+        except Exception:                         # a worker leaving mid-call; not worth failing
+            return 0
+        return int(sum(counts.values()))
+
+    def _step_record(self, epoch, step, total, stats, workers, phases):
+        n = int(total.n_samples)
+        compute = stats["compute_s"] / max(1, len(stats["worker"]))
+        return dict(phases, epoch=epoch, step=step, n_samples=n,
+                    loss=float(total.loss_sum) / n, accuracy=int(total.n_correct) / n,
+                    images_per_s=n / phases["time_s"], compute_s=compute,
+                    max_shard_compute_s=stats["max_compute_s"], read_s=stats["read_s"],
+                    transfer_s=max(0.0, phases["wait_s"] - compute), workers=len(workers),
+                    tasks_per_worker=stats["worker"])
+
+    def _epoch_summary(self, epoch, records, seconds):
+        n = sum(r["n_samples"] for r in records)
+        summary = {"epoch": epoch, "steps": len(records), "time_s": seconds,
+                   "images_per_s": n / seconds if seconds else 0.0}
+        if n:
+            summary["loss"] = sum(r["loss"] * r["n_samples"] for r in records) / n
+            summary["accuracy"] = sum(r["accuracy"] * r["n_samples"] for r in records) / n
+        for phase in ("scatter_s", "wait_s", "optimizer_s", "compute_s", "transfer_s"):
+            summary[phase] = sum(r.get(phase, 0.0) for r in records)
+        summary["bytes_out"] = sum(r.get("bytes_out", 0) for r in records)
+        summary["bytes_in"] = sum(r.get("bytes_in", 0) for r in records)
+        return summary
+
+    def _echo_epoch(self, s):
+        parts = [f"epoch {s['epoch']}", f"{s['images_per_s']:.0f} img/s"]
+        parts += [f"{k} {s[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                  if k in s]
+        parts.append(f"{(s['bytes_out'] + s['bytes_in'] + s['bytes_between_workers']) / 1e6:.1f} MB moved")
+        self.echo("cnnx: " + ", ".join(parts))
+
+
+def _transfer_bytes(dask_worker):
+    return dask_worker.transfer_outgoing_bytes_total
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, initial, description, enabled):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=description, unit="step", leave=False)

@@ -1,0 +1,51 @@
+"""Wire formats for weights and gradients: float32, or bfloat16 to halve the traffic.
+
+bfloat16 is the top half of a float32; encoding rounds to nearest even and keeps NaN a NaN.
+Encoded dicts carry their format in the dtype: uint16 arrays are bfloat16 bits.
+"""
+import numpy as np
+
+FORMATS = ("float32", "bfloat16")
+
+
+def check_format(wire_dtype):
+    if wire_dtype not in FORMATS:
+        raise ValueError(f"wire_dtype must be one of {FORMATS}, got {wire_dtype!r}")
+    return wire_dtype
+
+
+def to_bfloat16(array):
+    """float32 array -> uint16 bfloat16 bits (round to nearest even)."""
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    rounded = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def from_bfloat16(bits):
+    """uint16 bfloat16 bits -> float32 array."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode(arrays, wire_dtype="float32"):
+    """A copy of the dict of float32 arrays in the wire format."""
+    if check_format(wire_dtype) == "bfloat16":
+        return {name: to_bfloat16(a) if a.dtype == np.float32 else np.array(a)
+                for name, a in arrays.items()}
+    return {name: np.array(a) for name, a in arrays.items()}
+
+
+def decode(arrays):
+    """float32 arrays from a dict in any wire format (float32 ones pass through)."""
+    return {name: from_bfloat16(a) if a.dtype == np.uint16 else a for name, a in arrays.items()}
+
+
+def dtype_of(arrays):
+    return "bfloat16" if any(a.dtype == np.uint16 for a in arrays.values()) else "float32"
+
+
+def nbytes(arrays):
+    return int(sum(a.nbytes for a in arrays.values()))

@@ -1,0 +1,205 @@
+"""Pure functions run on Dask workers: read a shard's images, compute gradient sums, reduce.
+
+Design: a task gets the store location and the sample indices of one virtual shard, never
+image arrays. Each worker process keeps the datasets it opened and a bounded LRU of decoded
+chunks, so after the first epoch no image bytes move. Everything random is drawn from
+generators keyed by (seed, epoch, step, shard): a shard computes the same bits on any worker,
+which is what makes a synchronous run independent of the worker count.
+"""
+import collections
+import copy
+import threading
+import time
+
+import numpy as np
+
+from cnnx.parallel import wire
+
+_lock = threading.Lock()                  # one model per worker process: one task uses it at a time
+_datasets = {}                            # store -> opened dataset
+_chunks = collections.OrderedDict()       # (store, chunk id) -> (images uint8, labels int64)
+_cache = {"bytes": 0, "hits": 0, "misses": 0, "bytes_read": 0}
+
+AUGMENT_STREAM = 0xA06                    # keeps augmentation draws apart from dropout draws
+
+
+class StoreError(OSError):
+    """A worker could not open or read the image store."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A shard produced NaN or infinite gradients or loss."""
+
+
+def worker_name():
+    try:
+        from distributed import get_worker
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "the driver process"
+
+
+def open_store(store, opener):
+    """The dataset at `store`, opened once per worker process."""
+    dataset = _datasets.get(store)
+    if dataset is None:
+        try:
+            dataset = opener(store)
+        except Exception as error:
+            raise StoreError(f"worker {worker_name()} cannot open the image store {store!r}: "
+                             f"{type(error).__name__}: {error}") from error
+        _datasets[store] = dataset
+    return dataset
+
+
+def read_chunk(dataset, store, chunk, cache_bytes):
+    """Chunk `chunk` of the store, from this worker's LRU cache when it holds it."""
+    key = (store, int(chunk))
+    cached = _chunks.get(key)
+    if cached is not None:
+        _chunks.move_to_end(key)
+        _cache["hits"] += 1
+        return cached
+    images, labels = dataset.read_chunk(int(chunk))
+    _cache["misses"] += 1
+    _cache["bytes_read"] += images.nbytes
+    if images.nbytes <= cache_bytes:
+        _chunks[key] = (images, labels)
+        _cache["bytes"] += images.nbytes
+        while _cache["bytes"] > cache_bytes:
+            _, (old, _) = _chunks.popitem(last=False)
+            _cache["bytes"] -= old.nbytes
+    return images, labels
+
+
+def cache_info():
+    """This worker's chunk cache: bytes held, hits, misses, image bytes read from the store."""
+    return dict(_cache, chunks=len(_chunks))
+
+
+def clear_cache():
+    _chunks.clear()
+    _datasets.clear()
+    _cache.update(bytes=0, hits=0, misses=0, bytes_read=0)
+
+
+def load_batch(spec):
+    """uint8 images and int64 labels of the samples `spec["indices"]`, in that order."""
+    dataset = open_store(spec["store"], spec["opener"])
+    indices = np.asarray(spec["indices"], np.int64)
+    chunk_size = int(dataset.chunk_size)
+    chunk_of = indices // chunk_size
+    images = np.empty((len(indices), *dataset.image_shape), np.uint8)
+    labels = np.empty(len(indices), np.int64)
+    for chunk in np.unique(chunk_of):
+        try:
+            chunk_images, chunk_labels = read_chunk(dataset, spec["store"], chunk,
+                                                    spec["cache_bytes"])
+        except StoreError:
+            raise
+        except Exception as error:
+            raise StoreError(f"worker {worker_name()} cannot read chunk {int(chunk)} of the image "
+                             f"store {spec['store']!r}: {type(error).__name__}: {error}") from error
+        rows = chunk_of == chunk
+        local = indices[rows] - chunk * chunk_size
+        images[rows] = chunk_images[local]
+        labels[rows] = chunk_labels[local]
+    return dataset, images, labels
+
+
+def prepare_batch(spec, key):
+    """Normalised (and augmented, with a keyed generator) float32 images and labels."""
+    dataset, images, labels = load_batch(spec)
+    x = dataset.normalize(images, spec["normalize"])
+    if spec.get("augment") is not None:
+        x = spec["augment"](x, np.random.default_rng((spec["seed"], AUGMENT_STREAM, *key)))
+    return x, labels
+
+
+def _load_weights(model, weights):
+    model.set_weights(wire.decode(weights))
+
+
+def check_finite(gradient_sum, key):
+    epoch, step, shard = key
+    bad = [name for name, g in gradient_sum.grads.items() if not np.isfinite(g).all()]
+    if bad or not np.isfinite(gradient_sum.loss_sum):
+        what = f"gradients of {', '.join(bad[:3])}" if bad else "the loss"
+        raise NonFiniteGradientError(
+            f"shard {shard} of step {step} (epoch {epoch}) produced non-finite {what} "
+            f"on worker {worker_name()}")
+
+
+def shard_gradient(model, weights, spec, key, wire_dtype="float32"):
+    """(GradientSum of one virtual shard, stats). key = (epoch, step, shard)."""
+    start = time.perf_counter()
+    x, y = prepare_batch(spec, key)
+    read_s = time.perf_counter() - start
+    with _lock:
+        _load_weights(model, weights)
+        start = time.perf_counter()
+        result = model.gradient(x, y, key=tuple(key))
+        compute_s = time.perf_counter() - start
+    check_finite(result, key)
+    # encode copies: a layer's backward overwrites its grads, and this result outlives the task
+    result.grads = wire.encode(result.grads, wire_dtype)
+    if result.state:
+        result.state = {name: np.array(value) for name, value in result.state.items()}
+    return result, {"compute_s": compute_s, "read_s": read_s, "max_compute_s": compute_s,
+                    "tasks": 1, "worker": {worker_name(): 1}}
+
+
+def sum_pair(left, right):
+    """left + right in that order: the reduction tree fixes the order, hence the bits."""
+    (a, stats_a), (b, stats_b) = left, right
+    dtype = wire.dtype_of(a.grads)
+    # Inputs stay untouched in worker memory: a rerun of this task must see the same bits.
+    a, b = copy.copy(a), copy.copy(b)
+    a.grads, b.grads = wire.decode(a.grads), wire.decode(b.grads)
+    total = a + b
+    total.grads = wire.encode(total.grads, dtype)
+    workers = collections.Counter(stats_a["worker"]) + collections.Counter(stats_b["worker"])
+    stats = {"compute_s": stats_a["compute_s"] + stats_b["compute_s"],
+             "read_s": stats_a["read_s"] + stats_b["read_s"],
+             "max_compute_s": max(stats_a["max_compute_s"], stats_b["max_compute_s"]),
+             "tasks": stats_a["tasks"] + stats_b["tasks"], "worker": dict(workers)}
+    return total, stats
+
+
+def local_sgd(model, weights, specs, keys, learning_rate, wire_dtype="float32"):
+    """Plain SGD over the batches `specs` starting from `weights` (EASGD / ADAG workers).
+
+    Returns (new weights, loss_sum, n_correct, n_samples, compute seconds, worker)."""
+    batches = [prepare_batch(spec, key) for spec, key in zip(specs, keys)]
+    loss_sum, n_correct, n_samples = 0.0, 0, 0
+    with _lock:
+        _load_weights(model, weights)
+        start = time.perf_counter()
+        params = dict(model.get_weights())
+        for (x, y), key in zip(batches, keys):
+            result = model.gradient(x, y, key=tuple(key))
+            check_finite(result, key)
+            for name, g in result.grads.items():
+                params[name] = params[name] - np.float32(learning_rate / result.n_samples) * g
+            if result.state:
+                params.update(result.state)
+            model.set_weights(params)
+            loss_sum += float(result.loss_sum)
+            n_correct += int(result.n_correct)
+            n_samples += int(result.n_samples)
+        compute_s = time.perf_counter() - start
+    return (wire.encode(params, wire_dtype), loss_sum, n_correct, n_samples, compute_s,
+            worker_name())
+
+
+def evaluate_batch(model, weights, spec):
+    """(loss_sum, n_correct, n_samples) of the model in inference mode on spec's samples."""
+    dataset, images, labels = load_batch(spec)
+    x = dataset.normalize(images, spec["normalize"])
+    with _lock:
+        _load_weights(model, weights)
+        probabilities = np.asarray(model.predict(x), np.float64)
+    picked = probabilities[np.arange(len(labels)), labels]
+    loss_sum = float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
+    n_correct = int((probabilities.argmax(axis=1) == labels).sum())
+    return loss_sum, n_correct, len(labels)
