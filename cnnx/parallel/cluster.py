@@ -18,7 +18,7 @@ def default_worker_count():
 def start_local_cluster(n_workers=None, memory_limit="auto", dashboard=True):
     """A process-based LocalCluster on 127.0.0.1: one single-threaded worker per core."""
     from distributed import LocalCluster
-    dashboard_address = "127.0.0.1:0" if dashboard and _have_bokeh() else None
+    dashboard_address = "127.0.0.1:0" if dashboard else None
     return LocalCluster(n_workers=n_workers or default_worker_count(), threads_per_worker=1,
                         processes=True, host="127.0.0.1", dashboard_address=dashboard_address,
                         memory_limit=memory_limit)

@@ -1,0 +1,128 @@
+"""Synchronous training: bit-identical weights across worker counts, worker loss and resume."""
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from cnnx.parallel import DaskTrainer, NonFiniteGradientError, plan
+from parallel_helpers import assert_same_weights, tiny_model
+
+SHARDS, BATCH, EPOCHS = 4, 32, 2
+
+
+def train(client, store, callbacks=(), **options):
+    model = tiny_model()
+    trainer = DaskTrainer(model, client, shards=options.pop("shards", SHARDS), progress=False,
+                          echo=lambda *a: None, **options)
+    trainer.fit(store, epochs=EPOCHS, batch_size=BATCH, callbacks=callbacks)
+    return model, trainer
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, store):
+    """The run every other run must reproduce bit for bit: G=4 on two workers."""
+    model, trainer = train(cluster, store)
+    return model.get_weights(), trainer
+
+
+def test_sync_learns_and_records_phases(reference):
+    _, trainer = reference
+    assert len(trainer.steps) == EPOCHS * 256 // BATCH
+    last = trainer.history[-1]
+    assert last["accuracy"] > 0.9 and last["loss"] < trainer.history[0]["loss"]
+    step = trainer.steps[-1]
+    for phase in ("scatter_s", "wait_s", "optimizer_s", "compute_s", "images_per_s"):
+        assert step[phase] > 0
+    assert step["bytes_out"] == 2 * sum(a.nbytes for a in tiny_model().get_weights().values())
+    assert sum(step["tasks_per_worker"].values()) == SHARDS
+
+
+def test_one_worker_gives_the_same_bits_as_two(reference, store):
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        model, trainer = train(client, store)
+    assert trainer.steps[-1]["workers"] == 1
+    assert_same_weights(model.get_weights(), reference[0])
+
+
+def test_a_worker_killed_mid_epoch_changes_no_bit(reference, store):
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        pids = client.run(os.getpid)
+        victim = sorted(pids.values())[0]
+
+        def kill_during_next_step(trainer, record):
+            if (record["epoch"], record["step"]) == (0, 2):
+                threading.Timer(0.01, os.kill, (victim, signal.SIGKILL)).start()
+
+        model, trainer = train(client, store, callbacks=[kill_during_next_step])
+        assert victim not in client.run(os.getpid).values()
+    assert_same_weights(model.get_weights(), reference[0])
+
+
+def test_different_shard_counts_differ(reference, cluster, store):
+    """The bit-identity tests can fail: G changes the summation order and the dropout keys."""
+    model, _ = train(cluster, store, shards=2)
+    assert any(not np.array_equal(model.get_weights()[k], reference[0][k]) for k in reference[0])
+
+
+def test_one_shard_equals_sequential_fit_on_the_same_batches(cluster, store):
+    model, trainer = train(cluster, store, shards=1)
+    expected = tiny_model()
+    owned = plan.shard_indices(np.arange(len(store)), store.chunk_size, 1)
+    for epoch in range(EPOCHS):
+        order = plan.epoch_plan(owned, trainer.seed, epoch, BATCH).reshape(-1)
+        images, labels = store.read(order)
+        expected.fit(store.normalize(images), labels, batch_size=BATCH, epochs=epoch + 1,
+                     initial_epoch=epoch, shuffle=False, verbose=0)
+    assert_same_weights(model.get_weights(), expected.get_weights())
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_run_ends_bit_identical(reference, cluster, store, tmp_path):
+    def crash(trainer, record):
+        if (record["epoch"], record["step"]) == (1, 4):
+            raise Crash
+
+    with pytest.raises(Crash):
+        model = tiny_model()
+        trainer = DaskTrainer(model, cluster, shards=SHARDS, progress=False, checkpoint_every=3,
+                              echo=lambda *a: None)
+        trainer.fit(store, epochs=EPOCHS, batch_size=BATCH, checkpoint_dir=tmp_path,
+                    callbacks=[crash])
+    resumed = tiny_model()
+    trainer = DaskTrainer(resumed, cluster, shards=SHARDS, progress=False, checkpoint_every=3,
+                          echo=lambda *a: None)
+    trainer.fit(store, epochs=EPOCHS, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
+    assert trainer.steps[0]["epoch"] == 1 and trainer.steps[0]["step"] == 3
+    assert_same_weights(resumed.get_weights(), reference[0])
+    expected_optimizer = reference[1].model.optimizer.state_dict()
+    assert_same_weights(resumed.optimizer.state_dict(), expected_optimizer)
+    assert [h["epoch"] for h in trainer.history] == [0, 1]
+
+
+def test_bfloat16_wire_halves_the_traffic_and_still_learns(cluster, store):
+    model, trainer = train(cluster, store, wire_dtype="bfloat16")
+    fp32 = sum(a.nbytes for a in model.get_weights().values())
+    assert trainer.steps[-1]["bytes_out"] == 2 * fp32 // 2
+    assert trainer.history[-1]["accuracy"] > 0.9
+
+
+def test_nan_gradients_stop_naming_shard_and_step_with_state_intact(cluster, store):
+    import cloudpickle
+    import parallel_helpers
+    cloudpickle.register_pickle_by_value(parallel_helpers)   # workers cannot import it
+    model = parallel_helpers.poisoned_model(epoch=0, step=3, shard=2)
+    trainer = DaskTrainer(model, cluster, shards=SHARDS, progress=False, echo=lambda *a: None)
+    seen = []
+    with pytest.raises(NonFiniteGradientError, match=r"shard 2 of step 3 \(epoch 0\)"):
+        trainer.fit(store, epochs=1, batch_size=BATCH,
+                    callbacks=[lambda t, r: seen.append(t.model.get_weights())])
+    assert len(seen) == 3
+    assert_same_weights(model.get_weights(), seen[-1])
