@@ -7,6 +7,7 @@ from cnnx.data.normalize import normalize
 from cnnx.data.split import stratified_split
 from cnnx.data.store import Dataset, open_dataset
 from cnnx.data.summary import StoreSummary
+from cnnx.data.synthetic import draw_faces, make_synthetic
 
-__all__ = ["ArrayDataset", "Augment", "Dataset", "StoreSummary", "BadImage", "ingest", "ingest_arrays", "load_image", "load_faces",
+__all__ = ["ArrayDataset", "Augment", "Dataset", "StoreSummary", "BadImage", "ingest", "ingest_arrays", "load_image", "draw_faces", "make_synthetic", "load_faces",
            "load_fashion_mnist", "normalize", "open_dataset", "read_idx", "stratified_split"]

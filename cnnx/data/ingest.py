@@ -229,13 +229,20 @@ def ingest(source, store, image_size=(80, 80), grayscale=False, chunk_size=DEFAU
             files = [relative for relative, _ in candidates[start:stop]]
             jobs.append((index, (url, index, source, files, image_size, grayscale, max_pixels)))
     with ChunkRunner(workers) as runner:
-        for index, record in runner.run(_decode_chunk, jobs):
-            done[str(index)] = record
-            staging.attrs["done"] = done       # the parent alone writes the bookkeeping
-            bar(1)
-            if verbose:
-                for item in record["skipped"]:
-                    print(f"skipped {item['path']}: {item['reason']}")
+        last_saved = time.monotonic()
+        try:
+            for index, record in runner.run(_decode_chunk, jobs):
+                done[str(index)] = record
+                bar(1)
+                if verbose:
+                    for item in record["skipped"]:
+                        print(f"skipped {item['path']}: {item['reason']}")
+                # the parent alone writes the bookkeeping, at most once a second
+                if time.monotonic() - last_saved > 1:
+                    staging.attrs["done"] = done
+                    last_saved = time.monotonic()
+        finally:                               # interrupted or not, keep what is done
+            staging.attrs["done"] = done
 
         # phase 2: the good images, in candidate order, into whole final chunks
         good = np.ones(len(candidates), bool)
