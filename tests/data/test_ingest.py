@@ -198,3 +198,33 @@ def test_load_image_limits_pixels_and_resizes_with_antialiasing(tmp_path):
     assert small.shape == (8, 8, 1) and np.abs(small.astype(int) - 128).max() <= 2
     with pytest.raises(data.BadImage, match="max_pixels=1000"):
         load_image(f"{tmp_path}/s.png", (8, 8), max_pixels=1000)
+
+
+KILLED_RUN = """
+import os, signal, sys
+from cnnx import data
+
+def die_after_three(done, total):
+    if done == 3:                      # a hard crash: no finally, no flush, no clean-up
+        os.kill(os.getpid(), signal.SIGKILL)
+
+data.ingest(sys.argv[1], sys.argv[2], image_size=(8, 8), chunk_size=2, workers=1,
+            progress=die_after_three)
+"""
+
+
+def test_ingest_killed_with_sigkill_finishes_on_rerun(photo_folder, tmp_path):
+    import subprocess
+    import sys
+    store = tmp_path / "s.zarr"
+    run = subprocess.run([sys.executable, "-c", KILLED_RUN, str(photo_folder), str(store)],
+                         capture_output=True, timeout=120)
+    assert run.returncode == -9, run.stderr.decode()
+    with pytest.raises(ValueError, match="incomplete"):
+        data.open_dataset(store)
+    data.ingest(photo_folder, store, image_size=(8, 8), chunk_size=2)
+    data.ingest(photo_folder, tmp_path / "fresh.zarr", image_size=(8, 8), chunk_size=2)
+    resumed, fresh = data.open_dataset(store), data.open_dataset(tmp_path / "fresh.zarr")
+    assert len(resumed) == len(fresh) == 13 and resumed.counts == fresh.counts
+    for a, b in zip(resumed.read(np.arange(13)), fresh.read(np.arange(13))):
+        np.testing.assert_array_equal(a, b)
