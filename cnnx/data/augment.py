@@ -64,6 +64,24 @@ class Augment:
         self._affine = (self.rotation != (0.0, 0.0) or self.zoom != (1.0, 1.0)
                         or self.translation != (0.0, 0.0))
 
+    # what `cnnx train --augment hflip rotate ...` switches on, at the usual strengths
+    NAMED = {"hflip": {"horizontal_flip": 0.5}, "vflip": {"vertical_flip": 0.5},
+             "rotate": {"rotation": 15.0}, "zoom": {"zoom": 0.1},
+             "translate": {"translation": 0.1}, "contrast": {"contrast": 0.2},
+             "invert": {"invert": 0.2}}
+
+    @classmethod
+    def from_names(cls, names, **overrides):
+        """Augment.from_names(["hflip", "rotate"]): the named operations at NAMED strengths."""
+        settings = {}
+        for name in names:
+            if name not in cls.NAMED:
+                raise ValueError(f"Augment.from_names: unknown augmentation {name!r}; "
+                                 f"expected some of {', '.join(cls.NAMED)}")
+            settings.update(cls.NAMED[name])
+        settings.update(overrides)
+        return cls(**settings)
+
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"Augment({fields})"

@@ -144,15 +144,19 @@ def _find_idx(directory, stem):
     return None
 
 
-def load_fashion_mnist(path=None):
-    """Fashion-MNIST as (train, test) ArrayDatasets: 60000 + 10000 grey 28x28 images.
+def load_fashion_mnist(path=None, subset=None):
+    """Fashion-MNIST: 60000 training + 10000 test grey 28x28 images.
 
-    Reads the IDX files of Debian's `dataset-fashion-mnist` package
-    (/usr/share/datasets/fashion-mnist) or of the directory `path`.
+    subset None: (train, test) ArrayDatasets; "train", "test": that part; "all": both in
+    one ArrayDataset (train first). Reads the IDX files of Debian's `dataset-fashion-mnist`
+    package (/usr/share/datasets/fashion-mnist) or of the directory `path`.
     """
+    if subset not in (None, "train", "test", "all"):
+        raise ValueError(f"load_fashion_mnist: subset must be None, 'train', 'test' or 'all', "
+                         f"got {subset!r}")
     directory = FASHION_MNIST_DIR if path is None else os.fspath(path)
     parts = []
-    for prefix in ("train", "t10k"):
+    for prefix in ("train", "t10k"):     # (reading both costs ~0.5 s; simplicity wins)
         image_file = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
         label_file = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
         if image_file is None or label_file is None:
@@ -167,4 +171,8 @@ def load_fashion_mnist(path=None):
                              f"{label_file} has {len(labels)} labels")
         parts.append(ArrayDataset(as_uint8_images(images), labels.astype(np.int64),
                                   FASHION_MNIST_CLASSES))
-    return tuple(parts)
+    train, test = parts
+    if subset == "all":
+        return ArrayDataset(np.concatenate([train.images, test.images]),
+                            np.concatenate([train.labels, test.labels]), FASHION_MNIST_CLASSES)
+    return {"train": train, "test": test, None: (train, test)}[subset]

@@ -104,3 +104,12 @@ def test_bad_arguments_are_refused(images):
         Augment(zoom=1.0)
     with pytest.raises(ValueError, match="float32"):
         Augment()(images.astype(np.float64), 0)
+
+
+def test_from_names_switches_on_the_named_operations(images):
+    augment = Augment.from_names(["hflip", "rotate", "invert"], invert=1.0)
+    assert (augment.horizontal_flip, augment.rotation, augment.invert) == (0.5, (-15, 15), 1.0)
+    assert augment.zoom == (1.0, 1.0) and augment.contrast == (1.0, 1.0)
+    assert augment(images, 0).shape == images.shape
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        Augment.from_names(["blur"])

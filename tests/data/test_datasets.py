@@ -41,6 +41,12 @@ def test_fashion_mnist_reads_idx_files(tmp_path, rng, compress):
     np.testing.assert_array_equal(train.images[..., 0], parts["train"][0])
     np.testing.assert_array_equal(test.labels, parts["t10k"][1])
     assert train.labels.dtype == np.int64 and train.class_names[9] == "Ankle boot"
+    both = data.load_fashion_mnist(tmp_path, subset="all")
+    assert len(both.images) == 10 and both.class_names == train.class_names
+    np.testing.assert_array_equal(both.labels[6:], parts["t10k"][1])
+    np.testing.assert_array_equal(data.load_fashion_mnist(tmp_path, "test").images, test.images)
+    with pytest.raises(ValueError, match="subset"):
+        data.load_fashion_mnist(tmp_path, subset="val")
 
 
 def test_read_idx_other_dtypes_and_truncation(tmp_path):
