@@ -57,3 +57,40 @@ def poisoned_model(epoch, step, shard):
     model.compile(optimizer=optim.Adam(1e-2), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     return model
+
+
+class SelfKillingSequential(nn.Sequential):
+    """Logs every gradient it computes to `log_dir`; the first time it computes `kill_key` it
+    SIGKILLs its own worker process mid-task, so Dask (or the driver) must run it again."""
+    kill_key, log_dir = None, None
+
+    def gradient(self, x, y, key=(0, 0, 0)):
+        import os
+        import signal
+        with open(os.path.join(self.log_dir, "executions.txt"), "a") as log:
+            log.write(" ".join(map(str, key)) + "\n")
+        marker = os.path.join(self.log_dir, "killed")
+        if tuple(key) == self.kill_key and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().gradient(x, y, key)
+
+
+def self_killing_model(kill_key, log_dir):
+    model = SelfKillingSequential([nn.Conv2D(4, 3, padding="same", activation="relu"),
+                                   nn.MaxPool2D(2), nn.Flatten(),
+                                   nn.Dense(2, activation="softmax")],
+                                  input_shape=(8, 8, 1), seed=0)
+    model.kill_key, model.log_dir = tuple(kill_key), str(log_dir)
+    model.compile(optimizer=optim.Adam(1e-2), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def shard_gradient_for_test(model, store, indices):
+    """One shard's (GradientSum, stats) computed on a worker, as the async driver receives it."""
+    from cnnx.data import open_dataset
+    from cnnx.parallel import worker
+    spec = {"store": store, "opener": open_dataset, "indices": np.asarray(indices),
+            "normalize": "standardize", "augment": None, "seed": 0, "cache_bytes": 2**20}
+    return worker.shard_gradient(model, model.get_weights(), spec, (5, 0, 0))

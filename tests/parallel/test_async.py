@@ -1,0 +1,61 @@
+"""Asynchronous modes: they learn, record staleness, and commit every unit exactly once."""
+import collections
+
+import cloudpickle
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+import parallel_helpers
+from cnnx.parallel import DaskTrainer, asynchronous
+from parallel_helpers import assert_same_weights, tiny_model
+
+cloudpickle.register_pickle_by_value(parallel_helpers)      # workers cannot import it
+
+
+@pytest.mark.parametrize("mode", ["downpour", "dynsgd", "adag", "easgd"])
+def test_async_mode_learns_and_records_staleness(mode, cluster, store, tmp_path):
+    _, val, _ = store.split(0.75, 0.25, 0.0, seed=0)
+    model = tiny_model()
+    trainer = DaskTrainer(model, cluster, mode=mode, shards=4, learning_rate=0.1, tau=2,
+                          progress=False, echo=lambda *a: None,
+                          replay_log=tmp_path / "replay.jsonl")
+    trainer.fit(store, epochs=3, batch_size=32, validation=val)
+    assert trainer.history[-1]["val_accuracy"] > 0.9
+    window = 1 if mode in ("downpour", "dynsgd") else 2
+    assert len(trainer.commits) == 3 * 4 * (8 // window)
+    assert len(trainer.staleness) == 2 and all(trainer.staleness.values())
+    assert max(max(s) for s in trainer.staleness.values()) >= 1    # two units in flight
+    replay = (tmp_path / "replay.jsonl").read_text().splitlines()
+    assert len(replay) == len(trainer.commits)
+
+
+def test_a_result_delivered_twice_is_applied_once(cluster, store):
+    model = tiny_model()
+    trainer = DaskTrainer(model, cluster, mode="downpour", shards=4, progress=False,
+                          echo=lambda *a: None)
+    trainer.fit(store, epochs=1, batch_size=32)
+    future = cluster.submit(parallel_helpers.shard_gradient_for_test, model,
+                            store.store, [0, 1, 2, 3], pure=False)
+    result = future.result()
+    before = model.get_weights()
+    assert asynchronous.commit(trainer, (5, 0, 0), trainer.version, result) is not None
+    after_first = model.get_weights()
+    assert asynchronous.commit(trainer, (5, 0, 0), trainer.version, result) is None
+    assert trainer.duplicates == 1
+    assert_same_weights(model.get_weights(), after_first)
+    assert any(not np.array_equal(before[k], after_first[k]) for k in before)
+
+
+def test_a_task_rerun_after_its_worker_died_commits_once(store, tmp_path):
+    model = parallel_helpers.self_killing_model((0, 3, 1), tmp_path)
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        trainer = DaskTrainer(model, client, mode="downpour", shards=4, progress=False,
+                              echo=lambda *a: None)
+        trainer.fit(store, epochs=1, batch_size=32)
+    executions = collections.Counter((tmp_path / "executions.txt").read_text().splitlines())
+    assert executions["0 3 1"] == 2                          # killed once, run again
+    keys = [(c["epoch"], c["step"], c["shard"]) for c in trainer.commits]
+    assert len(keys) == len(set(keys)) == 8 * 4
+    assert (0, 3, 1) in keys
