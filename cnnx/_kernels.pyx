@@ -23,6 +23,8 @@ cdef extern from "cnnx_kernels.h" nogil:
         int stride_h, stride_w
         int dilation_h, dilation_w
         int pad_top, pad_left
+    long cnnx_conv2d_forward_workspace_floats(const cnnx_conv_geometry *geometry, int filters,
+                                              int n_threads)
     void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
                              const float *kernel, int filters, const float *bias, int relu,
                              float *y, int n_threads, float *workspace)
@@ -208,7 +210,8 @@ def conv2d_forward(x, kernel, bias, y, strides=(1, 1), pads=(0, 0), bint relu=Fa
     if bias is not None:
         bias_view = bias
         bias_pointer = &bias_view[0]
-    cdef float[::1] workspace = _workspace(cnnx_gemm_workspace_floats(threads))
+    cdef float[::1] workspace = _workspace(
+        cnnx_conv2d_forward_workspace_floats(&g, filters, threads))
     cdef int use_relu = relu
     with nogil:
         cnnx_conv2d_forward(&g, &x_view[0, 0, 0, 0], &kernel_view[0, 0, 0, 0], filters,

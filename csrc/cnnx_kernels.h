@@ -43,6 +43,8 @@ typedef struct {
 /* y[N*OH*OW, F] = im2col(x) @ kernel[KH*KW*C, F] (+ bias) (relu). The im2col operand is built
  * panel by panel inside the GEMM, never for the whole batch. Also the grad-input pass: the
  * same call on grad_output with flipped, transposed weights and a dilated geometry. */
+long cnnx_conv2d_forward_workspace_floats(const cnnx_conv_geometry *geometry, int filters,
+                                          int n_threads);
 void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
                          const float *kernel, int filters, const float *bias, int relu,
                          float *y, int n_threads, float *workspace);

@@ -10,6 +10,13 @@
  *   - Grad kernel: [KH*KW*C, F] = im2col(x)^T @ grad_output, a reduction over N*OH*OW. The
  *     pixels are cut into fixed chunks of PIXEL_CHUNK; each chunk's partial product lands in
  *     its own slot, and the slots are added in chunk order: bit-identical for any n_threads.
+ *   - Fast path for stride 1 (forward, grad input, and grad kernel when C % 16 == 0): the
+ *     batch is cut into bands of BAND_ROWS output rows of one image; a thread copies its
+ *     band, zero-padded, into an L2-sized buffer Wp = OW + KW - 1 cells wide. Output pixel
+ *     (y, x) is then "virtual row" v = y*Wp + x, and its im2col row is the buffer read at
+ *     v*C + tap_offset[tap] + c: a constant row stride, so the micro-kernel reads im2col in
+ *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped.
+ *     Bands are fixed by the geometry, so the grad-kernel partials are per band.
  */
 #include <string.h>
 
@@ -23,6 +30,135 @@
 #endif
 
 #define PIXEL_CHUNK 4096
+#define BAND_ROWS 16
+#define MAX_TAPS 64                /* fast path for kernels up to 8x8 */
+#define EDGE_FLOATS (GEMM_MR * GEMM_NR + GEMM_NR)
+
+static int use_fast_path(const cnnx_conv_geometry *g)
+{
+    return g->stride_h == 1 && g->stride_w == 1 && g->dilation_h == 1 && g->dilation_w == 1
+           && g->kernel_h * g->kernel_w <= MAX_TAPS;
+}
+
+static int padded_width(const cnnx_conv_geometry *g) { return g->out_w + g->kernel_w - 1; }
+
+static long band_count(const cnnx_conv_geometry *g)
+{
+    return (long)g->batch * ((g->out_h + BAND_ROWS - 1) / BAND_ROWS);
+}
+
+/* The zero-padded band buffer, with slack for the last micro-tile's junk rows. */
+static long band_floats(const cnnx_conv_geometry *g)
+{
+    return ((long)(BAND_ROWS + g->kernel_h - 1) * padded_width(g) + g->kernel_w + GEMM_MR + 2)
+           * g->channels;
+}
+
+static void tap_offsets_for(const cnnx_conv_geometry *g, int *offsets)
+{
+    for (int i = 0; i < g->kernel_h; ++i)
+        for (int j = 0; j < g->kernel_w; ++j)
+            offsets[i * g->kernel_w + j] = (i * padded_width(g) + j) * g->channels;
+}
+
+/* band[r, x, :] = source[image, y0 + r - pad_top, x - pad_left, :], zero outside. */
+static void copy_band(const cnnx_conv_geometry *g, const float *source, long image, int y0,
+                      int rows, float *band)
+{
+    int width = padded_width(g), channels = g->channels;
+    const float *source_image = source + image * g->in_h * g->in_w * channels;
+    int x0 = g->pad_left, x1 = g->pad_left + g->in_w < width ? g->pad_left + g->in_w : width;
+    for (int r = 0; r < rows + g->kernel_h - 1; ++r) {
+        float *dst = band + (long)r * width * channels;
+        int in_y = y0 + r - g->pad_top;
+        if (in_y < 0 || in_y >= g->in_h || x1 <= x0) {
+            memset(dst, 0, sizeof(float) * width * channels);
+            continue;
+        }
+        memset(dst, 0, sizeof(float) * x0 * channels);
+        memcpy(dst + (long)x0 * channels, source_image + (long)in_y * g->in_w * channels,
+               sizeof(float) * (x1 - x0) * channels);
+        memset(dst + (long)x1 * channels, 0, sizeof(float) * (width - x1) * channels);
+    }
+    /* slack read by junk rows of the last tiles: zeros keep denormals and NaNs out */
+    memset(band + (long)(rows + g->kernel_h - 1) * width * channels, 0,
+           sizeof(float) * (g->kernel_w + GEMM_MR + 2) * channels);
+}
+
+static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
+{
+    long depth = (long)g->kernel_h * g->kernel_w * g->channels;
+    long panels = (filters + GEMM_NR - 1) / GEMM_NR;
+    return depth * GEMM_NR * panels + (long)n_threads * (band_floats(g) + EDGE_FLOATS);
+}
+
+static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const float *kernel,
+                              int filters, const float *bias, int relu, float *y,
+                              int n_threads, float *workspace)
+{
+    int depth = g->kernel_h * g->kernel_w * g->channels, taps = g->kernel_h * g->kernel_w;
+    int panels = (filters + GEMM_NR - 1) / GEMM_NR, width = padded_width(g);
+    int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
+    long bands = band_count(g);
+    float *packed_kernel = workspace;                     /* [panel][depth][16], zero-padded */
+    float *thread_space = workspace + (long)depth * GEMM_NR * panels;
+    int tap_offsets[MAX_TAPS];
+    tap_offsets_for(g, tap_offsets);
+    for (int panel = 0; panel < panels; ++panel) {
+        int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR : GEMM_NR;
+        float *dst = packed_kernel + (long)panel * depth * GEMM_NR;
+        memset(dst, 0, sizeof(float) * depth * GEMM_NR);
+        for (int k = 0; k < depth; ++k)
+            memcpy(dst + k * GEMM_NR, kernel + (long)k * filters + panel * GEMM_NR,
+                   sizeof(float) * cols);
+    }
+    (void)n_threads;
+    cnnx_get_isa();
+
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && bands > 1)
+    for (long band_index = 0; band_index < bands; ++band_index) {
+        float *band = thread_space + THREAD_ID() * (band_floats(g) + EDGE_FLOATS);
+        float *edge_tile = band + band_floats(g), *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
+        long image = band_index / bands_per_image;
+        int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
+        int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
+        int virtual_rows = (rows - 1) * width + g->out_w;
+        float *y_band = y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
+        copy_band(g, x, image, y0, rows, band);
+        for (int v0 = 0; v0 < virtual_rows; v0 += GEMM_MR) {
+            int out_x = v0 % width;
+            int whole = out_x + GEMM_MR <= g->out_w;     /* six real pixels of one row */
+            const float *a = band + (long)v0 * g->channels;
+            for (int panel = 0; panel < panels; ++panel) {
+                int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
+                                                               : GEMM_NR;
+                const float *b = packed_kernel + (long)panel * depth * GEMM_NR;
+                const float *panel_bias = bias ? bias + panel * GEMM_NR : NULL;
+                if (whole && cols == GEMM_NR) {
+                    float *c = y_band + ((long)(v0 / width) * g->out_w + out_x) * filters
+                               + panel * GEMM_NR;
+                    conv_micro_kernel(taps, tap_offsets, g->channels, a, g->channels, b, c,
+                                      filters, panel_bias, relu);
+                    continue;
+                }
+                if (bias) {
+                    memset(edge_bias, 0, sizeof(float) * GEMM_NR);
+                    memcpy(edge_bias, panel_bias, sizeof(float) * cols);
+                }
+                conv_micro_kernel(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
+                                  GEMM_NR, bias ? edge_bias : NULL, relu);
+                for (int r = 0; r < GEMM_MR; ++r) {
+                    int v = v0 + r, row_x = v % width;
+                    if (v >= virtual_rows || row_x >= g->out_w)
+                        continue;                         /* junk column or past the band */
+                    memcpy(y_band + ((long)(v / width) * g->out_w + row_x) * filters
+                               + panel * GEMM_NR,
+                           edge_tile + r * GEMM_NR, sizeof(float) * cols);
+                }
+            }
+        }
+    }
+}
 
 void im2col_row_segment(const cnnx_conv_geometry *g, const float *source, long pixel, int k0,
                         int length, float *dst, int dst_stride)
@@ -66,11 +202,25 @@ void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
                          const float *kernel, int filters, const float *bias, int relu,
                          float *y, int n_threads, float *workspace)
 {
+    if (use_fast_path(geometry)) {
+        conv_forward_fast(geometry, x, kernel, filters, bias, relu, y, n_threads, workspace);
+        return;
+    }
     int rows = geometry->batch * geometry->out_h * geometry->out_w;
     int depth = geometry->kernel_h * geometry->kernel_w * geometry->channels;
     gemm_operand a = {OPERAND_IM2COL, x, 0, 0, geometry};
     gemm_operand b = {OPERAND_MATRIX, kernel, filters, 1, 0};
     gemm_run(rows, filters, depth, &a, &b, y, filters, bias, relu, n_threads, workspace);
+}
+
+long cnnx_conv2d_forward_workspace_floats(const cnnx_conv_geometry *geometry, int filters,
+                                          int n_threads)
+{
+    long generic = cnnx_gemm_workspace_floats(n_threads);
+    if (!use_fast_path(geometry))
+        return generic;
+    long fast = forward_fast_workspace(geometry, filters, n_threads);
+    return fast > generic ? fast : generic;
 }
 
 static long chunk_count(const cnnx_conv_geometry *g)
@@ -79,9 +229,114 @@ static long chunk_count(const cnnx_conv_geometry *g)
     return (pixels + PIXEL_CHUNK - 1) / PIXEL_CHUNK;
 }
 
+/* Per thread: band, virtual grad_output, one packed im2col panel, an edge tile. */
+static long grad_kernel_thread_floats(const cnnx_conv_geometry *g, int filters)
+{
+    long virtual_pixels = (long)BAND_ROWS * padded_width(g);
+    return band_floats(g) + virtual_pixels * filters + 2 * GEMM_MR
+           + virtual_pixels * GEMM_NR + EDGE_FLOATS;
+}
+
+static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
+{
+    long depth = (long)g->kernel_h * g->kernel_w * g->channels;
+    return (long)n_threads * grad_kernel_thread_floats(g, filters)
+           + band_count(g) * (depth * filters + filters);
+}
+
+/* grad_kernel^T[F, depth] per band = grad_output(band)^T @ im2col(band), both read from the
+ * band buffers; the partials are then added in band order. */
+static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
+                                  const float *grad_output, int filters, float *grad_kernel,
+                                  float *grad_bias, int n_threads, float *workspace)
+{
+    int depth = g->kernel_h * g->kernel_w * g->channels, width = padded_width(g);
+    int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
+    long bands = band_count(g), partial_size = (long)depth * filters + filters;
+    long thread_floats = grad_kernel_thread_floats(g, filters);
+    float *partials = workspace + (long)n_threads * thread_floats;
+    int tap_offsets[MAX_TAPS];
+    tap_offsets_for(g, tap_offsets);
+    (void)n_threads;
+    cnnx_get_isa();
+
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && bands > 1)
+    {
+        float *band = workspace + THREAD_ID() * thread_floats;
+        float *grad_virtual = band + band_floats(g);
+        float *panel = grad_virtual + (long)BAND_ROWS * width * filters + 2 * GEMM_MR;
+        float *edge_tile = panel + (long)BAND_ROWS * width * GEMM_NR;
+        #pragma omp for schedule(static)
+        for (long band_index = 0; band_index < bands; ++band_index) {
+            long image = band_index / bands_per_image;
+            int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
+            int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
+            int virtual_rows = (rows - 1) * width + g->out_w;
+            const float *grad_band =
+                grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
+            float *partial = partials + band_index * partial_size;
+            float *bias_partial = partial + (long)depth * filters;
+            copy_band(g, x, image, y0, rows, band);
+            /* grad_output in virtual-row layout: zeros in the junk columns */
+            memset(bias_partial, 0, sizeof(float) * filters);
+            for (int v = 0; v < virtual_rows; ++v) {
+                float *dst = grad_virtual + (long)v * filters;
+                int out_x = v % width;
+                if (out_x >= g->out_w) {
+                    memset(dst, 0, sizeof(float) * filters);
+                    continue;
+                }
+                const float *src = grad_band + ((long)(v / width) * g->out_w + out_x) * filters;
+                memcpy(dst, src, sizeof(float) * filters);
+                for (int f = 0; f < filters; ++f)
+                    bias_partial[f] += src[f];
+            }
+            memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * 2 * GEMM_MR);
+            for (int k0 = 0; k0 < depth; k0 += GEMM_NR) {
+                int cols = depth - k0 < GEMM_NR ? depth - k0 : GEMM_NR;
+                int offsets[GEMM_NR];
+                for (int j = 0; j < cols; ++j)
+                    offsets[j] = tap_offsets[(k0 + j) / g->channels] + (k0 + j) % g->channels;
+                /* panel[v][j] = im2col(band)[v][k0 + j] */
+                for (int v = 0; v < virtual_rows; ++v) {
+                    const float *cell = band + (long)v * g->channels;
+                    float *dst = panel + (long)v * GEMM_NR;
+                    for (int j = 0; j < cols; ++j)
+                        dst[j] = cell[offsets[j]];
+                    for (int j = cols; j < GEMM_NR; ++j)
+                        dst[j] = 0.0f;
+                }
+                for (int f0 = 0; f0 < filters; f0 += GEMM_MR) {
+                    int f_rows = filters - f0 < GEMM_MR ? filters - f0 : GEMM_MR;
+                    gemm_micro_tile(virtual_rows, grad_virtual + f0, 1, filters, panel, GEMM_NR,
+                                    partial + (long)f0 * depth + k0, depth, f_rows, cols,
+                                    edge_tile);
+                }
+            }
+        }
+        /* fixed-order sum over bands; partials hold grad_kernel transposed [F][depth] */
+        #pragma omp for schedule(static)
+        for (long e = 0; e < partial_size; ++e) {
+            long source = e;
+            if (e < (long)depth * filters)                /* e = k*F + f  <-  f*depth + k */
+                source = (e % filters) * depth + e / filters;
+            float total = partials[source];
+            for (long b = 1; b < bands; ++b)
+                total += partials[b * partial_size + source];
+            if (e < (long)depth * filters)
+                grad_kernel[e] = total;
+            else
+                grad_bias[e - (long)depth * filters] = total;
+        }
+    }
+}
+
 long cnnx_conv2d_grad_kernel_workspace_floats(const cnnx_conv_geometry *geometry,
                                               int filters, int n_threads)
 {
+    if (use_fast_path(geometry))
+        return grad_kernel_fast_workspace(geometry, filters, n_threads);
+
     long depth = (long)geometry->kernel_h * geometry->kernel_w * geometry->channels;
     return (long)n_threads * GEMM_WORKSPACE_FLOATS
            + chunk_count(geometry) * (depth * filters + filters);
@@ -91,6 +346,11 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                              const float *grad_output, int filters, float *grad_kernel,
                              float *grad_bias, int n_threads, float *workspace)
 {
+    if (use_fast_path(geometry)) {
+        conv_grad_kernel_fast(geometry, x, grad_output, filters, grad_kernel, grad_bias,
+                              n_threads, workspace);
+        return;
+    }
     long pixels = (long)geometry->batch * geometry->out_h * geometry->out_w;
     int depth = geometry->kernel_h * geometry->kernel_w * geometry->channels;
     long chunks = chunk_count(geometry);

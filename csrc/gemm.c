@@ -74,10 +74,11 @@ static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long
 #define AVX2 __attribute__((target("avx2,fma")))
 
 /* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
+/* taps > 1 (direct convolution): k runs over taps x kc, tap t reading a + tap_offsets[t]. */
 static inline __attribute__((always_inline)) AVX2 void
-micro_kernel_avx2_body(int kc, const float *a, long a_row_stride, long a_k_stride,
-                       const float *b, long b_k_stride, float *c, long ldc, int accumulate,
-                       const float *bias, int relu)
+micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
+                       long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
+                       float *c, long ldc, int accumulate, const float *bias, int relu)
 {
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
@@ -85,7 +86,10 @@ micro_kernel_avx2_body(int kc, const float *a, long a_row_stride, long a_k_strid
     __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
     __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-    for (int p = 0; p < kc; ++p) {
+    for (int tap = 0; tap < taps; ++tap) {
+      const float *a_tap = taps == 1 ? a : a + tap_offsets[tap];
+      for (int p = 0; p < kc; ++p) {
+        const float *a = a_tap + p * a_k_stride;
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         __m256 a_value = _mm256_broadcast_ss(a);
         c00 = _mm256_fmadd_ps(a_value, b0, c00);
@@ -105,8 +109,8 @@ micro_kernel_avx2_body(int kc, const float *a, long a_row_stride, long a_k_strid
         a_value = _mm256_broadcast_ss(a + 5 * a_row_stride);
         c50 = _mm256_fmadd_ps(a_value, b0, c50);
         c51 = _mm256_fmadd_ps(a_value, b1, c51);
-        a += a_k_stride;
         b += b_k_stride;
+      }
     }
     __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
     if (bias) {
@@ -151,7 +155,8 @@ static AVX2 void micro_kernel_avx2_packed(int kc, const float *a, long a_row_str
     (void)a_row_stride;
     (void)a_k_stride;
     (void)b_k_stride;
-    micro_kernel_avx2_body(kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias, relu);
+    micro_kernel_avx2_body(1, NULL, kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias,
+                           relu);
 }
 
 static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_stride,
@@ -159,12 +164,49 @@ static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_st
                                            float *c, long ldc, int accumulate,
                                            const float *bias, int relu)
 {
-    micro_kernel_avx2_body(kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, accumulate,
-                           bias, relu);
+    micro_kernel_avx2_body(1, NULL, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc,
+                           accumulate, bias, relu);
+}
+
+static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, int channels,
+                                  const float *a, long a_row_stride, const float *b, float *c,
+                                  long ldc, const float *bias, int relu)
+{
+    micro_kernel_avx2_body(taps, tap_offsets, channels, a, a_row_stride, 1, b, GEMM_NR, c, ldc,
+                           0, bias, relu);
 }
 #endif
 
+static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
+                                const float *a, long a_row_stride, const float *b, float *c,
+                                long ldc, const float *bias, int relu)
+{
+    float acc[GEMM_MR][GEMM_NR];
+    memset(acc, 0, sizeof(acc));
+    for (int tap = 0; tap < taps; ++tap) {
+        const float *a_tap = a + tap_offsets[tap];
+        for (int p = 0; p < channels; ++p, b += GEMM_NR)
+            for (int r = 0; r < GEMM_MR; ++r) {
+                float a_value = a_tap[r * a_row_stride + p];
+                for (int j = 0; j < GEMM_NR; ++j)
+                    acc[r][j] += a_value * b[j];
+            }
+    }
+    for (int r = 0; r < GEMM_MR; ++r)
+        for (int j = 0; j < GEMM_NR; ++j) {
+            float value = acc[r][j];
+            if (bias) value += bias[j];
+            if (relu) value = value > 0.0f ? value : 0.0f;
+            c[r * ldc + j] = value;
+        }
+}
+
 /* ------------------------------------------------------------------ run-time dispatch */
+
+static void micro_tile(micro_kernel_fn kernel, int kc, const float *a, long a_row_stride,
+                       long a_k_stride, const float *b, long b_k_stride, float *c, long ldc,
+                       int rows, int cols, int accumulate, const float *bias, int relu,
+                       float *edge_tile, float *edge_bias);
 
 static int current_isa = CNNX_ISA_AUTO;    /* resolved on first use */
 
@@ -209,6 +251,27 @@ static micro_kernel_fn strided_kernel(void)
         return micro_kernel_avx2_strided;
 #endif
     return micro_kernel_generic;
+}
+
+void conv_micro_kernel(int taps, const int *tap_offsets, int channels, const float *a,
+                       long a_row_stride, const float *b, float *c, long ldc, const float *bias,
+                       int relu)
+{
+#if CNNX_X86
+    if (cnnx_get_isa() == CNNX_ISA_AVX2) {
+        conv_kernel_avx2(taps, tap_offsets, channels, a, a_row_stride, b, c, ldc, bias, relu);
+        return;
+    }
+#endif
+    conv_kernel_generic(taps, tap_offsets, channels, a, a_row_stride, b, c, ldc, bias, relu);
+}
+
+void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
+                     const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                     float *edge_tile)
+{
+    micro_tile(strided_kernel(), kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows,
+               cols, 0, NULL, 0, edge_tile, NULL);
 }
 
 /* ------------------------------------------------------------------ packing */

@@ -44,4 +44,15 @@ void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
 void im2col_row_segment(const cnnx_conv_geometry *g, const float *source, long pixel, int k0,
                         int length, float *dst, int dst_stride);
 
+/* Direct convolution micro-tile: c[0:6, 0:16] = sum over taps t, channels p of
+ * a[r*a_row_stride + tap_offsets[t] + p] * b[(t*channels + p)*16 + j] (+ bias) (relu). */
+void conv_micro_kernel(int taps, const int *tap_offsets, int channels, const float *a,
+                       long a_row_stride, const float *b, float *c, long ldc, const float *bias,
+                       int relu);
+
+/* c[0:rows, 0:cols] = a @ b over kc (strided operands, as a micro-kernel reads them). */
+void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
+                     const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                     float *edge_tile);
+
 #endif

@@ -1,0 +1,158 @@
+"""Kernel benchmarks: sgemm and conv-shaped GEMMs against numpy.matmul, 3x3 convolutions as a
+fraction of the measured FMA peak, and one conv layer against PyTorch (separate process).
+
+    pytest benchmarks/test_kernels.py --benchmark-only
+
+Ratios come from medians measured in the same run: each NumPy case runs right before its
+cnnx twin, which records `ratio` = numpy median / cnnx median (> 1: cnnx is faster).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnnx import _kernels, ops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GEMMS = [(1024, 1024, 1024),
+         # (M, K, N) of conv layers: M = N*OH*OW pixels, K = 3*3*C, N = filters
+         (6400, 27, 16), (102400, 27, 16), (102400, 144, 16), (102400, 144, 32),
+         (25600, 288, 64), (6400, 288, 64)]
+CONVS = [(32, 80, 80, 3, 16), (32, 80, 80, 16, 16), (32, 80, 80, 16, 32)]   # N, H, W, C, F
+
+
+def gemm_id(shape):
+    return "M{}-K{}-N{}".format(*shape)
+
+
+def conv_id(shape):
+    n, h, w, c, f = shape
+    return f"{n}x{h}x{w}x{c}->{f}"
+
+
+def record(benchmark, medians, key, flops, n_threads, peak=None, baseline=None):
+    median = benchmark.stats.stats.median
+    medians[key] = median
+    info = benchmark.extra_info
+    info["n_threads"] = n_threads
+    info["gflops"] = round(flops / median / 1e9, 2)
+    if peak is not None:
+        info["peak_gflops"] = round(peak, 1)
+        info["fraction_of_peak"] = round(flops / median / 1e9 / peak, 3)
+    if baseline is not None and baseline in medians:
+        info["ratio"] = round(medians[baseline] / median, 3)
+
+
+@pytest.mark.benchmark(group="sgemm")
+@pytest.mark.parametrize("implementation", ["numpy", "cnnx"])
+@pytest.mark.parametrize("shape", GEMMS, ids=gemm_id)
+def test_sgemm(benchmark, shape, implementation, n_threads, medians, peak):
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = np.empty((m, n), np.float32)
+    if implementation == "numpy":
+        benchmark(np.matmul, a, b, out=c)
+    else:
+        benchmark(_kernels.sgemm, a, b, c, n_threads=n_threads)
+        np.testing.assert_allclose(c, a @ b, rtol=1e-3, atol=1e-3)     # fast and wrong is not fast
+    key = (gemm_id(shape), n_threads)
+    record(benchmark, medians, (implementation, *key), 2.0 * m * n * k, n_threads,
+           peak[n_threads], ("numpy", *key) if implementation == "cnnx" else None)
+
+
+def conv_operands(shape):
+    n, h, w, c, f = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, c, f)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(f).astype(np.float32)
+    grad_output = rng.standard_normal((n, h, w, f)).astype(np.float32)
+    return x, kernel, bias, grad_output
+
+
+def conv_flops(shape, passes):
+    n, h, w, c, f = shape
+    return 2.0 * n * h * w * 9 * c * f * passes
+
+
+@pytest.mark.benchmark(group="conv3x3-forward")
+@pytest.mark.parametrize("shape", CONVS, ids=conv_id)
+def test_conv3x3_forward(benchmark, shape, n_threads, medians, peak):
+    x, kernel, bias, _ = conv_operands(shape)
+    benchmark(ops.conv2d_forward, x, kernel, bias, 1, "same", True, n_threads)
+    record(benchmark, medians, ("forward", conv_id(shape), n_threads), conv_flops(shape, 1),
+           n_threads, peak[n_threads])
+
+
+def need_input_grad(shape):
+    return shape[3] > 3        # the first layer (RGB input) never needs its input gradient
+
+
+@pytest.mark.benchmark(group="conv3x3-backward")
+@pytest.mark.parametrize("shape", CONVS, ids=conv_id)
+def test_conv3x3_backward(benchmark, shape, n_threads, medians, peak):
+    x, kernel, _, grad_output = conv_operands(shape)
+    benchmark(ops.conv2d_backward, x, kernel, grad_output, 1, "same", need_input_grad(shape),
+              n_threads)
+    passes = 2 if need_input_grad(shape) else 1
+    record(benchmark, medians, ("backward", conv_id(shape), n_threads),
+           conv_flops(shape, passes), n_threads, peak[n_threads])
+
+
+def torch_medians(n_threads, channels_last, tcmalloc):
+    """Medians of PyTorch conv forward+backward per shape, or None without torch."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(n_threads))
+    if tcmalloc:
+        env["LD_PRELOAD"] = "libtcmalloc_minimal.so.4"
+    command = [sys.executable, os.path.join(HERE, "torch_conv.py"), "--threads", str(n_threads)]
+    command += ["--channels-last"] if channels_last else []
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def torch_results():
+    """PyTorch, best (channels_last + tcmalloc) and out of the box (NCHW, glibc malloc)."""
+    try:
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            return None
+    except ValueError:
+        return None
+    results = {}
+    for n_threads in (1, 2):
+        results[("best", n_threads)] = torch_medians(n_threads, True, True)
+        results[("default", n_threads)] = torch_medians(n_threads, False, False)
+    return results
+
+
+def conv_layer_step(x, kernel, bias, grad_output, n_threads, input_grad):
+    y = ops.conv2d_forward(x, kernel, bias, 1, "same", False, n_threads)
+    return y, ops.conv2d_backward(x, kernel, grad_output, 1, "same", input_grad, n_threads)
+
+
+@pytest.mark.benchmark(group="conv-layer-vs-torch")
+@pytest.mark.parametrize("shape", CONVS, ids=conv_id)
+def test_conv_layer_against_torch(benchmark, shape, n_threads, torch_results, peak):
+    if torch_results is None:
+        pytest.skip("torch is not installed")
+    x, kernel, bias, grad_output = conv_operands(shape)
+    benchmark(conv_layer_step, x, kernel, bias, grad_output, n_threads, need_input_grad(shape))
+    median = benchmark.stats.stats.median
+    passes = 3 if need_input_grad(shape) else 2
+    info = benchmark.extra_info
+    info["n_threads"] = n_threads
+    info["gflops"] = round(conv_flops(shape, passes) / median / 1e9, 2)
+    info["fraction_of_peak"] = round(conv_flops(shape, passes) / median / 1e9 / peak[n_threads], 3)
+    for config in ("best", "default"):
+        torch_times = torch_results[(config, n_threads)]
+        if torch_times is not None:
+            info[f"torch_{config}_ms"] = round(torch_times[conv_id(shape)] * 1e3, 2)
+            info[f"speedup_vs_torch_{config}"] = round(torch_times[conv_id(shape)] / median, 3)
