@@ -174,9 +174,10 @@ def _is_user_facing(error):
 def run_ingest(args):
     from cnnx import data
 
+    options = {"chunk_size": args.chunk_size} if args.chunk_size else {}
     summary = data.ingest(args.source, args.store, image_size=tuple(args.size),
-                          grayscale=args.grayscale, chunk_size=args.chunk_size,
-                          processes=args.processes, progress=True)
+                          grayscale=args.grayscale, workers=args.processes, progress=True,
+                          **options)
     print(summary)
 
 

@@ -60,7 +60,10 @@ def plot_history(history, path, title="Training curves"):
             ax.plot(epochs, history[key], marker="o", label=label)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (mean per image)")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()

@@ -79,17 +79,23 @@ def make_optimizer(name, learning_rate):
     return makers[name.lower()](learning_rate=learning_rate)
 
 
+def check_architecture(arch):
+    """Refuse a name that is neither a known architecture nor an existing file, early."""
+    if arch is None or arch in architectures.ARCHITECTURES or os.path.exists(arch):
+        return
+    known = ", ".join(sorted(architectures.ARCHITECTURES))
+    raise UserError(f"unknown architecture {arch!r}: use {known}, or the path of a "
+                    f"model .npz or architecture .json file")
+
+
 def make_model(arch, image_shape, n_classes, seed):
     """A fresh model: a named architecture, or the architecture of a .npz/.json file."""
     from cnnx import nn
 
     arch = arch or architectures.default_for(image_shape)
+    check_architecture(arch)
     if arch in architectures.ARCHITECTURES:
         return architectures.build(arch, image_shape, n_classes, seed)
-    if not os.path.exists(arch):
-        known = ", ".join(sorted(architectures.ARCHITECTURES))
-        raise UserError(f"unknown architecture {arch!r}: use {known}, or the path of a "
-                        f"model .npz or architecture .json file")
     if arch.endswith(".json"):
         with open(arch) as f:
             model = nn.model_from_config(json.load(f))
@@ -131,6 +137,7 @@ class TrainingRun:
         self.optimizer_name, self.augment_kinds = optimizer, tuple(augment or ())
         self.normalize, self.wire, self.seed = normalize, wire, seed
         self.progress, self.echo = progress, echo
+        check_architecture(arch)
         os.makedirs(out, exist_ok=True)
         self.dataset = open_data(data, os.path.join(out, "data"))
         self.data_name = data
@@ -363,8 +370,13 @@ def predict_files(model_path, paths):
     model = load_cnnx_model(model_path)
     info = _run_info(model_path)
     height, width, channels = info["image_shape"]
-    images = np.stack([data.load_image(path, (height, width), grayscale=channels == 1)
-                       for path in paths])
+    images = []
+    for path in paths:
+        try:
+            images.append(data.load_image(path, (height, width), grayscale=channels == 1))
+        except (data.BadImage, FileNotFoundError) as error:
+            raise UserError(f"cannot read image {path!r}: {error}") from None
+    images = np.stack(images)
     x = data.normalize(images, info["normalize"], mean=np.asarray(info["mean"]),
                        std=np.asarray(info["std"]))
     probabilities = model.predict(x)
