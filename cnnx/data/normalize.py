@@ -32,6 +32,10 @@ def normalize(images, mode="standardize", mean=None, std=None):
     # a constant channel (std 0) is only centred, never divided by zero
     scale = np.float32(1) / np.where(std > 0, std, np.float32(1))
     out = images.astype(np.float32)
-    out -= mean
-    out *= scale
+    # rows of W*C values with the per-channel constants tiled along them: broadcasting
+    # over a last axis of 3 runs NumPy's inner loop 3 elements at a time (~15x slower)
+    width = images.shape[-2] if images.ndim >= 2 else 1
+    rows = out.reshape(-1, width * channels)
+    rows -= np.tile(mean, width)
+    rows *= np.tile(scale, width)
     return out
