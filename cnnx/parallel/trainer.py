@@ -225,7 +225,9 @@ class DaskTrainer:
         groups = [indices[chunk_of % len(workers) == i] for i in range(len(workers))]
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
         weights_future = self._broadcast(weights)
-        futures = [self.client.submit(worker.evaluate_batch, self._model_future, weights_future,
+        # after fit() the workers' model copies were released; evaluate() must work then too
+        model_future = self._model_future or self._broadcast(self.model)
+        futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
                                       self._spec(group), workers=[address],
                                       allow_other_workers=True, pure=False)
                    for group, address in zip(groups, workers) if len(group)]
