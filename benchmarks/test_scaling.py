@@ -1,0 +1,121 @@
+"""Synchronous DaskTrainer scaling: 1 vs 2 single-threaded workers, PyTorch DDP beside it.
+
+    pytest benchmarks/test_scaling.py -s -p no:randomly
+
+Each case trains on a synthetic store (workers read it themselves) with G = workers shards and
+a per-worker batch fixed (64 for the glasses net, 256 for the fashion-size net); images/s is
+the global batch over the median step time after two warm-up steps (chunk caches filled).
+Scaling efficiency = images/s(2) / (2 * images/s(1)). 4 and 8 workers are modelled from the
+measured phases (no machine with that many cores here): see `model_step_time`.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from cnnx import architectures, data, optim
+from cnnx.parallel import DaskTrainer
+
+NETS = {"glasses": ((80, 80, 3), 2, 64), "fashion": ((28, 28, 1), 10, 256)}
+STEPS, WARMUP = 6, 2
+TCMALLOC = "libtcmalloc_minimal.so.4"
+RESULTS = {}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scaling")
+    made = {}
+    for net, (shape, classes, batch) in NETS.items():
+        n = batch * 2 * STEPS
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+        data.ingest_arrays(x, np.arange(n) % classes, str(folder / f"{net}.zarr"),
+                           chunk_size=batch // 2)
+        made[net] = data.open_dataset(str(folder / f"{net}.zarr"))
+    return made
+
+
+def measure(dataset, net, n_workers, wire_dtype="float32"):
+    shape, classes, batch = NETS[net]
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        model = architectures.build(net, shape, classes)
+        model.compile(optimizer=optim.Adam(1e-3))
+        trainer = DaskTrainer(model, client, shards=n_workers, wire_dtype=wire_dtype,
+                              progress=False, echo=lambda *a: None)
+        trainer.fit(dataset, epochs=1, batch_size=batch * n_workers,
+                    indices=np.arange(batch * n_workers * STEPS))
+    timed = trainer.steps[WARMUP:]
+    median = {k: float(np.median([s[k] for s in timed]))
+              for k in ("time_s", "scatter_s", "wait_s", "optimizer_s", "compute_s",
+                        "max_shard_compute_s", "read_s")}
+    epoch = trainer.history[-1]
+    return dict(median, workers=n_workers, params=model.count_params(),
+                images_per_s=batch * n_workers / median["time_s"],
+                bytes_out_per_step=timed[-1]["bytes_out"], bytes_in_per_step=timed[-1]["bytes_in"],
+                bytes_between_workers_per_step=epoch["bytes_between_workers"] / epoch["steps"])
+
+
+def model_step_time(one, two, n_workers):
+    """Step time at n_workers from the measured phases, one worker per core:
+    compute stays (same per-worker batch); the broadcast of the weights grows with the
+    workers; each level of the pair-sum tree adds what the second level cost at 2 workers."""
+    per_worker_scatter = two["scatter_s"] / 2
+    level = max(0.0, (two["wait_s"] - two["max_shard_compute_s"])
+                - (one["wait_s"] - one["max_shard_compute_s"]))
+    base = one["wait_s"] - one["max_shard_compute_s"]
+    levels = int(np.ceil(np.log2(n_workers)))
+    return (one["max_shard_compute_s"] + per_worker_scatter * n_workers + base + level * levels
+            + one["optimizer_s"])
+
+
+def run_ddp(net, world_size):
+    _, _, batch = NETS[net]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if os.path.exists(f"/usr/lib/x86_64-linux-gnu/{TCMALLOC}"):
+        env["LD_PRELOAD"] = TCMALLOC
+    script = os.path.join(os.path.dirname(__file__), "torch_ddp.py")
+    out = subprocess.run([sys.executable, script, net, str(batch), str(world_size)],
+                         capture_output=True, text=True, env=env, timeout=900, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_sync_scaling_one_to_two_workers(benchmark, stores, net):
+    one = measure(stores[net], net, 1)
+    two = benchmark.pedantic(measure, args=(stores[net], net, 2), rounds=1, iterations=1)
+    efficiency = two["images_per_s"] / (2 * one["images_per_s"])
+    modelled = {w: model_step_time(one, two, 1) / model_step_time(one, two, w) for w in (4, 8)}
+    info = {"one_worker": one, "two_workers": two, "efficiency_2": efficiency,
+            "modelled_efficiency_4": modelled[4], "modelled_efficiency_8": modelled[8],
+            "per_worker_batch": NETS[net][2]}
+    benchmark.extra_info.update(info)
+    RESULTS[net] = info
+    print(f"\n{net}: 1 worker {one['images_per_s']:.1f} img/s, 2 workers "
+          f"{two['images_per_s']:.1f} img/s, efficiency {efficiency:.1%}; modelled 4 workers "
+          f"{modelled[4]:.1%}, 8 workers {modelled[8]:.1%}; per step: "
+          f"{two['bytes_out_per_step'] / 1e6:.1f} MB out, {two['bytes_in_per_step'] / 1e6:.1f} MB "
+          f"in, {two['bytes_between_workers_per_step'] / 1e6:.1f} MB between workers")
+    print(f"  phases 1 worker {json.dumps({k: round(v, 4) for k, v in one.items() if k.endswith('_s')})}")
+    print(f"  phases 2 workers {json.dumps({k: round(v, 4) for k, v in two.items() if k.endswith('_s')})}")
+    assert two["images_per_s"] > one["images_per_s"]
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_torch_ddp_scaling_one_to_two_processes(benchmark, net):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    one = run_ddp(net, 1)
+    two = benchmark.pedantic(run_ddp, args=(net, 2), rounds=1, iterations=1)
+    efficiency = two["images_per_s"] / (2 * one["images_per_s"])
+    benchmark.extra_info.update({"one": one, "two": two, "efficiency_2": efficiency})
+    ours = RESULTS.get(net, {}).get("efficiency_2")
+    print(f"\nDDP {net} (gloo, 1 thread/process, batch {NETS[net][2]}/process): "
+          f"1 process {one['images_per_s']:.1f} img/s, 2 processes {two['images_per_s']:.1f} img/s, "
+          f"efficiency {efficiency:.1%}" + (f"; cnnx sync {ours:.1%}" if ours else ""))
