@@ -51,7 +51,7 @@ def build_parser():
     train = commands.add_parser("train", help="train a network (default: the bundled faces "
                                 "set on a local Dask cluster)")
     add_training_arguments(train)
-    train.add_argument("--epochs", type=int, default=8)
+    train.add_argument("--epochs", type=int, default=12)
     train.add_argument("--batch-size", type=int, default=32, help="global batch per step")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     train.add_argument("--resume", action="store_true",
