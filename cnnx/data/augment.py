@@ -137,17 +137,17 @@ class Augment:
         shift_y = _uniform(draws["shift_y"], self.translation) * height
         shift_x = _uniform(draws["shift_x"], self.translation) * width
         centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
-        rows, cols = np.meshgrid(np.arange(height, dtype=np.float32) - centre_y,
-                                 np.arange(width, dtype=np.float32) - centre_x,
-                                 indexing="ij")                                  # (H, W)
         # output pixel (r, c) shows source pixel R(-angle) ((r, c) - shift) / scale; with
         # rows pointing down, this turns the picture counter-clockwise as displayed
         cos = (np.cos(angle) / scale).astype(np.float32)[:, None, None]          # (N, 1, 1)
         sin = (np.sin(angle) / scale).astype(np.float32)[:, None, None]
-        r = rows[None] - shift_y.astype(np.float32)[:, None, None]               # (N, H, W)
-        c = cols[None] - shift_x.astype(np.float32)[:, None, None]
-        source_y = cos * r + sin * c + centre_y
-        source_x = -sin * r + cos * c + centre_x
+        r = (np.arange(height, dtype=np.float32) - np.float32(centre_y))[None, :, None] \
+            - shift_y.astype(np.float32)[:, None, None]                          # (N, H, 1)
+        c = (np.arange(width, dtype=np.float32) - np.float32(centre_x))[None, None, :] \
+            - shift_x.astype(np.float32)[:, None, None]                          # (N, 1, W)
+        # the map is separable into a row part plus a column part: one full pass each
+        source_y = (cos * r + np.float32(centre_y)) + sin * c                    # (N, H, W)
+        source_x = (np.float32(centre_x) - sin * r) + cos * c
         return _bilinear(images, source_y, source_x, self.fill_mode, self.fill_value)
 
 
@@ -173,16 +173,18 @@ def _bilinear(images, source_y, source_x, fill_mode, fill_value):
     step_x = 1 if width > 1 else 0
     top_left = (np.arange(n) * (height * width))[:, None, None] + y0 * width + x0  # (N, H, W)
     corners = (top_left, top_left + step_x, top_left + step_y, top_left + (step_y + step_x))
+    # the four bilinear weights, shared by every channel                          (N, H, W)
+    weights = ((1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx)
     out = np.empty_like(images)
     # one channel plane at a time: 1-D np.take and unbroadcast arithmetic on (N, H, W) are
     # several times faster than gathering (..., C) rows and broadcasting weights over C
     for channel in range(channels):
         plane = np.ascontiguousarray(images[..., channel]).reshape(-1)           # (N*H*W,)
-        top, top_right, bottom, bottom_right = (plane.take(c) for c in corners)
-        top += (top_right - top) * wx
-        bottom += (bottom_right - bottom) * wx
-        top += (bottom - top) * wy
-        out[..., channel] = top
+        value = plane.take(corners[0])
+        value *= weights[0]
+        for corner, weight in zip(corners[1:], weights[1:]):
+            value += plane.take(corner) * weight
+        out[..., channel] = value
     if fill_mode == "constant":
         out[outside] = fill_value
     return out
