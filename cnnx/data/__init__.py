@@ -9,5 +9,6 @@ from cnnx.data.store import Dataset, open_dataset
 from cnnx.data.summary import StoreSummary
 from cnnx.data.synthetic import draw_faces, make_synthetic
 
-__all__ = ["ArrayDataset", "Augment", "Dataset", "StoreSummary", "BadImage", "ingest", "ingest_arrays", "load_image", "draw_faces", "make_synthetic", "load_faces",
-           "load_fashion_mnist", "normalize", "open_dataset", "read_idx", "stratified_split"]
+__all__ = ["ArrayDataset", "Augment", "BadImage", "Dataset", "StoreSummary", "draw_faces",
+           "ingest", "ingest_arrays", "load_faces", "load_fashion_mnist", "load_image",
+           "make_synthetic", "normalize", "open_dataset", "read_idx", "stratified_split"]

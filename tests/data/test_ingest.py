@@ -164,7 +164,8 @@ def test_parallel_ingest_interrupted_then_resumed_equals_serial(tmp_path):
                           workers=2)
     assert summary.resumed_chunks >= 1
     data.ingest(source, tmp_path / "s.zarr", image_size=(10, 10), chunk_size=4, workers=1)
-    parallel, serial = data.open_dataset(tmp_path / "p.zarr"), data.open_dataset(tmp_path / "s.zarr")
+    parallel = data.open_dataset(tmp_path / "p.zarr")
+    serial = data.open_dataset(tmp_path / "s.zarr")
     assert len(parallel) == 18 and parallel.skipped == serial.skipped
     for a, b in zip(parallel.read(np.arange(18)), serial.read(np.arange(18))):
         np.testing.assert_array_equal(a, b)
