@@ -75,3 +75,13 @@ def test_fashion_mnist_real_files():
     assert np.bincount(test.labels).tolist() == [1000] * 10
     # a known property of the set: mean pixel ~72.9 (0.286 of 255)
     assert abs(train.images.mean() - 72.94) < 0.1
+
+
+def test_faces_to_store_round_trip():
+    faces = data.load_faces()
+    summary = faces.to_store("memory://faces-round-trip", chunk_size=64)
+    ds = data.open_dataset("memory://faces-round-trip")
+    assert summary.n_chunks == ds.n_chunks == 4 and ds.class_names == faces.class_names
+    images, labels = ds.read(np.arange(200))
+    np.testing.assert_array_equal(images, faces.images)
+    np.testing.assert_array_equal(labels, faces.labels)
