@@ -50,6 +50,7 @@ def load_image(path, image_size, grayscale=False, max_pixels=DEFAULT_MAX_PIXELS)
         try:   # the header alone tells the size: refuse bombs before decoding them
             with Image.open(path) as header:
                 width, height = header.size
+                mode = header.mode
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise BadImage(f"decompression bomb: {error}") from None
         except Exception as error:         # Pillow raises OSError, SyntaxError, ValueError...
@@ -62,6 +63,10 @@ def load_image(path, image_size, grayscale=False, max_pixels=DEFAULT_MAX_PIXELS)
         except Exception as error:
             raise BadImage(f"corrupt or truncated image: {type(error).__name__}: {error}") \
                 from None
+    if mode == "CMYK" and pixels.ndim == 3 and pixels.shape[-1] == 4:
+        # four channels that are not RGBA: ink to light as Pillow does, R = (1-C)(1-K)
+        ink = pixels.astype(np.float32) / 255
+        pixels = np.round((1 - ink[..., :3]) * (1 - ink[..., 3:]) * 255).astype(np.uint8)
     return to_model_image(pixels, image_size, grayscale)
 
 

@@ -229,3 +229,21 @@ def test_ingest_killed_with_sigkill_finishes_on_rerun(photo_folder, tmp_path):
     assert len(resumed) == len(fresh) == 13 and resumed.counts == fresh.counts
     for a, b in zip(resumed.read(np.arange(13)), fresh.read(np.arange(13))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_image_palette_grey_alpha_and_cmyk(tmp_path):
+    from PIL import Image
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[:] = (200, 30, 40)
+    picture = Image.fromarray(rgb)
+    picture.convert("P", palette=Image.ADAPTIVE).save(tmp_path / "palette.png")
+    picture.convert("LA").save(tmp_path / "grey_alpha.png")
+    picture.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    grey = np.asarray(picture.convert("L"))[0, 0]
+    cmyk_as_rgb = np.asarray(Image.open(tmp_path / "cmyk.jpg").convert("RGB"))[0, 0]
+    expected = {"palette.png": (200, 30, 40), "grey_alpha.png": (grey,) * 3,
+                "cmyk.jpg": tuple(cmyk_as_rgb)}
+    for name, colour in expected.items():
+        image = load_image(tmp_path / name, (4, 4))
+        assert image.shape == (4, 4, 3)
+        np.testing.assert_allclose(image[0, 0], colour, atol=2, err_msg=name)
