@@ -294,6 +294,17 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
             memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * 2 * GEMM_MR);
             for (int k0 = 0; k0 < depth; k0 += GEMM_NR) {
                 int cols = depth - k0 < GEMM_NR ? depth - k0 : GEMM_NR;
+                if (g->channels % GEMM_NR == 0) {
+                    /* 16 k indices = 16 channels of one tap: read the band in place */
+                    const float *b = band + tap_offsets[k0 / g->channels] + k0 % g->channels;
+                    for (int f0 = 0; f0 < filters; f0 += GEMM_MR) {
+                        int f_rows = filters - f0 < GEMM_MR ? filters - f0 : GEMM_MR;
+                        gemm_micro_tile(virtual_rows, grad_virtual + f0, 1, filters, b,
+                                        g->channels, partial + (long)f0 * depth + k0, depth,
+                                        f_rows, cols, edge_tile);
+                    }
+                    continue;
+                }
                 int offsets[GEMM_NR];
                 for (int j = 0; j < cols; ++j)
                     offsets[j] = tap_offsets[(k0 + j) / g->channels] + (k0 + j) % g->channels;

@@ -411,15 +411,83 @@ void gemm_tile(int i0, int mc, int j0, int nc, int k0, int k1, const gemm_operan
     }
 }
 
+/* Large GEMMs, BLIS loop order: for each NC x KC block of B, pack it once into a buffer all
+ * threads share, then split the rows among the threads, each packing its own A block. The
+ * row split may depend on n_threads (balance): each element's k order never does. */
+static void gemm_run_shared_b(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
+                              float *c, long ldc, const float *bias, int relu, int n_threads,
+                              float *workspace)
+{
+    float *shared_b = workspace + (long)n_threads * GEMM_WORKSPACE_FLOATS;
+    int kc_max = gemm_k_block(k);
+    int blocks = (m + GEMM_MC - 1) / GEMM_MC;
+    blocks = (blocks + n_threads - 1) / n_threads * n_threads;
+    int mc_step = (m + blocks - 1) / blocks;
+    mc_step = (mc_step + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+    blocks = (m + mc_step - 1) / mc_step;
+    micro_kernel_fn kernel = packed_kernel();
+    (void)n_threads;
+
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+        float *packed_a = workspace + THREAD_ID() * GEMM_WORKSPACE_FLOATS;
+        float *edge_tile = packed_a + (long)GEMM_MC * GEMM_KC + (long)GEMM_KC * GEMM_NC;
+        float *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
+        for (int j0 = 0; j0 < n; j0 += GEMM_NC_SHARED) {
+            int nc = n - j0 < GEMM_NC_SHARED ? n - j0 : GEMM_NC_SHARED;
+            int b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
+            for (int k0 = 0; k0 < k; k0 += kc_max) {
+                int kc = k - k0 < kc_max ? k - k0 : kc_max;
+                int first = k0 == 0, last = k0 + kc == k;
+                #pragma omp for schedule(static)
+                for (int jp = 0; jp < b_panels; ++jp) {
+                    int cols = nc - jp * GEMM_NR < GEMM_NR ? nc - jp * GEMM_NR : GEMM_NR;
+                    pack_b_panel(b, k0, kc, j0 + jp * GEMM_NR, cols,
+                                 shared_b + (long)jp * kc * GEMM_NR);
+                }
+                #pragma omp for schedule(static)
+                for (int block = 0; block < blocks; ++block) {
+                    int i0 = block * mc_step;
+                    int mc = m - i0 < mc_step ? m - i0 : mc_step;
+                    int a_panels = (mc + GEMM_MR - 1) / GEMM_MR;
+                    for (int ip = 0; ip < a_panels; ++ip) {
+                        int rows = mc - ip * GEMM_MR < GEMM_MR ? mc - ip * GEMM_MR : GEMM_MR;
+                        pack_a_panel(a, i0 + ip * GEMM_MR, rows, k0, kc,
+                                     packed_a + (long)ip * kc * GEMM_MR);
+                    }
+                    for (int jp = 0; jp < b_panels; ++jp) {
+                        int j = j0 + jp * GEMM_NR;
+                        int cols = nc - jp * GEMM_NR < GEMM_NR ? nc - jp * GEMM_NR : GEMM_NR;
+                        const float *tile_bias = last && bias ? bias + j : NULL;
+                        for (int ip = 0; ip < a_panels; ++ip) {
+                            int i = i0 + ip * GEMM_MR;
+                            int rows = mc - ip * GEMM_MR < GEMM_MR ? mc - ip * GEMM_MR : GEMM_MR;
+                            micro_tile(kernel, kc, packed_a + (long)ip * kc * GEMM_MR, 1,
+                                       GEMM_MR, shared_b + (long)jp * kc * GEMM_NR, GEMM_NR,
+                                       c + (long)i * ldc + j, ldc, rows, cols, !first,
+                                       tile_bias, relu && last, edge_tile, edge_bias);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b, float *c,
               long ldc, const float *bias, int relu, int n_threads, float *workspace)
 {
+    cnnx_get_isa();                                    /* resolve before threads race on it */
+    /* B reused by many row blocks and wide enough that re-packing it per tile would cost */
+    if (m > 4 * GEMM_MC && n > 4 * GEMM_NR && k > 64) {
+        gemm_run_shared_b(m, n, k, a, b, c, ldc, bias, relu, n_threads, workspace);
+        return;
+    }
     int row_tiles = (m + GEMM_MC - 1) / GEMM_MC, column_tiles = (n + GEMM_NC - 1) / GEMM_NC;
     long tiles = (long)row_tiles * column_tiles;
     /* B read in place when few row tiles reuse it; only row-major B qualifies. */
     int direct_b = b->kind == OPERAND_MATRIX && b->col_stride == 1 && row_tiles <= 2;
     (void)n_threads;
-    cnnx_get_isa();                                    /* resolve before threads race on it */
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && tiles > 1)
     for (long t = 0; t < tiles; ++t) {
         int i0 = (int)(t / column_tiles) * GEMM_MC, j0 = (int)(t % column_tiles) * GEMM_NC;
@@ -431,7 +499,7 @@ void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
 
 long cnnx_gemm_workspace_floats(int n_threads)
 {
-    return (long)n_threads * GEMM_WORKSPACE_FLOATS;
+    return (long)n_threads * GEMM_WORKSPACE_FLOATS + (long)GEMM_KC * GEMM_NC_SHARED;
 }
 
 void cnnx_sgemm(int m, int n, int k, const float *a, int transpose_a, const float *b,

@@ -10,6 +10,8 @@
 #define GEMM_NC 256    /* columns of a packed B block */
 #define GEMM_KC 256    /* depth of one block; k is split into equal blocks of at most this */
 
+#define GEMM_NC_SHARED 1024   /* B block shared by all threads in the large-GEMM path (L3) */
+
 /* Per-thread workspace: packed A block, packed B block, one edge tile, one edge bias. */
 #define GEMM_WORKSPACE_FLOATS \
     ((long)GEMM_MC * GEMM_KC + (long)GEMM_KC * GEMM_NC + GEMM_MR * GEMM_NR + GEMM_NR + 64)

@@ -16,6 +16,7 @@ CASES = [
     ((2, 6, 5, 3), (5, 5, 3, 7), (1, 1), "same"),
     ((2, 4, 5, 16), (1, 1, 16, 33), (1, 1), "valid"),
     ((1, 8, 8, 2), (3, 3, 2, 3), (3, 3), "valid"),
+    ((2, 6, 7, 32), (3, 3, 32, 20), (1, 1), "same"),      # grad kernel reads 16-channel runs
 ]
 IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1][0]}x{c[1][1]}-s{c[2][0]}{c[2][1]}-{c[3]}" for c in CASES]
 
@@ -75,14 +76,15 @@ def test_conv2d_random_geometry(n, h, w, c, f, kh, kw, sh, sw, padding, seed):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
 
 
-def test_conv2d_is_bit_identical_for_any_thread_count(rng):
-    # 4*48*48 = 9216 output pixels: three reduction chunks for the kernel gradient
-    x, kernel, bias = f32(rng, (4, 48, 48, 5)), f32(rng, (3, 3, 5, 18)), f32(rng, 18)
-    grad_output = f32(rng, (4, 48, 48, 18))
+@pytest.mark.parametrize("channels, strides", [(5, 1), (16, 1), (5, 2)])
+def test_conv2d_is_bit_identical_for_any_thread_count(channels, strides, rng):
+    # 4*48*48 = 9216 output pixels: 12 bands (stride 1) or 3 pixel chunks (stride 2)
+    x, kernel, bias = f32(rng, (4, 48, 48, channels)), f32(rng, (3, 3, channels, 18)), f32(rng, 18)
+    grad_output = f32(rng, ops.conv2d_forward(x, kernel, bias, strides, "same").shape)
     runs = []
     for n_threads in (1, 2, 3):
-        y = ops.conv2d_forward(x, kernel, bias, 1, "same", relu=True, n_threads=n_threads)
-        runs.append((y, *ops.conv2d_backward(x, kernel, grad_output, 1, "same",
+        y = ops.conv2d_forward(x, kernel, bias, strides, "same", relu=True, n_threads=n_threads)
+        runs.append((y, *ops.conv2d_backward(x, kernel, grad_output, strides, "same",
                                               n_threads=n_threads)))
     for other in runs[1:]:
         for first, second in zip(runs[0], other):

@@ -36,13 +36,19 @@ def test_sgemm_without_epilogue_matches_numpy(shape, isa, rng):
     np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
 
 
+# (301, 290, 530): per-tile path; (500, 1100, 300): large path with B packed once, shared
+@pytest.mark.parametrize("shape", [(301, 290, 530), (500, 1100, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("transpose_a", [False, True])
-def test_sgemm_is_bit_identical_for_any_thread_count(transpose_a, rng):
-    a, b = operands(rng, 301, 290, 530, transpose_a, False)
-    bias = rng.standard_normal(290).astype(np.float32)
-    results = [_kernels.sgemm(a, b, np.empty((301, 290), np.float32), bias, True,
+def test_sgemm_is_bit_identical_for_any_thread_count(shape, transpose_a, isa, rng):
+    m, n, k = shape
+    a, b = operands(rng, m, n, k, transpose_a, False)
+    bias = rng.standard_normal(n).astype(np.float32)
+    results = [_kernels.sgemm(a, b, np.empty((m, n), np.float32), bias, True,
                               transpose_a, n_threads=t) for t in (1, 2, 3)]
     assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], results[2])
+    expected = np.maximum((a.T if transpose_a else a).astype(np.float64) @ b + bias, 0)
+    np.testing.assert_allclose(results[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_column_sums_match_numpy_and_ignore_thread_count(rng):
