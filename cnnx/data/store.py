@@ -46,7 +46,11 @@ def create_store(store, n_images, image_shape, chunk_size, attrs, overwrite=Fals
         raise ValueError(f"create_store: need at least one image, got n_images={n_images}")
     if chunk_size <= 0:
         raise ValueError(f"create_store: chunk_size must be positive, got {chunk_size}")
-    group = zarr.open_group(store_url(store), mode="w" if overwrite else "w-")
+    try:
+        group = zarr.open_group(store_url(store), mode="w" if overwrite else "w-")
+    except FileExistsError:
+        raise FileExistsError(f"{store_url(store)!r} already exists; pass overwrite=True "
+                              "(`--overwrite`) to replace it") from None
     height, width, channels = image_shape
     group.create_array("images", shape=(n_images, height, width, channels),
                        chunks=(chunk_size, height, width, channels), dtype="uint8",

@@ -118,7 +118,7 @@ def test_ingest_arrays_rejects_bad_input(tmp_path, rng):
 def test_ingest_arrays_does_not_overwrite_unless_asked(tmp_path, rng):
     x = random_images(rng, 4)
     data.ingest_arrays(x, [0, 1, 0, 1], tmp_path / "s.zarr")
-    with pytest.raises(Exception):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         data.ingest_arrays(x, [0, 1, 0, 1], tmp_path / "s.zarr")
     data.ingest_arrays(x[:2], [1, 1], tmp_path / "s.zarr", overwrite=True)
     assert len(data.open_dataset(tmp_path / "s.zarr")) == 2
