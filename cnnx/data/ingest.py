@@ -229,58 +229,17 @@ def ingest(source, store, image_size=(80, 80), grayscale=False, chunk_size=DEFAU
 
     bar = _progress_bar(progress, n_chunks, "ingest")
     bar(len(done))
-    jobs = []
-    for index in range(n_chunks):
-        if str(index) not in done:
-            start, stop = chunk_bounds(index, chunk_size, len(candidates))
-            files = [relative for relative, _ in candidates[start:stop]]
-            jobs.append((index, (url, index, source, files, image_size, grayscale, max_pixels)))
     with ChunkRunner(workers) as runner:
-        last_saved = time.monotonic()
-        try:
-            for index, record in runner.run(_decode_chunk, jobs):
-                done[str(index)] = record
-                bar(1)
-                if verbose:
-                    for item in record["skipped"]:
-                        print(f"skipped {item['path']}: {item['reason']}")
-                # the parent alone writes the bookkeeping, at most once a second
-                if time.monotonic() - last_saved > 1:
-                    staging.attrs["done"] = done
-                    last_saved = time.monotonic()
-        finally:                               # interrupted or not, keep what is done
-            staging.attrs["done"] = done
-
-        # phase 2: the good images, in candidate order, into whole final chunks
-        good = np.ones(len(candidates), bool)
-        sums, skipped = None, list(skipped_at_scan)
-        for index in range(n_chunks):
-            record = done[str(index)]
-            good[np.asarray(record["failed"], np.int64) + index * chunk_size] = False
-            skipped += record["skipped"]
-            if record["sums"] is not None:
-                sums = add_pixel_sums(sums, record["sums"])
-        positions = np.flatnonzero(good)
-        if len(positions) == 0:
+        _decode_all(runner, staging, done, url, source, candidates, chunk_size,
+                    (image_size, grayscale, max_pixels), bar, verbose)
+        good, sums, skipped = _gather(done, len(candidates), chunk_size, skipped_at_scan)
+        if not good.any():
             raise ValueError(f"ingest: none of the {len(candidates)} image files in "
                              f"{source!r} could be read; see the reasons:\n" +
                              "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped))
+        positions = np.flatnonzero(good)
         labels = np.array([label for _, label in candidates], np.int64)[positions]
-        for name in ("images", "labels"):
-            if name in group:
-                del group[name]                # an interrupted compaction: redo it whole
-        group.create_array("images", shape=(len(positions), *image_size, channels),
-                           chunks=(chunk_size, *image_size, channels), dtype="uint8",
-                           fill_value=0)
-        group.create_array("labels", shape=(len(positions),), chunks=(chunk_size,),
-                           dtype="int64", fill_value=-1)
-        compact_jobs = []
-        for index in range(-(-len(positions) // chunk_size)):
-            start, stop = chunk_bounds(index, chunk_size, len(positions))
-            compact_jobs.append((index, (url, index, positions[start:stop],
-                                         labels[start:stop])))
-        for _ in runner.run(_compact_chunk, compact_jobs):
-            pass
+        _compact_all(runner, group, url, positions, labels, chunk_size, image_size, channels)
 
     skipped.sort(key=lambda item: item["path"])
     counts = np.bincount(labels, minlength=len(class_names))
@@ -292,6 +251,61 @@ def ingest(source, store, image_size=(80, 80), grayscale=False, chunk_size=DEFAU
     if verbose:
         print(summary)
     return summary
+
+
+def _decode_all(runner, staging, done, url, source, candidates, chunk_size, settings, bar,
+                verbose):
+    """Phase 1: decode every chunk not in `done` into staging, recording each in `done`."""
+    jobs = []
+    for index in range(-(-len(candidates) // chunk_size)):
+        if str(index) not in done:
+            start, stop = chunk_bounds(index, chunk_size, len(candidates))
+            files = [relative for relative, _ in candidates[start:stop]]
+            jobs.append((index, (url, index, source, files, *settings)))
+    last_saved = time.monotonic()
+    try:
+        for index, record in runner.run(_decode_chunk, jobs):
+            done[str(index)] = record
+            bar(1)
+            if verbose:
+                for item in record["skipped"]:
+                    print(f"skipped {item['path']}: {item['reason']}")
+            # the parent alone writes the bookkeeping, at most once a second
+            if time.monotonic() - last_saved > 1:
+                staging.attrs["done"] = done
+                last_saved = time.monotonic()
+    finally:                                   # interrupted or not, keep what is done
+        staging.attrs["done"] = done
+
+
+def _gather(done, n_candidates, chunk_size, skipped_at_scan):
+    """Which candidates decoded, the pixel sums of those, and every skipped file."""
+    good = np.ones(n_candidates, bool)
+    sums, skipped = None, list(skipped_at_scan)
+    for index in range(-(-n_candidates // chunk_size)):
+        record = done[str(index)]
+        good[np.asarray(record["failed"], np.int64) + index * chunk_size] = False
+        skipped += record["skipped"]
+        if record["sums"] is not None:
+            sums = add_pixel_sums(sums, record["sums"])
+    return good, sums, skipped
+
+
+def _compact_all(runner, group, url, positions, labels, chunk_size, image_size, channels):
+    """Phase 2: copy the good staged images into whole chunks of `images` and `labels`."""
+    for name in ("images", "labels"):
+        if name in group:
+            del group[name]                    # an interrupted compaction: redo it whole
+    group.create_array("images", shape=(len(positions), *image_size, channels),
+                       chunks=(chunk_size, *image_size, channels), dtype="uint8", fill_value=0)
+    group.create_array("labels", shape=(len(positions),), chunks=(chunk_size,), dtype="int64",
+                       fill_value=-1)
+    jobs = []
+    for index in range(-(-len(positions) // chunk_size)):
+        start, stop = chunk_bounds(index, chunk_size, len(positions))
+        jobs.append((index, (url, index, positions[start:stop], labels[start:stop])))
+    for _ in runner.run(_compact_chunk, jobs):
+        pass
 
 
 def _open_or_create(url, plan, overwrite):
