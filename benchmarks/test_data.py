@@ -112,9 +112,11 @@ def test_read_normalize_flip_contrast(benchmark, store):
 
 
 @pytest.mark.benchmark(group="batch")
-def test_read_normalize_augment_all(benchmark, store):
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_read_normalize_augment_all(benchmark, store, interpolation):
     augment = data.Augment(horizontal_flip=0.5, vertical_flip=0.5, rotation=15, zoom=0.1,
-                           translation=0.1, contrast=0.2, invert=0.1)
+                           translation=0.1, contrast=0.2, invert=0.1,
+                           interpolation=interpolation)
     keys = iter(range(10 ** 6))
 
     def batch():

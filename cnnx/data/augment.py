@@ -39,12 +39,13 @@ class Augment:
         without value_range each image is reflected about its own min and max.
     fill_mode: what rotation, zoom out and translation show beyond the border: "nearest"
         (edge pixels) or "constant" (fill_value; 0 is the mean after "standardize").
-    Rotation, zoom and translation form one affine map per image, sampled bilinearly.
+    interpolation: "bilinear" (smooth) or "nearest" (about 3x cheaper, blockier).
+    Rotation, zoom and translation form one affine map per image, sampled once.
     """
 
     def __init__(self, horizontal_flip=0.0, vertical_flip=0.0, rotation=0.0, zoom=0.0,
                  translation=0.0, contrast=0.0, invert=0.0, value_range=None,
-                 fill_mode="nearest", fill_value=0.0):
+                 fill_mode="nearest", fill_value=0.0, interpolation="bilinear"):
         self.horizontal_flip = _probability(horizontal_flip, "horizontal_flip")
         self.vertical_flip = _probability(vertical_flip, "vertical_flip")
         self.invert = _probability(invert, "invert")
@@ -58,6 +59,10 @@ class Augment:
         if fill_mode not in ("nearest", "constant"):
             raise ValueError(f"Augment: fill_mode must be 'nearest' or 'constant', "
                              f"got {fill_mode!r}")
+        if interpolation not in ("bilinear", "nearest"):
+            raise ValueError(f"Augment: interpolation must be 'bilinear' or 'nearest', "
+                             f"got {interpolation!r}")
+        self.interpolation = interpolation
         self.value_range = value_range
         self.fill_mode = fill_mode
         self.fill_value = np.float32(fill_value)
@@ -148,7 +153,8 @@ class Augment:
         # the map is separable into a row part plus a column part: one full pass each
         source_y = (cos * r + np.float32(centre_y)) + sin * c                    # (N, H, W)
         source_x = (np.float32(centre_x) - sin * r) + cos * c
-        return _bilinear(images, source_y, source_x, self.fill_mode, self.fill_value)
+        sample = _bilinear if self.interpolation == "bilinear" else _nearest
+        return sample(images, source_y, source_x, self.fill_mode, self.fill_value)
 
 
 def _uniform(u, bounds):
@@ -185,6 +191,23 @@ def _bilinear(images, source_y, source_x, fill_mode, fill_value):
         for corner, weight in zip(corners[1:], weights[1:]):
             value += plane.take(corner) * weight
         out[..., channel] = value
+    if fill_mode == "constant":
+        out[outside] = fill_value
+    return out
+
+
+def _nearest(images, source_y, source_x, fill_mode, fill_value):
+    """Nearest-pixel sampling of images (N, H, W, C) at coordinates (N, H, W)."""
+    n, height, width, channels = images.shape
+    if fill_mode == "constant":
+        outside = ((source_y < -0.5) | (source_y > height - 0.5) |
+                   (source_x < -0.5) | (source_x > width - 0.5))
+    y = np.clip(np.rint(source_y), 0, height - 1).astype(np.intp)
+    x = np.clip(np.rint(source_x), 0, width - 1).astype(np.intp)
+    index = (np.arange(n) * (height * width))[:, None, None] + y * width + x      # (N, H, W)
+    out = np.empty_like(images)
+    for channel in range(channels):
+        out[..., channel] = np.ascontiguousarray(images[..., channel]).reshape(-1).take(index)
     if fill_mode == "constant":
         out[outside] = fill_value
     return out

@@ -33,10 +33,18 @@ def test_no_augmentation_is_the_identity(images):
     np.testing.assert_array_equal(Augment(zoom=(1, 1), rotation=(0, 0))(images, 0), images)
 
 
-def test_rotation_by_90_degrees_is_rot90():
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_rotation_by_90_degrees_is_rot90(interpolation):
     square = np.random.default_rng(0).random((3, 7, 7, 2), dtype=np.float32)
-    got = Augment(rotation=(90, 90))(square, 0)
+    got = Augment(rotation=(90, 90), interpolation=interpolation)(square, 0)
     np.testing.assert_allclose(got, np.rot90(square, 1, axes=(1, 2)), atol=1e-5)
+
+
+def test_nearest_interpolation_only_copies_pixels(images):
+    out = Augment(rotation=30, zoom=0.3, interpolation="nearest")(images, 4)
+    assert np.isin(out, images).all()
+    smooth = Augment(rotation=30, zoom=0.3)(images, 4)
+    assert not np.isin(smooth, images).all()
 
 
 def test_zoom_keeps_shape_and_zooms(rng):
