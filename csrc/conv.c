@@ -33,6 +33,7 @@
 #define BAND_ROWS 16
 #define MAX_TAPS 64                /* fast path for kernels up to 8x8 */
 #define EDGE_FLOATS (GEMM_MR * GEMM_NR + GEMM_NR)
+#define GRAD_SLACK (GEMM_NR + GEMM_MR)
 
 static int use_fast_path(const cnnx_conv_geometry *g)
 {
@@ -229,12 +230,11 @@ static long chunk_count(const cnnx_conv_geometry *g)
     return (pixels + PIXEL_CHUNK - 1) / PIXEL_CHUNK;
 }
 
-/* Per thread: band, virtual grad_output, one packed im2col panel, an edge tile. */
+/* Per thread: band, virtual grad_output (+ slack for ragged column panels), an edge tile. */
 static long grad_kernel_thread_floats(const cnnx_conv_geometry *g, int filters)
 {
     long virtual_pixels = (long)BAND_ROWS * padded_width(g);
-    return band_floats(g) + virtual_pixels * filters + 2 * GEMM_MR
-           + virtual_pixels * GEMM_NR + EDGE_FLOATS;
+    return band_floats(g) + virtual_pixels * filters + GRAD_SLACK + EDGE_FLOATS;
 }
 
 static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
@@ -244,8 +244,8 @@ static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters,
            + band_count(g) * (depth * filters + filters);
 }
 
-/* grad_kernel^T[F, depth] per band = grad_output(band)^T @ im2col(band), both read from the
- * band buffers; the partials are then added in band order. */
+/* grad_kernel[depth, F] per band = im2col(band)^T @ grad_output(band), both read in place
+ * from the band buffers; the partials are then added in band order. */
 static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                                   const float *grad_output, int filters, float *grad_kernel,
                                   float *grad_bias, int n_threads, float *workspace)
@@ -255,8 +255,6 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
     long bands = band_count(g), partial_size = (long)depth * filters + filters;
     long thread_floats = grad_kernel_thread_floats(g, filters);
     float *partials = workspace + (long)n_threads * thread_floats;
-    int tap_offsets[MAX_TAPS];
-    tap_offsets_for(g, tap_offsets);
     (void)n_threads;
     cnnx_get_isa();
 
@@ -264,8 +262,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
     {
         float *band = workspace + THREAD_ID() * thread_floats;
         float *grad_virtual = band + band_floats(g);
-        float *panel = grad_virtual + (long)BAND_ROWS * width * filters + 2 * GEMM_MR;
-        float *edge_tile = panel + (long)BAND_ROWS * width * GEMM_NR;
+        float *edge_tile = grad_virtual + (long)BAND_ROWS * width * filters + GRAD_SLACK;
         #pragma omp for schedule(static)
         for (long band_index = 0; band_index < bands; ++band_index) {
             long image = band_index / bands_per_image;
@@ -291,49 +288,30 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                 for (int f = 0; f < filters; ++f)
                     bias_partial[f] += src[f];
             }
-            memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * 2 * GEMM_MR);
-            for (int k0 = 0; k0 < depth; k0 += GEMM_NR) {
-                int cols = depth - k0 < GEMM_NR ? depth - k0 : GEMM_NR;
-                if (g->channels % GEMM_NR == 0) {
-                    /* 16 k indices = 16 channels of one tap: read the band in place */
-                    const float *b = band + tap_offsets[k0 / g->channels] + k0 % g->channels;
-                    for (int f0 = 0; f0 < filters; f0 += GEMM_MR) {
-                        int f_rows = filters - f0 < GEMM_MR ? filters - f0 : GEMM_MR;
-                        gemm_micro_tile(virtual_rows, grad_virtual + f0, 1, filters, b,
-                                        g->channels, partial + (long)f0 * depth + k0, depth,
-                                        f_rows, cols, edge_tile);
+            memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * GRAD_SLACK);
+            /* For one kernel row i, the KW*C k indices (j, c) are contiguous in the band:
+             * im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. So six k rows are read in
+             * place (row stride 1, pixel stride C), and grad_output columns too. */
+            int row_span = g->kernel_w * g->channels;
+            for (int i = 0; i < g->kernel_h; ++i)
+                for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
+                    int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
+                    int k0 = i * row_span + t0;
+                    const float *a = band + (long)i * width * g->channels + t0;
+                    for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
+                        int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+                        gemm_micro_tile(virtual_rows, a, 1, g->channels, grad_virtual + f0,
+                                        filters, partial + (long)k0 * filters + f0, filters,
+                                        k_rows, cols, edge_tile);
                     }
-                    continue;
                 }
-                int offsets[GEMM_NR];
-                for (int j = 0; j < cols; ++j)
-                    offsets[j] = tap_offsets[(k0 + j) / g->channels] + (k0 + j) % g->channels;
-                /* panel[v][j] = im2col(band)[v][k0 + j] */
-                for (int v = 0; v < virtual_rows; ++v) {
-                    const float *cell = band + (long)v * g->channels;
-                    float *dst = panel + (long)v * GEMM_NR;
-                    for (int j = 0; j < cols; ++j)
-                        dst[j] = cell[offsets[j]];
-                    for (int j = cols; j < GEMM_NR; ++j)
-                        dst[j] = 0.0f;
-                }
-                for (int f0 = 0; f0 < filters; f0 += GEMM_MR) {
-                    int f_rows = filters - f0 < GEMM_MR ? filters - f0 : GEMM_MR;
-                    gemm_micro_tile(virtual_rows, grad_virtual + f0, 1, filters, panel, GEMM_NR,
-                                    partial + (long)f0 * depth + k0, depth, f_rows, cols,
-                                    edge_tile);
-                }
-            }
         }
-        /* fixed-order sum over bands; partials hold grad_kernel transposed [F][depth] */
+        /* fixed-order sum over bands, parallel over elements */
         #pragma omp for schedule(static)
         for (long e = 0; e < partial_size; ++e) {
-            long source = e;
-            if (e < (long)depth * filters)                /* e = k*F + f  <-  f*depth + k */
-                source = (e % filters) * depth + e / filters;
-            float total = partials[source];
+            float total = partials[e];
             for (long b = 1; b < bands; ++b)
-                total += partials[b * partial_size + source];
+                total += partials[b * partial_size + e];
             if (e < (long)depth * filters)
                 grad_kernel[e] = total;
             else
