@@ -9,7 +9,7 @@ class Activation:
         raise NotImplementedError
 
     def backward(self, y, grad_output):
-        """grad_input from the forward output y and grad_output."""
+        """grad_input from the forward output y and grad_output (which it may overwrite)."""
         raise NotImplementedError
 
 
@@ -20,7 +20,8 @@ class ReLU(Activation):
         return np.maximum(x, 0)
 
     def backward(self, y, grad_output):
-        return grad_output * (y > 0)
+        # in place: on conv outputs a fresh array costs as much as the multiply itself
+        return np.multiply(grad_output, y > 0, out=grad_output)
 
 
 class LeakyReLU(Activation):

@@ -29,7 +29,10 @@ class Layer:
         raise NotImplementedError
 
     def backward(self, grad_output):
-        """Overwrite self.grads; return grad_input (None when need_input_grad is False)."""
+        """Overwrite self.grads; return grad_input (None when need_input_grad is False).
+
+        grad_output is a temporary the layer may overwrite (Sequential never reuses it).
+        """
         raise NotImplementedError
 
     def check_input(self, x):

@@ -85,7 +85,7 @@ def test_layer_contract_shapes_keys_and_gradients(case, rng):
     y = layer.forward(x, training=True, rng=np.random.default_rng(7))
     assert y.shape == (BATCH, *layer.output_shape)
     assert y.dtype == np.float64
-    grad_input = layer.backward(weights)
+    grad_input = layer.backward(weights.copy())       # backward may overwrite its argument
     assert grad_input.shape == x.shape
     assert set(layer.grads) == set(layer.params)
     for name, param in layer.params.items():
@@ -121,7 +121,7 @@ def test_layer_float32_forward_matches_float64(case, rng):
     x = rng.normal(0, 1, (BATCH, *input_shape))
     expected = layer.forward(x, training=True, rng=np.random.default_rng(3))
     grad_output = rng.normal(0, 1, expected.shape)
-    expected_grad = layer.backward(grad_output)
+    expected_grad = layer.backward(grad_output.copy())
     for name, value in layer.params.items():
         layer.params[name] = value.astype(np.float32)
     got = layer.forward(x.astype(np.float32), training=True, rng=np.random.default_rng(3))

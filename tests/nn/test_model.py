@@ -155,6 +155,20 @@ def test_same_seed_same_weights_bit_for_bit(rng):
     assert not np.array_equal(other.params["conv2d/kernel"], trained[0]["conv2d/kernel"])
 
 
+def test_same_weights_at_any_thread_count(rng):
+    import cnnx
+    x, y = toy_data(rng, n=64)
+    trained = []
+    for threads in (1, 2):
+        model = small_cnn(seed=4, dropout=0.5, batch_norm=True)
+        model.compile(optim.Adam(1e-2), "sparse_categorical_crossentropy")
+        with cnnx.num_threads(threads):
+            model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+        trained.append(model.get_weights())
+    for name in trained[0]:
+        np.testing.assert_array_equal(trained[0][name], trained[1][name], err_msg=name)
+
+
 def test_dropout_masks_depend_on_the_key(rng):
     model = small_cnn(dropout=0.5)
     model.compile("sgd", "sparse_categorical_crossentropy")
