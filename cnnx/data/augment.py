@@ -6,6 +6,8 @@ generator's key (seed, epoch, step, shard) and reproduces anywhere.
 """
 import numpy as np
 
+BLOCK_PIXELS = 32768           # pixels resampled per block (see Augment._transform)
+
 
 def _range(value, name, centre=0.0):
     """A symmetric half-width `v` -> (centre - v, centre + v); a pair is taken as is."""
@@ -135,26 +137,34 @@ class Augment:
         return out.astype(np.float32, copy=False)
 
     def _transform(self, images, draws):
-        """Rotation, zoom and translation as one inverse affine map per image, bilinear."""
+        """Rotation, zoom and translation as one inverse affine map per image."""
         n, height, width, channels = images.shape
         angle = np.deg2rad(_uniform(draws["angle"], self.rotation))          # float64, (N,)
         scale = _uniform(draws["zoom"], self.zoom)
-        shift_y = _uniform(draws["shift_y"], self.translation) * height
-        shift_x = _uniform(draws["shift_x"], self.translation) * width
-        centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
         # output pixel (r, c) shows source pixel R(-angle) ((r, c) - shift) / scale; with
         # rows pointing down, this turns the picture counter-clockwise as displayed
         cos = (np.cos(angle) / scale).astype(np.float32)[:, None, None]          # (N, 1, 1)
         sin = (np.sin(angle) / scale).astype(np.float32)[:, None, None]
-        r = (np.arange(height, dtype=np.float32) - np.float32(centre_y))[None, :, None] \
-            - shift_y.astype(np.float32)[:, None, None]                          # (N, H, 1)
-        c = (np.arange(width, dtype=np.float32) - np.float32(centre_x))[None, None, :] \
-            - shift_x.astype(np.float32)[:, None, None]                          # (N, 1, W)
-        # the map is separable into a row part plus a column part: one full pass each
-        source_y = (cos * r + np.float32(centre_y)) + sin * c                    # (N, H, W)
-        source_x = (np.float32(centre_x) - sin * r) + cos * c
+        shift_y = (_uniform(draws["shift_y"], self.translation) * height).astype(np.float32)
+        shift_x = (_uniform(draws["shift_x"], self.translation) * width).astype(np.float32)
+        centre_y, centre_x = np.float32((height - 1) / 2), np.float32((width - 1) / 2)
+        r = (np.arange(height, dtype=np.float32) - centre_y)[None, :, None] \
+            - shift_y[:, None, None]                                             # (N, H, 1)
+        c = (np.arange(width, dtype=np.float32) - centre_x)[None, None, :] \
+            - shift_x[:, None, None]                                             # (N, 1, W)
         sample = _bilinear if self.interpolation == "bilinear" else _nearest
-        return sample(images, source_y, source_x, self.fill_mode, self.fill_value)
+        out = np.empty_like(images)
+        # a few images at a time: the sampler's temporaries then stay in cache (3-4x faster
+        # than one pass over a batch of 64 80x80 images)
+        step = max(1, BLOCK_PIXELS // (height * width))
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            # the map is separable into a row part plus a column part: one full pass each
+            source_y = (cos[part] * r[part] + centre_y) + sin[part] * c[part]    # (n, H, W)
+            source_x = (centre_x - sin[part] * r[part]) + cos[part] * c[part]
+            out[part] = sample(images[part], source_y, source_x, self.fill_mode,
+                               self.fill_value)
+        return out
 
 
 def _uniform(u, bounds):
