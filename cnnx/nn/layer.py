@@ -1,6 +1,4 @@
 """The Layer base class: parallel params/grads dicts, a forward cache, Keras-style config."""
-import numpy as np
-
 from cnnx.nn import activations
 
 
@@ -103,8 +101,3 @@ class ActivatedLayer(Layer):
 
 def regularizer_config(regularizer):
     return None if regularizer is None else regularizer.get_config()
-
-
-def as_float(array, like):
-    """A constant in the dtype of `like` (float32 on the fast path, float64 in gradient checks)."""
-    return np.asarray(array, dtype=like.dtype)

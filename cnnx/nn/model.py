@@ -106,12 +106,11 @@ class Sequential:
     def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None):
         self.optimizer = optim.get(optimizer)
         self.loss = losses.get(loss)
-        self.metrics = list(metrics or [])
-        for metric in self.metrics:
+        for metric in metrics or []:
             if metric not in ("accuracy", "acc"):
                 raise ValueError(f"{self.name}.compile: only the 'accuracy' metric is "
                                  f"supported, got {metric!r}")
-        self.metrics = ["accuracy" for _ in self.metrics[:1]]
+        self.metrics = ["accuracy"] if metrics else []
         last = self.layers[-1]
         # softmax + cross-entropy (sigmoid + binary): loss from the logits, gradient p - y
         self._fused = (isinstance(last, ActivatedLayer)
@@ -139,7 +138,7 @@ class Sequential:
         self._require_compiled("gradient")
         x = self._as_input(x, "gradient")
         y = self._as_labels(y, len(x), "gradient")
-        state_before = {key_: value.copy() for key_, value in self.state.items()}
+        state_before = {name: value.copy() for name, value in self.state.items()}
         outputs = self.forward(x, training=True, rng=np.random.default_rng((self.seed, *key)))
         last = self.layers[-1]
         if self._fused:
@@ -154,8 +153,8 @@ class Sequential:
         result = GradientSum(grads=dict(self.grads), n_samples=len(x), loss_sum=loss_sum,
                              n_correct=self.loss.n_correct(outputs, y),
                              state={k: v.copy() for k, v in state_after.items()})
-        for key_, value in state_before.items():
-            state_after[key_][...] = value
+        for name, value in state_before.items():
+            state_after[name][...] = value
         return result
 
     def regularization_loss(self):

@@ -49,10 +49,11 @@ def build_float64(factory, input_shape):
     layer.output_shape = tuple(layer.build(input_shape, np.random.default_rng(0)))
     for name, value in layer.params.items():
         layer.params[name] = value.astype(np.float64)
-    if "bias" in layer.params:          # zeros would hide a wrong bias gradient
-        layer.params["bias"] += np.random.default_rng(1).normal(0, 0.5, layer.params["bias"].shape)
-    if "gamma" in layer.params:
-        layer.params["gamma"] += np.random.default_rng(2).normal(0, 0.5, layer.params["gamma"].shape)
+    # zeros and ones (bias, beta, gamma at init) would hide some wrong gradients
+    rng = np.random.default_rng(1)
+    for name in ("bias", "gamma", "beta"):
+        if name in layer.params:
+            layer.params[name] += rng.normal(0, 0.5, layer.params[name].shape)
     return layer
 
 

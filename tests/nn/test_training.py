@@ -29,15 +29,18 @@ def fashion():
 
 @pytest.mark.slow
 def test_fashion_mnist_subset_reaches_085(fashion):
-    """12,000 training images, 2 epochs, scored on all 10,000 test images.
+    """The first 20,000 training images, 2 epochs (1,250 Adam steps, cosine-decayed), scored
+    on all 10,000 test images.
 
-    Documented threshold 0.85 for this budget (measured 0.8x; see the report); the
-    full-data run below reaches >= 0.88.
+    Threshold 0.85 for this CI budget (measured 0.8607, seed 0; a linear model gets ~0.84).
+    The full-data run below measured 0.8876 after 3 epochs.
     """
     (x, y), (x_test, y_test) = fashion
     model = fashion_cnn()
-    model.compile(optim.Adam(2e-3), "sparse_categorical_crossentropy", ["accuracy"])
-    history = model.fit(x[:12000], y[:12000], batch_size=32, epochs=2, verbose=0)
+    steps = 2 * 20000 // 32
+    model.compile(optim.Adam(optim.CosineDecay(3e-3, steps)), "sparse_categorical_crossentropy",
+                  ["accuracy"])
+    history = model.fit(x[:20000], y[:20000], batch_size=32, epochs=2, verbose=0)
     assert history.history["loss"][1] < history.history["loss"][0]
     _, accuracy = model.evaluate(x_test, y_test)
     assert accuracy >= 0.85
