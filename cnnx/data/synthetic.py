@@ -18,11 +18,23 @@ from cnnx.data.store import (DEFAULT_CHUNK_SIZE, FORMAT, add_pixel_sums, chunk_b
 from cnnx.data.summary import StoreSummary
 
 CLASS_NAMES = ("no_glasses", "glasses")
+BLOCK_PIXELS = 32 * 80 * 80   # pixels drawn per block (see draw_faces)
 SERIAL_BELOW = 8192            # spawning workers costs ~1-2 s: small stores draw in-process
 
 
 def draw_faces(rng, n, image_size=(80, 80)):
     """Images uint8 (n, H, W, 3) and labels int64 (n,) (1 = glasses), drawn from `rng`."""
+    # a few faces at a time: the temporaries then stay in cache (~1.4x faster than 256)
+    step = max(1, BLOCK_PIXELS // (image_size[0] * image_size[1]))
+    images = np.empty((n, *image_size, 3), np.uint8)
+    labels = np.empty(n, np.int64)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        images[start:stop], labels[start:stop] = _draw_block(rng, stop - start, image_size)
+    return images, labels
+
+
+def _draw_block(rng, n, image_size):
     height, width = image_size
     labels = (rng.random(n) < 0.5).astype(np.int64)
     yy = ((np.arange(height, dtype=np.float32) + 0.5) / height)[None, :, None]    # (1, H, 1)
