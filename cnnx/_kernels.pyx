@@ -5,6 +5,8 @@ Every kernel takes float32 C-contiguous arrays and writes into the output arrays
 it refuses anything else with a message naming the kernel, the argument, what it expected
 and what it got. Workspace is allocated here (NumPy), so the C side never allocates.
 """
+import threading
+
 import numpy as np
 
 cdef extern from "cnnx_kernels.h" nogil:
@@ -112,8 +114,17 @@ cdef int _threads(who, n_threads) except -1:
     return min(n_threads, 1024)
 
 
+_local = threading.local()
+
+
 cdef float[::1] _workspace(long floats):
-    return np.empty(max(floats, 1), np.float32)
+    """Scratch for one kernel call, kept per Python thread: a fresh multi-MB array each call
+    would page-fault on every call."""
+    buffer = getattr(_local, "workspace", None)
+    if buffer is None or buffer.shape[0] < floats:
+        buffer = np.empty(max(floats, 1), np.float32)
+        _local.workspace = buffer
+    return buffer
 
 
 # ------------------------------------------------------------------------------ GEMM

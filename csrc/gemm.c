@@ -483,15 +483,20 @@ void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
         gemm_run_shared_b(m, n, k, a, b, c, ldc, bias, relu, n_threads, workspace);
         return;
     }
-    int row_tiles = (m + GEMM_MC - 1) / GEMM_MC, column_tiles = (n + GEMM_NC - 1) / GEMM_NC;
+    int row_tiles = (m + GEMM_MC - 1) / GEMM_MC, nc_step = GEMM_NC;
+    /* Few rows (dense layers on a small batch): narrower column tiles give every thread work.
+     * Tiling decides who computes an element, never the order of its sum. */
+    while (nc_step > GEMM_NR && (long)row_tiles * ((n + nc_step - 1) / nc_step) < 2L * n_threads)
+        nc_step /= 2;
+    int column_tiles = (n + nc_step - 1) / nc_step;
     long tiles = (long)row_tiles * column_tiles;
     /* B read in place when few row tiles reuse it; only row-major B qualifies. */
     int direct_b = b->kind == OPERAND_MATRIX && b->col_stride == 1 && row_tiles <= 2;
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && tiles > 1)
     for (long t = 0; t < tiles; ++t) {
-        int i0 = (int)(t / column_tiles) * GEMM_MC, j0 = (int)(t % column_tiles) * GEMM_NC;
-        int mc = m - i0 < GEMM_MC ? m - i0 : GEMM_MC, nc = n - j0 < GEMM_NC ? n - j0 : GEMM_NC;
+        int i0 = (int)(t / column_tiles) * GEMM_MC, j0 = (int)(t % column_tiles) * nc_step;
+        int mc = m - i0 < GEMM_MC ? m - i0 : GEMM_MC, nc = n - j0 < nc_step ? n - j0 : nc_step;
         gemm_tile(i0, mc, j0, nc, 0, k, a, b, c + (long)i0 * ldc + j0, ldc, bias, relu,
                   direct_b, workspace + THREAD_ID() * GEMM_WORKSPACE_FLOATS);
     }
