@@ -4,5 +4,7 @@ from cnnx._threads import get_num_threads, num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
+from cnnx import nn, optim  # noqa: E402  (after the thread controls they use)
+
 __all__ = ["openmp_enabled", "get_num_threads", "num_threads", "set_num_threads",
-           "__version__"]
+           "__version__", "nn", "optim"]
