@@ -85,6 +85,7 @@ class Optimizer:
         self.learning_rate = schedule(learning_rate)
         self.iterations = 0
         self.slots = {slot: {} for slot in self.slot_names}
+        self._buffers = {}              # scratch space, not state: never saved
 
     def apply(self, params, grads):
         """params[name] -= update(grads[name]) in place, for every name in grads."""
@@ -107,6 +108,14 @@ class Optimizer:
 
     def _update(self, name, param, grad, lr):
         raise NotImplementedError
+
+    def _scratch(self, name, like):
+        """A reusable temporary shaped like `like` (updates run in place: the dense kernels
+        of our networks hold millions of weights, and every temporary is a pass over them)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = self._buffers[name] = np.empty_like(like)
+        return buffer
 
     def _slot(self, slot, name, like, fill=0.0):
         table = self.slots[slot]
@@ -151,14 +160,16 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = momentum, nesterov
 
     def _update(self, name, param, grad, lr):
+        step = np.multiply(grad, lr, out=self._scratch(name, param))        # lr g
         if self.momentum == 0:
-            param -= lr * grad
+            param -= step
             return
         velocity = self._slot("velocity", name, param)
         velocity *= self.momentum
-        velocity -= lr * grad
+        velocity -= step
         if self.nesterov:
-            param += self.momentum * velocity - lr * grad
+            param -= step
+            param += np.multiply(velocity, self.momentum, out=step)
         else:
             param += velocity
 
@@ -184,8 +195,9 @@ class Adagrad(Optimizer):
 
     def _update(self, name, param, grad, lr):
         accumulator = self._slot("accumulator", name, param, self.initial_accumulator_value)
-        accumulator += grad * grad
-        param -= lr * grad / (np.sqrt(accumulator) + self.epsilon)
+        work = self._scratch(name, param)
+        accumulator += np.multiply(grad, grad, out=work)
+        _step_by_root(param, grad, accumulator, lr, self.epsilon, work)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon,
@@ -223,8 +235,9 @@ class RMSprop(Optimizer):
 
     def _update(self, name, param, grad, lr):
         velocity = self._slot("velocity", name, param)
-        velocity[...] = self.rho * velocity + (1 - self.rho) * grad * grad
-        param -= lr * grad / (np.sqrt(velocity) + self.epsilon)
+        work = self._scratch(name, param)
+        _moving_average(velocity, np.multiply(grad, grad, out=work), self.rho)
+        _step_by_root(param, grad, velocity, lr, self.epsilon, work)
 
     def get_config(self):
         return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
@@ -241,12 +254,14 @@ class Adam(Optimizer):
 
     def _update(self, name, param, grad, lr):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
+        work = self._scratch(name, param)
         t = self.iterations
-        m[...] = self.beta_1 * m + (1 - self.beta_1) * grad
-        v[...] = self.beta_2 * v + (1 - self.beta_2) * grad * grad
-        m_hat = m / (1 - self.beta_1 ** t)
-        v_hat = v / (1 - self.beta_2 ** t)
-        param -= lr * m_hat / (np.sqrt(v_hat) + self.epsilon)
+        _moving_average(m, grad, self.beta_1, work)
+        _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
+        # m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into two scalars:
+        # = m / (sqrt(v) + eps sqrt(1 - b2^t)) * sqrt(1 - b2^t) / (1 - b1^t)
+        root = np.sqrt(1 - self.beta_2 ** t)
+        _step_by_root(param, m, v, lr * root / (1 - self.beta_1 ** t), self.epsilon * root, work)
 
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
@@ -263,9 +278,14 @@ class AdaMax(Adam):
 
     def _update(self, name, param, grad, lr):
         m, u = self._slot("m", name, param), self._slot("u", name, param)
-        m[...] = self.beta_1 * m + (1 - self.beta_1) * grad
-        np.maximum(self.beta_2 * u, np.abs(grad), out=u)
-        param -= lr / (1 - self.beta_1 ** self.iterations) * m / (u + self.epsilon)
+        work = self._scratch(name, param)
+        _moving_average(m, grad, self.beta_1, work)
+        u *= self.beta_2
+        np.maximum(u, np.abs(grad, out=work), out=u)
+        np.add(u, self.epsilon, out=work)
+        np.divide(m, work, out=work)
+        work *= lr / (1 - self.beta_1 ** self.iterations)
+        param -= work
 
 
 class Nadam(Adam):
@@ -286,12 +306,13 @@ class Nadam(Adam):
 
     def _update(self, name, param, grad, lr):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
-        m[...] = self.beta_1 * m + (1 - self.beta_1) * grad
-        v[...] = self.beta_2 * v + (1 - self.beta_2) * grad * grad
-        m_hat = (self._mu_next * m / (1 - self._product_t * self._mu_next)
-                 + (1 - self._mu_t) * grad / (1 - self._product_t))
-        v_hat = v / (1 - self.beta_2 ** self.iterations)
-        param -= lr * m_hat / (np.sqrt(v_hat) + self.epsilon)
+        work = self._scratch(name, param)
+        _moving_average(m, grad, self.beta_1, work)
+        _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
+        m_hat = np.multiply(m, self._mu_next / (1 - self._product_t * self._mu_next))
+        m_hat += np.multiply(grad, (1 - self._mu_t) / (1 - self._product_t), out=work)
+        root = np.sqrt(1 - self.beta_2 ** self.iterations)      # v_hat = v / root^2
+        _step_by_root(param, m_hat, v, lr * root, self.epsilon * root, work)
 
 
 class LARS(Optimizer):
@@ -319,6 +340,23 @@ class LARS(Optimizer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "weight_decay": self.weight_decay, "eta": self.eta}
+
+
+def _moving_average(average, value, decay, work=None):
+    """average = decay * average + (1 - decay) * value, in place (value is consumed when
+    no work buffer is given)."""
+    average *= decay
+    scaled = np.multiply(value, 1 - decay, out=value if work is None else work)
+    average += scaled
+
+
+def _step_by_root(param, numerator, square, lr, epsilon, work):
+    """param -= lr * numerator / (sqrt(square) + epsilon), through one work buffer."""
+    np.sqrt(square, out=work)
+    work += epsilon
+    np.divide(numerator, work, out=work)
+    work *= lr
+    param -= work
 
 
 _BY_NAME = {cls.__name__: cls for cls in (SGD, Adagrad, Adadelta, RMSprop, Adam, AdaMax, Nadam,
