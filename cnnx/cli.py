@@ -39,6 +39,8 @@ def build_parser():
     ingest.add_argument("--chunk-size", type=int, default=None, help="images per chunk")
     ingest.add_argument("--processes", type=int, default=None,
                         help="decoding processes (default: one per core)")
+    ingest.add_argument("--overwrite", action="store_true",
+                        help="replace a store made from other files or settings")
     ingest.set_defaults(run=run_ingest)
 
     synth = commands.add_parser("synth", help="synthetic faces with/without glasses -> store")
@@ -46,6 +48,11 @@ def build_parser():
     synth.add_argument("--n", type=int, required=True, help="number of images")
     synth.add_argument("--size", nargs=2, type=int, default=(80, 80), metavar=("H", "W"))
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--chunk-size", type=int, default=None, help="images per chunk")
+    synth.add_argument("--processes", type=int, default=None,
+                       help="drawing processes (default: one per core for large n)")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace a store made with other settings")
     synth.set_defaults(run=run_synth)
 
     train = commands.add_parser("train", help="train a network (default: the bundled faces "
@@ -174,10 +181,9 @@ def _is_user_facing(error):
 def run_ingest(args):
     from cnnx import data
 
-    options = {"chunk_size": args.chunk_size} if args.chunk_size else {}
     summary = data.ingest(args.source, args.store, image_size=tuple(args.size),
-                          grayscale=args.grayscale, workers=args.processes, progress=True,
-                          **options)
+                          grayscale=args.grayscale, workers=args.processes,
+                          overwrite=args.overwrite, progress=True, **_chunking(args))
     print(summary)
 
 
@@ -185,8 +191,14 @@ def run_synth(args):
     from cnnx import data
 
     summary = data.make_synthetic(args.store, args.n, image_size=tuple(args.size),
-                                  seed=args.seed, progress=True)
+                                  seed=args.seed, workers=args.processes,
+                                  overwrite=args.overwrite, progress=True, **_chunking(args))
     print(summary)
+
+
+def _chunking(args):
+    # only when given: the data layer's default chunk size stays in one place
+    return {"chunk_size": args.chunk_size} if args.chunk_size else {}
 
 
 def run_train(args):

@@ -37,7 +37,8 @@ def open_data(name_or_store, data_folder):
     if name_or_store in BUNDLED:
         store = os.path.join(data_folder, f"{name_or_store}.zarr")
         if not os.path.exists(os.path.join(store, "zarr.json")):
-            arrays = data.load_faces() if name_or_store == "faces" else data.load_fashion_mnist()
+            arrays = (data.load_faces() if name_or_store == "faces"
+                      else data.load_fashion_mnist(subset="all"))
             os.makedirs(data_folder, exist_ok=True)
             # at least ~16 chunks, so that every virtual shard owns some of them
             chunk_size = int(np.clip(len(arrays.labels) // 16, 8, 1024))

@@ -172,3 +172,17 @@ def test_bench_quick_writes_a_report_and_json(tmp_path):
     assert figures["peak_gflops"]["1"] > 0
     assert figures["sgemm"]["1"]["gflops"] > 0
     assert figures["training"]["1"]["fashion"]["images_per_s"] > 0
+
+
+def test_synth_then_train_on_the_synthetic_store(tmp_path):
+    store = tmp_path / "glasses.zarr"
+    result = cnnx("synth", store, "--n", 64, "--size", 32, 32, "--chunk-size", 16,
+                  "--processes", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "64 images" in result.stdout
+    again = cnnx("synth", store, "--n", 32, "--size", 32, 32, "--chunk-size", 16,
+                 "--processes", 1)
+    assert again.returncode == 2 and "overwrite" in again.stderr      # never mixed silently
+    replaced = cnnx("synth", store, "--n", 32, "--size", 32, 32, "--chunk-size", 16,
+                    "--processes", 1, "--overwrite")
+    assert replaced.returncode == 0 and "32 images" in replaced.stdout
