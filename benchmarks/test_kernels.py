@@ -4,7 +4,9 @@ fraction of the measured FMA peak, and one conv layer against PyTorch (separate 
     pytest benchmarks/test_kernels.py --benchmark-only
 
 Ratios come from medians measured in the same run: each NumPy case runs right before its
-cnnx twin, which records `ratio` = numpy median / cnnx median (> 1: cnnx is faster).
+cnnx twin, which records `ratio` = numpy median / cnnx median (> 1: cnnx is faster), and
+`ratio_interleaved`, the same from rounds timed in alternation (robust to load drift on a
+shared machine). Fractions of peak use an FMA peak measured just before each benchmark.
 """
 import json
 import os
@@ -22,6 +24,19 @@ GEMMS = [(1024, 1024, 1024),
          (6400, 27, 16), (102400, 27, 16), (102400, 144, 16), (102400, 144, 32),
          (25600, 288, 64), (6400, 288, 64)]
 CONVS = [(32, 80, 80, 3, 16), (32, 80, 80, 16, 16), (32, 80, 80, 16, 32)]   # N, H, W, C, F
+
+
+def interleaved_ratio(baseline, candidate, rounds=9):
+    """median(baseline) / median(candidate), timed in alternation so load drift hits both."""
+    import statistics
+    import time
+    times = {baseline: [], candidate: []}
+    for _ in range(rounds):
+        for function in (baseline, candidate):
+            start = time.perf_counter()
+            function()
+            times[function].append(time.perf_counter() - start)
+    return statistics.median(times[baseline]) / statistics.median(times[candidate])
 
 
 def gemm_id(shape):
@@ -60,6 +75,8 @@ def test_sgemm(benchmark, shape, implementation, n_threads, medians, peak):
     else:
         benchmark(_kernels.sgemm, a, b, c, n_threads=n_threads)
         np.testing.assert_allclose(c, a @ b, rtol=1e-3, atol=1e-3)     # fast and wrong is not fast
+        benchmark.extra_info["ratio_interleaved"] = round(interleaved_ratio(
+            lambda: np.matmul(a, b, out=c), lambda: _kernels.sgemm(a, b, c, n_threads=n_threads)), 3)
     key = (gemm_id(shape), n_threads)
     record(benchmark, medians, (implementation, *key), 2.0 * m * n * k, n_threads,
            peak[n_threads], ("numpy", *key) if implementation == "cnnx" else None)

@@ -116,7 +116,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
     (void)n_threads;
     cnnx_get_isa();
 
-    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && bands > 1)
+    #pragma omp parallel for schedule(dynamic) num_threads(n_threads) if (n_threads > 1 && bands > 1)
     for (long band_index = 0; band_index < bands; ++band_index) {
         float *band = thread_space + THREAD_ID() * (band_floats(g) + EDGE_FLOATS);
         float *edge_tile = band + band_floats(g), *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
@@ -263,7 +263,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
         float *band = workspace + THREAD_ID() * thread_floats;
         float *grad_virtual = band + band_floats(g);
         float *edge_tile = grad_virtual + (long)BAND_ROWS * width * filters + GRAD_SLACK;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (long band_index = 0; band_index < bands; ++band_index) {
             long image = band_index / bands_per_image;
             int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
@@ -353,7 +353,7 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && chunks > 1)
     {
         float *thread_workspace = workspace + THREAD_ID() * GEMM_WORKSPACE_FLOATS;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic)
         for (long chunk = 0; chunk < chunks; ++chunk) {
             int p0 = (int)(chunk * PIXEL_CHUNK);
             int p1 = pixels - p0 < PIXEL_CHUNK ? (int)pixels : p0 + PIXEL_CHUNK;

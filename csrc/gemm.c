@@ -3,7 +3,8 @@
  * Design:
  *   - Output is cut into MC x NC tiles; OpenMP threads take whole tiles, so every output
  *     element is computed by one thread in one fixed order: results do not depend on
- *     n_threads.
+ *     n_threads. Tiles are handed out dynamically: on a shared machine a descheduled thread
+ *     then delays one tile, not a static half of the work.
  *   - Inside a tile, k runs in equal blocks of at most KC (chosen from k alone). For each
  *     block, B is packed into KC x 16 panels (L1) and A into KC x 6 panels (the A block sits
  *     in L2); a 6x16 micro-kernel then sweeps the tile. The first k block stores, later ones
@@ -88,6 +89,7 @@ micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
     for (int tap = 0; tap < taps; ++tap) {
       const float *a_tap = taps == 1 ? a : a + tap_offsets[tap];
+      #pragma GCC unroll 4
       for (int p = 0; p < kc; ++p) {
         const float *a = a_tap + p * a_k_stride;
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
@@ -445,7 +447,7 @@ static void gemm_run_shared_b(int m, int n, int k, const gemm_operand *a, const 
                     pack_b_panel(b, k0, kc, j0 + jp * GEMM_NR, cols,
                                  shared_b + (long)jp * kc * GEMM_NR);
                 }
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic)
                 for (int block = 0; block < blocks; ++block) {
                     int i0 = block * mc_step;
                     int mc = m - i0 < mc_step ? m - i0 : mc_step;
@@ -493,7 +495,7 @@ void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
     /* B read in place when few row tiles reuse it; only row-major B qualifies. */
     int direct_b = b->kind == OPERAND_MATRIX && b->col_stride == 1 && row_tiles <= 2;
     (void)n_threads;
-    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1 && tiles > 1)
+    #pragma omp parallel for schedule(dynamic) num_threads(n_threads) if (n_threads > 1 && tiles > 1)
     for (long t = 0; t < tiles; ++t) {
         int i0 = (int)(t / column_tiles) * GEMM_MC, j0 = (int)(t % column_tiles) * nc_step;
         int mc = m - i0 < GEMM_MC ? m - i0 : GEMM_MC, nc = n - j0 < nc_step ? n - j0 : nc_step;
