@@ -173,3 +173,33 @@ def test_conv_layer_against_torch(benchmark, shape, n_threads, torch_results, pe
         if torch_times is not None:
             info[f"torch_{config}_ms"] = round(torch_times[conv_id(shape)] * 1e3, 2)
             info[f"speedup_vs_torch_{config}"] = round(torch_times[conv_id(shape)] / median, 3)
+
+
+@pytest.mark.benchmark(group="dense-51200x128")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_dense_memory_bound(benchmark, direction, n_threads, peak):
+    """The papers' first dense layer: (32, 51200) @ (51200, 128), memory-bound on the weights."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 51200)).astype(np.float32)
+    kernel = (rng.standard_normal((51200, 128)) * 0.01).astype(np.float32)
+    bias = np.zeros(128, np.float32)
+    grad_output = rng.standard_normal((32, 128)).astype(np.float32)
+    if direction == "forward":
+        def ours():
+            return ops.dense_forward(x, kernel, bias, True, n_threads)
+
+        def numpy_version():
+            return np.maximum(x @ kernel + bias, 0)
+        passes = 1
+    else:
+        def ours():
+            return ops.dense_backward(x, kernel, grad_output, True, n_threads)
+
+        def numpy_version():
+            return grad_output @ kernel.T, x.T @ grad_output, grad_output.sum(axis=0)
+        passes = 2
+    benchmark(ours)
+    record(benchmark, {}, None, 2.0 * 32 * 51200 * 128 * passes, n_threads, peak[n_threads])
+    benchmark.extra_info["weights_gb_per_s"] = round(
+        51200 * 128 * 4 * passes / benchmark.stats.stats.median / 1e9, 2)
+    benchmark.extra_info["ratio_interleaved"] = round(interleaved_ratio(numpy_version, ours), 3)

@@ -363,8 +363,10 @@ void gemm_tile(int i0, int mc, int j0, int nc, int k0, int k1, const gemm_operan
     micro_kernel_fn packed = packed_kernel(), strided = strided_kernel();
     int kc_max = gemm_k_block(k1 - k0);
     int a_panels = (mc + GEMM_MR - 1) / GEMM_MR, b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
-    /* A read in place pays when each A panel meets few B panels (conv-shaped GEMMs). */
-    int direct_a = a->kind == OPERAND_MATRIX && b_panels <= 4 && a->col_stride == 1;
+    /* A read in place pays when each A panel meets few B panels (conv-shaped GEMMs) and its
+     * rows are short: six rows far apart alias in L1 and the TLB (dense layers, k = 51200). */
+    int direct_a = a->kind == OPERAND_MATRIX && b_panels <= 4 && a->col_stride == 1
+                   && a->row_stride <= 1024;
 
     for (int kb = k0; kb < k1; kb += kc_max) {
         int kc = k1 - kb < kc_max ? k1 - kb : kc_max;
