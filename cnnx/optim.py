@@ -87,6 +87,9 @@ class Optimizer:
         self.slots = {slot: {} for slot in self.slot_names}
         self._buffers = {}              # scratch space, not state: never saved
 
+    def __getstate__(self):
+        return {**self.__dict__, "_buffers": {}}
+
     def apply(self, params, grads):
         """params[name] -= update(grads[name]) in place, for every name in grads."""
         missing = set(grads) - set(params)

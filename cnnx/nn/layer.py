@@ -1,4 +1,6 @@
 """The Layer base class: parallel params/grads dicts, a forward cache, Keras-style config."""
+import numpy as np
+
 from cnnx.nn import activations
 
 
@@ -18,6 +20,22 @@ class Layer:
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r})"
+
+    def __getstate__(self):
+        # underscore attributes are forward caches and work buffers: never ship them (Dask
+        # pickles models to send them to workers)
+        return {key: (None if key.startswith("_") else value)
+                for key, value in self.__dict__.items()}
+
+    def _workspace(self, name, shape, dtype):
+        """A buffer reused from one training step to the next: fresh arrays over 32 MB are
+        mmapped by glibc and page-fault on every step.  Its contents die with the step."""
+        if not getattr(self, "_buffers", None):
+            self._buffers = {}
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._buffers[name] = np.empty(shape, dtype)
+        return buffer
 
     def build(self, input_shape, rng):
         """Create params for input_shape; return the output shape.  Default: shape-preserving."""

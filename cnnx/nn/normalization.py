@@ -31,7 +31,7 @@ class BatchNormalization(Layer):
 
     # Both passes work on x seen as (M, C), M = N*H*W samples per channel, and fold the
     # per-channel constants together so that each touches the big arrays as few times as
-    # possible (BatchNorm is memory-bound): forward ~4 passes, backward ~6.
+    # possible (BatchNorm is memory-bound); big results go to reused work buffers.
 
     def forward(self, x, training=False, rng=None):
         gamma = self.params["gamma"].astype(x.dtype, copy=False)
@@ -45,8 +45,8 @@ class BatchNormalization(Layer):
             y += (beta - self.state["moving_mean"] * scale).astype(x.dtype)
             return y.reshape(x.shape)
         count = len(flat)
-        mean = flat.sum(axis=0) / count
-        y = flat - mean                                        # centred, then scaled in place
+        mean = np.einsum("mc->c", flat) / count
+        y = np.subtract(flat, mean, out=self._workspace("output", flat.shape, x.dtype))
         variance = np.einsum("mc,mc->c", y, y) / count
         inv_std = (1 / np.sqrt(variance + self.epsilon)).astype(x.dtype)
         self._cache = (flat, mean, inv_std)
@@ -61,7 +61,7 @@ class BatchNormalization(Layer):
         flat, mean, inv_std = self._cache
         grad = grad_output.reshape(-1, grad_output.shape[-1])  # (M, C)
         count = len(grad)
-        grad_beta = grad.sum(axis=0)
+        grad_beta = np.einsum("mc->c", grad)
         # sum(g * x_hat) with x_hat = (x - mean) * inv_std, without forming x_hat
         grad_gamma = inv_std * (np.einsum("mc,mc->c", grad, flat) - mean * grad_beta)
         self.grads["beta"], self.grads["gamma"] = grad_beta, grad_gamma
@@ -70,8 +70,8 @@ class BatchNormalization(Layer):
         k = self.params["gamma"].astype(grad.dtype) * inv_std
         b = -k * inv_std * grad_gamma / count
         c = k * (mean * inv_std * grad_gamma - grad_beta) / count
-        grad_input = grad * k
-        grad_input += flat * b
+        grad_input = np.multiply(grad, k, out=grad)            # grad_output is ours to overwrite
+        grad_input += np.multiply(flat, b, out=self._workspace("backward", flat.shape, flat.dtype))
         grad_input += c
         return grad_input.reshape(grad_output.shape)
 

@@ -195,6 +195,24 @@ def test_save_and_load_round_trip_continues_training_identically(rng, tmp_path):
         np.testing.assert_array_equal(loaded.get_weights()[name], value, err_msg=name)
 
 
+def test_pickled_model_leaves_caches_behind_and_keeps_training(rng):
+    """Dask pickles models to ship them to workers: weights go, forward caches do not."""
+    import pickle
+    x, y = toy_data(rng, n=256)
+    model = small_cnn(batch_norm=True)
+    model.compile(optim.Adam(1e-2), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=256, epochs=1, verbose=0)
+    weights_bytes = sum(v.nbytes for v in model.get_weights().values())
+    payload = pickle.dumps(model)
+    assert len(payload) < 3 * weights_bytes + 20_000       # the optimizer's m and v come too
+    clone = pickle.loads(payload)
+    np.testing.assert_array_equal(clone.predict(x), model.predict(x))
+    model.fit(x, y, batch_size=256, epochs=2, initial_epoch=1, verbose=0)
+    clone.fit(x, y, batch_size=256, epochs=2, initial_epoch=1, verbose=0)
+    for name, value in model.get_weights().items():
+        np.testing.assert_array_equal(clone.get_weights()[name], value, err_msg=name)
+
+
 def test_saved_file_has_no_pickled_objects(rng, tmp_path):
     model = small_cnn()
     model.compile("adam", "sparse_categorical_crossentropy")
