@@ -104,9 +104,11 @@ def test_training_step(benchmark, net, batch, threads):
 
     with cnnx.num_threads(threads):
         benchmark.pedantic(train_step, rounds=10, warmup_rounds=2)
+        kernel_threads = cnnx.get_num_threads()          # what the kernels were told
     ours = batch / benchmark.stats["median"]
     info = benchmark.extra_info
-    info.update(images_per_s=ours, threads=threads, kernel_threads=cnnx.get_num_threads())
+    info.update(images_per_s=ours, threads=threads, kernel_threads=kernel_threads,
+                omp_num_threads_env=os.environ.get("OMP_NUM_THREADS"))
     for config, best in (("torch_best", True), ("torch_default", False)):
         theirs = torch_images_per_s(net, batch, threads, best)
         if theirs is not None:
