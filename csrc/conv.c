@@ -10,13 +10,15 @@
  *   - Grad kernel: [KH*KW*C, F] = im2col(x)^T @ grad_output, a reduction over N*OH*OW. The
  *     pixels are cut into fixed chunks of PIXEL_CHUNK; each chunk's partial product lands in
  *     its own slot, and the slots are added in chunk order: bit-identical for any n_threads.
- *   - Fast path for stride 1 (forward, grad input, and grad kernel when C % 16 == 0): the
+ *   The three bullets above are the general path (any stride); stride 1 takes this one:
+ *   - Fast path for stride 1 (forward, grad input, grad kernel; any channel count): the
  *     batch is cut into bands of BAND_ROWS output rows of one image; a thread copies its
  *     band, zero-padded, into an L2-sized buffer Wp = OW + KW - 1 cells wide. Output pixel
  *     (y, x) is then "virtual row" v = y*Wp + x, and its im2col row is the buffer read at
  *     v*C + tap_offset[tap] + c: a constant row stride, so the micro-kernel reads im2col in
- *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped.
- *     Bands are fixed by the geometry, so the grad-kernel partials are per band.
+ *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped
+ *     (grad kernel: their grad_output rows are zeros). Bands are fixed by the geometry, so
+ *     the grad-kernel partials are per band and added in band order.
  */
 #include <string.h>
 
