@@ -121,33 +121,23 @@ def test_conv3x3_backward(benchmark, shape, n_threads, medians, peak):
            conv_flops(shape, passes), n_threads, peak[n_threads])
 
 
-def torch_medians(n_threads, channels_last, tcmalloc):
-    """Medians of PyTorch conv forward+backward per shape, or None without torch."""
+def torch_median(shape, n_threads, channels_last, tcmalloc):
+    """Median seconds of PyTorch conv forward+backward on one shape, in a fresh process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(n_threads))
     if tcmalloc:
         env["LD_PRELOAD"] = "libtcmalloc_minimal.so.4"
-    command = [sys.executable, os.path.join(HERE, "torch_conv.py"), "--threads", str(n_threads)]
+    command = [sys.executable, os.path.join(HERE, "torch_conv.py"), "--threads", str(n_threads),
+               "--shape", conv_id(shape)]
     command += ["--channels-last"] if channels_last else []
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])[conv_id(shape)]
 
 
-@pytest.fixture(scope="session")
-def torch_results():
-    """PyTorch, best (channels_last + tcmalloc) and out of the box (NCHW, glibc malloc)."""
-    try:
-        import importlib.util
-        if importlib.util.find_spec("torch") is None:
-            return None
-    except ValueError:
-        return None
-    results = {}
-    for n_threads in (1, 2):
-        results[("best", n_threads)] = torch_medians(n_threads, True, True)
-        results[("default", n_threads)] = torch_medians(n_threads, False, False)
-    return results
+def torch_installed():
+    import importlib.util
+    return importlib.util.find_spec("torch") is not None
 
 
 def conv_layer_step(x, kernel, bias, grad_output, n_threads, input_grad):
@@ -157,8 +147,11 @@ def conv_layer_step(x, kernel, bias, grad_output, n_threads, input_grad):
 
 @pytest.mark.benchmark(group="conv-layer-vs-torch")
 @pytest.mark.parametrize("shape", CONVS, ids=conv_id)
-def test_conv_layer_against_torch(benchmark, shape, n_threads, torch_results, peak):
-    if torch_results is None:
+def test_conv_layer_against_torch(benchmark, shape, n_threads, peak):
+    """One conv layer forward + backward (input gradient skipped for the RGB layer, as in
+    torch_conv.py). PyTorch runs in its own process right after ours, so both see the same
+    load: best = channels_last + tcmalloc, default = NCHW + glibc malloc."""
+    if not torch_installed():
         pytest.skip("torch is not installed")
     x, kernel, bias, grad_output = conv_operands(shape)
     benchmark(conv_layer_step, x, kernel, bias, grad_output, n_threads, need_input_grad(shape))
@@ -168,11 +161,11 @@ def test_conv_layer_against_torch(benchmark, shape, n_threads, torch_results, pe
     info["n_threads"] = n_threads
     info["gflops"] = round(conv_flops(shape, passes) / median / 1e9, 2)
     info["fraction_of_peak"] = round(conv_flops(shape, passes) / median / 1e9 / peak[n_threads], 3)
-    for config in ("best", "default"):
-        torch_times = torch_results[(config, n_threads)]
-        if torch_times is not None:
-            info[f"torch_{config}_ms"] = round(torch_times[conv_id(shape)] * 1e3, 2)
-            info[f"speedup_vs_torch_{config}"] = round(torch_times[conv_id(shape)] / median, 3)
+    for config, channels_last, tcmalloc in (("best", True, True), ("default", False, False)):
+        torch_time = torch_median(shape, n_threads, channels_last, tcmalloc)
+        if torch_time is not None:
+            info[f"torch_{config}_ms"] = round(torch_time * 1e3, 2)
+            info[f"speedup_vs_torch_{config}"] = round(torch_time / median, 3)
 
 
 @pytest.mark.benchmark(group="dense-51200x128")

@@ -22,11 +22,14 @@ def main():
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--shape", help="only this shape id, e.g. 32x80x80x16->32")
     args = parser.parse_args()
     import torch
     torch.set_num_threads(args.threads)
     results = {}
     for shape in SHAPES:
+        if args.shape and shape_id(shape) != args.shape:
+            continue
         n, h, w, c, f = shape
         fmt = torch.channels_last if args.channels_last else torch.contiguous_format
         conv = torch.nn.Conv2d(c, f, 3, padding=1).to(memory_format=fmt)
