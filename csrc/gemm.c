@@ -170,6 +170,17 @@ static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_st
                            accumulate, bias, relu);
 }
 
+/* Rows of A adjacent in memory (the grad-kernel GEMM): constant offsets for the broadcasts. */
+static AVX2 void micro_kernel_avx2_adjacent_rows(int kc, const float *a, long a_row_stride,
+                                                 long a_k_stride, const float *b,
+                                                 long b_k_stride, float *c, long ldc,
+                                                 int accumulate, const float *bias, int relu)
+{
+    (void)a_row_stride;
+    micro_kernel_avx2_body(1, NULL, kc, a, 1, a_k_stride, b, b_k_stride, c, ldc, accumulate,
+                           bias, relu);
+}
+
 static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, int channels,
                                   const float *a, long a_row_stride, const float *b, float *c,
                                   long ldc, const float *bias, int relu)
@@ -272,8 +283,13 @@ void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
                      const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
                      float *edge_tile)
 {
-    micro_tile(strided_kernel(), kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows,
-               cols, 0, NULL, 0, edge_tile, NULL);
+    micro_kernel_fn kernel = strided_kernel();
+#if CNNX_X86
+    if (a_row_stride == 1 && kernel == micro_kernel_avx2_strided)
+        kernel = micro_kernel_avx2_adjacent_rows;
+#endif
+    micro_tile(kernel, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows, cols, 0,
+               NULL, 0, edge_tile, NULL);
 }
 
 /* ------------------------------------------------------------------ packing */
