@@ -276,8 +276,30 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
             float *partial = partials + band_index * partial_size;
             float *bias_partial = partial + (long)depth * filters;
             copy_band(g, x, image, y0, rows, band);
-            /* grad_output in virtual-row layout: zeros in the junk columns */
             memset(bias_partial, 0, sizeof(float) * filters);
+            int row_span = g->kernel_w * g->channels;
+            if (filters % GEMM_NR == 0) {
+                /* grad_output read in place, one output row at a time (no junk columns);
+                 * rows are added into the partial in order */
+                for (int y = 0; y < rows; ++y) {
+                    const float *grad_row = grad_band + (long)y * g->out_w * filters;
+                    for (int out_x = 0; out_x < g->out_w; ++out_x)
+                        for (int f = 0; f < filters; ++f)
+                            bias_partial[f] += grad_row[(long)out_x * filters + f];
+                    for (int i = 0; i < g->kernel_h; ++i)
+                        for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
+                            int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
+                            int k0 = i * row_span + t0;
+                            const float *a = band + (long)(y + i) * width * g->channels + t0;
+                            for (int f0 = 0; f0 < filters; f0 += GEMM_NR)
+                                gemm_micro_tile(g->out_w, a, 1, g->channels, grad_row + f0,
+                                                filters, partial + (long)k0 * filters + f0,
+                                                filters, k_rows, GEMM_NR, y > 0, edge_tile);
+                        }
+                }
+                continue;
+            }
+            /* grad_output in virtual-row layout: zeros in the junk columns */
             for (int v = 0; v < virtual_rows; ++v) {
                 float *dst = grad_virtual + (long)v * filters;
                 int out_x = v % width;
@@ -294,7 +316,6 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
             /* For one kernel row i, the KW*C k indices (j, c) are contiguous in the band:
              * im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. So six k rows are read in
              * place (row stride 1, pixel stride C), and grad_output columns too. */
-            int row_span = g->kernel_w * g->channels;
             for (int i = 0; i < g->kernel_h; ++i)
                 for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
                     int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
@@ -304,7 +325,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                         int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
                         gemm_micro_tile(virtual_rows, a, 1, g->channels, grad_virtual + f0,
                                         filters, partial + (long)k0 * filters + f0, filters,
-                                        k_rows, cols, edge_tile);
+                                        k_rows, cols, 0, edge_tile);
                     }
                 }
         }

@@ -281,15 +281,15 @@ void conv_micro_kernel(int taps, const int *tap_offsets, int channels, const flo
 
 void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
                      const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
-                     float *edge_tile)
+                     int accumulate, float *edge_tile)
 {
     micro_kernel_fn kernel = strided_kernel();
 #if CNNX_X86
     if (a_row_stride == 1 && kernel == micro_kernel_avx2_strided)
         kernel = micro_kernel_avx2_adjacent_rows;
 #endif
-    micro_tile(kernel, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows, cols, 0,
-               NULL, 0, edge_tile, NULL);
+    micro_tile(kernel, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows, cols,
+               accumulate, NULL, 0, edge_tile, NULL);
 }
 
 /* ------------------------------------------------------------------ packing */

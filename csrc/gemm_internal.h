@@ -52,9 +52,10 @@ void conv_micro_kernel(int taps, const int *tap_offsets, int channels, const flo
                        long a_row_stride, const float *b, float *c, long ldc, const float *bias,
                        int relu);
 
-/* c[0:rows, 0:cols] = a @ b over kc (strided operands, as a micro-kernel reads them). */
+/* c[0:rows, 0:cols] (=, or += when accumulate) a @ b over kc (strided operands, as a
+ * micro-kernel reads them; reads 6 full rows of a and 16 full columns of b). */
 void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
                      const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
-                     float *edge_tile);
+                     int accumulate, float *edge_tile);
 
 #endif

@@ -16,7 +16,9 @@ CASES = [
     ((2, 6, 5, 3), (5, 5, 3, 7), (1, 1), "same"),
     ((2, 4, 5, 16), (1, 1, 16, 33), (1, 1), "valid"),
     ((1, 8, 8, 2), (3, 3, 2, 3), (3, 3), "valid"),
-    ((2, 6, 7, 32), (3, 3, 32, 20), (1, 1), "same"),      # grad kernel reads 16-channel runs
+    ((2, 6, 7, 32), (3, 3, 32, 20), (1, 1), "same"),
+    ((2, 9, 7, 3), (3, 3, 3, 16), (1, 1), "same"),        # F % 16 == 0: grad_output in place
+    ((1, 5, 6, 16), (3, 3, 16, 32), (1, 1), "valid"),
 ]
 IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1][0]}x{c[1][1]}-s{c[2][0]}{c[2][1]}-{c[3]}" for c in CASES]
 
@@ -76,10 +78,11 @@ def test_conv2d_random_geometry(n, h, w, c, f, kh, kw, sh, sw, padding, seed):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels, strides", [(5, 1), (16, 1), (5, 2)])
-def test_conv2d_is_bit_identical_for_any_thread_count(channels, strides, rng):
+@pytest.mark.parametrize("channels, filters, strides", [(5, 18, 1), (16, 32, 1), (5, 18, 2)])
+def test_conv2d_is_bit_identical_for_any_thread_count(channels, filters, strides, rng):
     # 4*48*48 = 9216 output pixels: 12 bands (stride 1) or 3 pixel chunks (stride 2)
-    x, kernel, bias = f32(rng, (4, 48, 48, channels)), f32(rng, (3, 3, channels, 18)), f32(rng, 18)
+    x, kernel = f32(rng, (4, 48, 48, channels)), f32(rng, (3, 3, channels, filters))
+    bias = f32(rng, filters)
     grad_output = f32(rng, ops.conv2d_forward(x, kernel, bias, strides, "same").shape)
     runs = []
     for n_threads in (1, 2, 3):
