@@ -16,7 +16,7 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cnnx.report import _pyplot, format_table  # noqa: E402  (same tables and Agg as runs)
+from cnnx.report import pyplot, format_table, save_figure  # noqa: E402  (as cnnx runs)
 
 SPEEDUP_KEYS = ("ratio", "speedup_vs_numpy", "speedup_vs_torch_best", "ratio_vs_torch_best")
 
@@ -71,7 +71,7 @@ def plot_speedups(benchmarks, path):
                              key.replace("_", " "), info[key]))
     if not bars:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(bars) + 1.5))
     labels = [f"{name} ({key})" for name, key, _ in bars]
     ax.barh(range(len(bars)), [v for *_, v in bars], color="tab:blue")
@@ -81,8 +81,7 @@ def plot_speedups(benchmarks, path):
     ax.set(xlabel="speed-up (yardstick time / cnnx time)", title="cnnx against its yardsticks")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -92,7 +91,7 @@ def plot_training(benchmarks, path):
              and "workers" not in b.get("extra_info", {})]
     if not cases:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4.5))
     names = [b["name"].split("[", 1)[-1].rstrip("]") for b in cases]
     x = range(len(cases))
@@ -107,8 +106,7 @@ def plot_training(benchmarks, path):
     ax.set(ylabel="images/s (training step)", title="Training throughput per network")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -117,7 +115,7 @@ def plot_scaling(benchmarks, path):
     cases = [b for b in benchmarks if "workers" in b.get("extra_info", {})]
     if not cases:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_eff, ax_mb) = plt.subplots(1, 2, figsize=(10, 4))
     nets = defaultdict(list)
     for b in cases:
@@ -140,8 +138,7 @@ def plot_scaling(benchmarks, path):
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     # Agg: draws to files with no display, on servers and in CI alike
     import matplotlib
 
@@ -51,7 +51,7 @@ def _cell(value):
 
 def plot_history(history, path, title="Training curves"):
     """Loss and accuracy per epoch, train and validation, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for key, ax, label in [("loss", ax_loss, "train"), ("val_loss", ax_loss, "validation"),
@@ -69,12 +69,12 @@ def plot_history(history, path, title="Training curves"):
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(counts, class_names, path, title="Confusion matrix (test set)"):
     """The confusion matrix as a heat map with the counts written in each cell."""
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.0, 0.6 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(counts, cmap="Blues")
@@ -87,12 +87,12 @@ def plot_confusion(counts, class_names, path, title="Confusion matrix (test set)
                 color="white" if value > threshold else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, label="images")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     # written beside the target then renamed, so a reader never sees half a PNG
     temporary = f"{path}.tmp.png"
     fig.savefig(temporary, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     os.replace(temporary, path)
