@@ -305,6 +305,19 @@ static void pack_a_panel(const gemm_operand *a, int i0, int rows, int k0, int kc
             for (int p = 0; p < kc; ++p)
                 for (int r = 0; r < rows; ++r)
                     dst[p * GEMM_MR + r] = base[p * a->col_stride + r];
+        } else if (rows == GEMM_MR && a->col_stride == 1) {
+            /* six rows walked side by side: the writes stay sequential */
+            const float *row0 = base, *row1 = base + a->row_stride;
+            const float *row2 = row1 + a->row_stride, *row3 = row2 + a->row_stride;
+            const float *row4 = row3 + a->row_stride, *row5 = row4 + a->row_stride;
+            for (int p = 0; p < kc; ++p, dst += GEMM_MR) {
+                dst[0] = row0[p];
+                dst[1] = row1[p];
+                dst[2] = row2[p];
+                dst[3] = row3[p];
+                dst[4] = row4[p];
+                dst[5] = row5[p];
+            }
         } else {
             for (int r = 0; r < rows; ++r)
                 for (int p = 0; p < kc; ++p)
@@ -506,7 +519,7 @@ void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
     int row_tiles = (m + GEMM_MC - 1) / GEMM_MC, nc_step = GEMM_NC;
     /* Few rows (dense layers on a small batch): narrower column tiles give every thread work.
      * Tiling decides who computes an element, never the order of its sum. */
-    while (nc_step > GEMM_NR && (long)row_tiles * ((n + nc_step - 1) / nc_step) < 2L * n_threads)
+    while (nc_step > GEMM_NR && (long)row_tiles * ((n + nc_step - 1) / nc_step) < n_threads)
         nc_step /= 2;
     int column_tiles = (n + nc_step - 1) / nc_step;
     long tiles = (long)row_tiles * column_tiles;
