@@ -16,6 +16,7 @@ import numpy as np
 from distributed import as_completed
 
 from cnnx.parallel import cluster, wire, worker
+from cnnx.parallel.trainer import LOST, preferred_worker
 
 
 def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
@@ -44,7 +45,7 @@ def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
             raise worker.NonFiniteGradientError(
                 f"{error}; training stopped: the model holds the weights of version "
                 f"{trainer.version}") from None
-        except concurrent_lost() as error:
+        except LOST as error:
             trainer.echo(f"cnnx: unit {unit['key']} lost with a worker ({error}); resubmitting")
             workers = cluster.wait_for_workers(client, trainer.worker_timeout, trainer.echo)
             trainer._scatter_model()
@@ -62,9 +63,38 @@ def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
     return records
 
 
-def concurrent_lost():
-    from cnnx.parallel.trainer import LOST
-    return LOST
+def replay_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
+    """Re-run one epoch's commits in the order of trainer.replay (a replay log), each unit on
+    the weights of the version it saw then: the run is reproduced bit for bit, one unit at
+    a time."""
+    window = 1 if trainer.mode in ("downpour", "dynsgd") else trainer.tau
+    units = {unit["key"]: unit for unit in _units(epoch, epoch_plan, first_step, window)}
+    records = []
+    for entry in [e for e in trainer.replay if e["epoch"] == epoch]:
+        key, version = (entry["epoch"], entry["step"], entry["shard"]), entry["version"]
+        if key not in units:
+            raise ValueError(f"DaskTrainer: the replay log commits {key}, which this run's "
+                             f"plan does not have (different data, shards or batch size?)")
+        centre, local = trainer.snapshots[version]
+        workers = cluster.wait_for_workers(trainer.client, trainer.worker_timeout, trainer.echo)
+        started_from = local.get(key[2], centre) if trainer.mode == "easgd" else centre
+        future, _ = _submit(trainer, units[key], workers, started_from, version)
+        record = commit(trainer, key, version, future.result(), started_from)
+        records.append(record)
+        trainer.steps.append(record)
+        for callback in callbacks:
+            callback(trainer, record)
+    return records
+
+
+def take_snapshot(trainer):
+    """Keep the weights of the current version while a replayed commit still needs them."""
+    needed = trainer.replay_needs
+    for version in [v for v in trainer.snapshots if v < trainer.version and not needed[v]]:
+        del trainer.snapshots[version]
+    if needed[trainer.version]:
+        trainer.snapshots[trainer.version] = (trainer.model.get_weights(),
+                                              dict(trainer.local_weights))
 
 
 def _units(epoch, epoch_plan, first_step, window):
@@ -75,17 +105,20 @@ def _units(epoch, epoch_plan, first_step, window):
             for step in range(first_step, n_steps, window) for shard in range(n_shards)]
 
 
-def _submit(trainer, unit, workers):
+def _submit(trainer, unit, workers, started_from=None, version=None):
     """Scatter the unit's starting weights to its preferred worker and submit its task."""
     epoch, step, shard = unit["key"]
-    preferred = workers[shard % len(workers)]
-    if trainer.mode == "easgd":
-        started_from = trainer.local_weights.setdefault(shard, trainer.model.get_weights())
+    version = trainer.version if version is None else version
+    preferred = workers[preferred_worker(shard, trainer._meta["shards"], len(workers))]
+    if started_from is not None:
+        pass
+    elif trainer.mode == "easgd":
+        started_from = trainer.local_weights.get(shard) or trainer.model.get_weights()
     else:
         started_from = trainer.model.get_weights()
     weights_future = trainer.client.scatter([wire.encode(started_from, trainer.wire_dtype)],
                                             workers=[preferred], hash=False)[0]
-    task_key = f"cnnx-{trainer._run}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{trainer.version}"
+    task_key = f"cnnx-{trainer._run}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
     options = dict(key=task_key, workers=[preferred], allow_other_workers=True, pure=False)
     if trainer.mode in ("downpour", "dynsgd"):
         future = trainer.client.submit(worker.shard_gradient, trainer._model_future,
@@ -122,6 +155,9 @@ def commit(trainer, key, version, result, started_from=None):
             _elastic_exchange(trainer, key[2], params)
     trainer.version += 1
     trainer.applied.add(key)
+    if trainer.replay is not None:
+        trainer.replay_needs[version] -= 1
+        take_snapshot(trainer)
     record = {"epoch": key[0], "step": key[1], "shard": key[2], "version": version,
               "staleness": staleness, "worker": address, "n_samples": int(n),
               "loss": float(loss_sum) / n, "accuracy": int(n_correct) / n}

@@ -5,8 +5,10 @@ chunks of the Zarr store and return gradient sums (worker.py). Policy lives here
 named methods: which shard runs where, how a step is reduced and applied, what is recorded,
 when a checkpoint is written, and how to ride out workers leaving and joining.
 """
+import collections
 import concurrent.futures
 import copy
+import json
 import time
 import uuid
 
@@ -35,13 +37,16 @@ class DaskTrainer:
     shards: G, the number of virtual shards a step's batch is split into (default: the number
         of workers at the start). Same seed and G give the same weights on any worker count.
     wire_dtype: "float32" or "bfloat16" for weights and gradients on the wire.
+    replay_log: a path; asynchronous modes append each applied commit to it (JSON lines).
+    replay: a replay log of an earlier asynchronous run: re-run its commits in that order,
+        each on the weights it saw, to reproduce the run bit for bit (one unit at a time).
     """
 
     def __init__(self, model, client=None, mode="sync", shards=None, *, seed=0,
                  wire_dtype="float32", normalize="standardize", augment=None,
                  cache_bytes=512 * 2**20, checkpoint_every=None, worker_timeout=60.0,
                  connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, learning_rate=0.01, tau=4,
-                 alpha=0.5, max_in_flight=None, replay_log=None, max_step_retries=3,
+                 alpha=0.5, max_in_flight=None, replay_log=None, replay=None, max_step_retries=3,
                  progress=True, opener=None, echo=print):
         if mode not in MODES:
             raise ValueError(f"DaskTrainer: mode must be one of {MODES}, got {mode!r}")
@@ -53,6 +58,9 @@ class DaskTrainer:
         self.checkpoint_every, self.worker_timeout = checkpoint_every, worker_timeout
         self.learning_rate, self.tau, self.alpha = learning_rate, tau, alpha
         self.max_in_flight, self.replay_log = max_in_flight, replay_log
+        self.replay = None if replay is None else _read_replay_log(replay)
+        self.replay_needs = collections.Counter(e["version"] for e in self.replay or [])
+        self.snapshots = {}                       # replay: version -> (weights, easgd locals)
         self.max_step_retries, self.progress, self.echo = max_step_retries, progress, echo
         self.opener = opener or _default_opener
         self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
@@ -185,7 +193,7 @@ class DaskTrainer:
             "bytes_in": wire.nbytes(total.grads)})
 
     def _submit_shard(self, weights_future, indices, key, workers, task_key):
-        preferred = workers[key[2] % len(workers)]
+        preferred = workers[preferred_worker(key[2], self._meta["shards"], len(workers))]
         return self.client.submit(worker.shard_gradient, self._model_future, weights_future,
                                   self._spec(indices), key, self.wire_dtype, key=task_key,
                                   workers=[preferred], allow_other_workers=True, pure=False)
@@ -214,7 +222,11 @@ class DaskTrainer:
     # ----------------------------------------------------------------- async
     def _async_epoch(self, epoch, epoch_plan, first_step, callbacks):
         from cnnx.parallel import asynchronous
-        return asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
+        if self.replay is None:
+            return asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
+        if not self.snapshots:
+            asynchronous.take_snapshot(self)
+        return asynchronous.replay_epoch(self, epoch, epoch_plan, first_step, callbacks)
 
     # ----------------------------------------------------------------- validation
     def evaluate(self, indices, prefix=""):
@@ -313,6 +325,16 @@ class DaskTrainer:
                   if k in s]
         parts.append(f"{(s['bytes_out'] + s['bytes_in'] + s['bytes_between_workers']) / 1e6:.1f} MB moved")
         self.echo("cnnx: " + ", ".join(parts))
+
+
+def _read_replay_log(path):
+    with open(path) as log:
+        return [json.loads(line) for line in log if line.strip()]
+
+
+def preferred_worker(shard, n_shards, n_workers):
+    """Contiguous blocks of shards per worker: the tree's first sums then stay on one worker."""
+    return shard * n_workers // n_shards
 
 
 def _transfer_bytes(dask_worker):
