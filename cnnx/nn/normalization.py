@@ -10,6 +10,7 @@ class BatchNormalization(Layer):
     Training uses the batch's mean and (biased) variance and moves the moving statistics
     toward them: moving = momentum * moving + (1 - momentum) * batch.  Inference uses the
     moving statistics.  Defaults are Keras': momentum 0.99, epsilon 1e-3.
+    In training the output lives in a buffer the next training forward overwrites.
     """
 
     def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
