@@ -1,8 +1,5 @@
 """Training reaches real accuracy on real data (Fashion-MNIST from Debian's IDX files, the
 scikit-image faces).  Budgets are sized for CI on 2 cores."""
-import os
-import time
-
 import numpy as np
 import pytest
 
@@ -17,8 +14,7 @@ def fashion_cnn(seed=0):
     ], input_shape=(28, 28, 1), seed=seed)
 
 
-@pytest.fixture(scope="module")
-def fashion():
+def fashion_data():
     try:
         train, test = data.load_fashion_mnist()
     except FileNotFoundError as error:          # .ci/run installs dataset-fashion-mnist
@@ -28,35 +24,19 @@ def fashion():
 
 
 @pytest.mark.slow
-def test_fashion_mnist_subset_reaches_085(fashion):
-    """The first 20,000 training images, 2 epochs (1,250 Adam steps, cosine-decayed), scored
-    on all 10,000 test images.
-
-    Threshold 0.85 for this CI budget (measured 0.8607, seed 0; a linear model gets ~0.84).
-    The full-data run below measured 0.8876 after 3 epochs.
+def test_fashion_mnist_reaches_088():
+    """All 60,000 training images, 2 epochs (3,750 Adam steps, cosine-decayed from 3e-3),
+    scored on all 10,000 test images.  Measured 0.8906 (seed 0), 22 s of training on the
+    2-core dev machine when quiet; the issue's 0.88 leaves a margin of about 0.01.
     """
-    (x, y), (x_test, y_test) = fashion
+    (x, y), (x_test, y_test) = fashion_data()
     model = fashion_cnn()
-    steps = 2 * 20000 // 32
+    steps = 2 * -(-len(x) // 32)
     model.compile(optim.Adam(optim.CosineDecay(3e-3, steps)), "sparse_categorical_crossentropy",
                   ["accuracy"])
-    history = model.fit(x[:20000], y[:20000], batch_size=32, epochs=2, verbose=0)
+    history = model.fit(x, y, batch_size=32, epochs=2, verbose=0)
     assert history.history["loss"][1] < history.history["loss"][0]
     _, accuracy = model.evaluate(x_test, y_test)
-    assert accuracy >= 0.85
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CNNX_LONG_TESTS"),
-                    reason="full Fashion-MNIST training: set CNNX_LONG_TESTS=1 (minutes)")
-def test_fashion_mnist_full_reaches_088(fashion):
-    (x, y), (x_test, y_test) = fashion
-    model = fashion_cnn()
-    model.compile(optim.Adam(2e-3), "sparse_categorical_crossentropy", ["accuracy"])
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=32, epochs=3, verbose=0)
-    _, accuracy = model.evaluate(x_test, y_test)
-    print(f"fashion full: accuracy {accuracy:.4f} in {time.perf_counter() - start:.0f} s")
     assert accuracy >= 0.88
 
 
