@@ -47,7 +47,7 @@ class DaskTrainer:
                  cache_bytes=512 * 2**20, checkpoint_every=None, worker_timeout=60.0,
                  connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, learning_rate=0.01, tau=4,
                  alpha=0.5, max_in_flight=None, replay_log=None, replay=None, max_step_retries=3,
-                 progress=True, opener=None, echo=print):
+                 scatter_timeout=20.0, progress=True, opener=None, echo=print):
         if mode not in MODES:
             raise ValueError(f"DaskTrainer: mode must be one of {MODES}, got {mode!r}")
         if shards is not None and (not isinstance(shards, int) or shards < 1):
@@ -63,6 +63,7 @@ class DaskTrainer:
         self.snapshots = {}                       # replay: version -> (weights, easgd locals)
         self.max_step_retries, self.progress, self.echo = max_step_retries, progress, echo
         self.opener = opener or _default_opener
+        self.scatter_timeout = scatter_timeout
         self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
         self.history, self.steps, self.commits = [], [], []
         self.staleness = {}                       # worker address -> list of staleness values
@@ -157,13 +158,15 @@ class DaskTrainer:
         for attempt in range(self.max_step_retries + 1):
             workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
             try:
+                if attempt:
+                    self._scatter_model()         # its copies may have died with the workers
                 return self._sync_step_once(epoch, step, step_plan, workers, attempt)
-            except LOST:
+            except (*LOST, TimeoutError) as error:
                 if attempt == self.max_step_retries:
                     raise
-                self.echo(f"cnnx: step {step} of epoch {epoch} lost its data with a worker; "
-                          f"retrying it ({attempt + 1}/{self.max_step_retries})")
-                self._scatter_model()
+                self.echo(f"cnnx: step {step} of epoch {epoch} lost data or stalled with a "
+                          f"worker ({type(error).__name__}); retrying it "
+                          f"({attempt + 1}/{self.max_step_retries})")
         raise AssertionError("unreachable")
 
     def _sync_step_once(self, epoch, step, step_plan, workers, attempt):
@@ -281,7 +284,9 @@ class DaskTrainer:
 
     def _broadcast(self, value):
         """One copy of `value` on every worker (a dict would be scattered entry by entry)."""
-        return self.client.scatter([value], broadcast=True, hash=False)[0]
+        # a worker killed a moment ago can stall a broadcast: time out, then retry the step
+        return self.client.scatter([value], broadcast=True, hash=False,
+                                   timeout=self.scatter_timeout)[0]
 
     def _spec(self, indices):
         return {"store": self._store, "opener": self.opener, "indices": np.asarray(indices),

@@ -58,7 +58,8 @@ def test_a_worker_killed_mid_epoch_changes_no_bit(reference, store):
             if (record["epoch"], record["step"]) == (0, 2):
                 threading.Timer(0.01, os.kill, (victim, signal.SIGKILL)).start()
 
-        model, trainer = train(client, store, callbacks=[kill_during_next_step])
+        model, trainer = train(client, store, callbacks=[kill_during_next_step],
+                               scatter_timeout=5)
         assert victim not in client.run(os.getpid).values()
     assert_same_weights(model.get_weights(), reference[0])
 

@@ -1,0 +1,71 @@
+"""The pure pieces: keyed batches, the chunk cache, bfloat16, the plan, checkpoints."""
+import os
+
+import numpy as np
+import pytest
+
+from cnnx import data
+from cnnx.parallel import checkpoint, plan, wire, worker
+
+
+def spec(store, indices, augment=None, cache_bytes=2**20):
+    return {"store": store.store, "opener": data.open_dataset, "indices": np.asarray(indices),
+            "normalize": "standardize", "augment": augment, "seed": 0,
+            "cache_bytes": cache_bytes}
+
+
+def test_augmented_batches_are_a_function_of_the_key(store):
+    augment = data.Augment(horizontal_flip=0.5, translation=0.2)
+    first, labels = worker.prepare_batch(spec(store, range(16), augment), (0, 1, 2))
+    again, _ = worker.prepare_batch(spec(store, range(16), augment), (0, 1, 2))
+    other, _ = worker.prepare_batch(spec(store, range(16), augment), (0, 1, 3))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    np.testing.assert_array_equal(labels, store.read(np.arange(16))[1])
+
+
+def test_chunk_cache_is_bounded_and_serves_repeats(store):
+    worker.clear_cache()
+    one_chunk = store.chunk_size * int(np.prod(store.image_shape))
+    worker.load_batch(spec(store, range(48), cache_bytes=2 * one_chunk))   # chunks 0, 1, 2
+    info = worker.cache_info()
+    assert info["misses"] == 3 and info["chunks"] == 2 and info["bytes"] <= 2 * one_chunk
+    worker.load_batch(spec(store, [40, 41], cache_bytes=2 * one_chunk))   # chunk 2: cached
+    assert worker.cache_info()["hits"] == 1
+
+
+def test_bfloat16_rounds_to_nearest_even_and_keeps_nan():
+    x = np.array([1.0, 1.00390625, 1.01171875, -2.5e-3, np.inf, np.nan, 3.4e38], np.float32)
+    back = wire.from_bfloat16(wire.to_bfloat16(x))
+    np.testing.assert_array_equal(back[:2], [1.0, 1.0])               # tie -> even
+    assert back[2] == np.float32(1.015625)                            # tie -> even (up)
+    assert abs(back[3] - x[3]) <= abs(x[3]) * 2**-8
+    assert np.isinf(back[4]) and np.isnan(back[5])
+    assert wire.nbytes(wire.encode({"a": x}, "bfloat16")) == x.nbytes // 2
+
+
+def test_plan_is_disjoint_chunk_local_and_keyed():
+    owned = plan.shard_indices(np.arange(100), chunk_size=10, n_shards=3)
+    assert sorted(np.concatenate(owned)) == list(range(100))
+    assert all(set((o // 10) % 3) == {g} for g, o in enumerate(owned))
+    epoch0 = plan.epoch_plan(owned, seed=0, epoch=0, shard_batch=5)
+    assert epoch0.shape == (min(len(o) for o in owned) // 5, 3, 5)
+    np.testing.assert_array_equal(epoch0, plan.epoch_plan(owned, 0, 0, 5))
+    assert not np.array_equal(epoch0, plan.epoch_plan(owned, 0, 1, 5))
+    assert plan.tree_pairs(5) == [[(0, 1), (2, 3), (4,)], [(0, 1), (2,)], [(0, 1)]]
+    with pytest.raises(ValueError, match="batch_size 10 is not divisible by shards=3"):
+        plan.per_shard_batch(10, 3)
+
+
+def test_checkpoint_is_atomic_and_pickle_free(tmp_path):
+    weights = {"dense/kernel": np.ones((2, 3), np.float32)}
+    checkpoint.save_checkpoint(tmp_path, weights, {"step": np.array(3)}, {"epoch": 1, "step": 2})
+    loaded_weights, optimizer_state, meta = checkpoint.load_checkpoint(tmp_path)
+    np.testing.assert_array_equal(loaded_weights["dense/kernel"], weights["dense/kernel"])
+    assert optimizer_state["step"] == 3 and meta == {"epoch": 1, "step": 2}
+    assert os.listdir(tmp_path) == [checkpoint.FILENAME]             # no temporary left over
+    with pytest.raises(TypeError):                                    # unpicklable meta: old file stays
+        checkpoint.save_checkpoint(tmp_path, weights, {}, {"epoch": object()})
+    assert checkpoint.load_checkpoint(tmp_path)[2]["epoch"] == 1
+    assert os.listdir(tmp_path) == [checkpoint.FILENAME]
+    assert checkpoint.load_checkpoint(tmp_path / "none") is None
