@@ -159,7 +159,7 @@ class DaskTrainer:
             workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
             try:
                 if attempt:
-                    self._scatter_model()         # its copies may have died with the workers
+                    self._scatter_model(attempt)  # its copies may have died with the workers
                 return self._sync_step_once(epoch, step, step_plan, workers, attempt)
             except (*LOST, TimeoutError) as error:
                 if attempt == self.max_step_retries:
@@ -172,7 +172,7 @@ class DaskTrainer:
     def _sync_step_once(self, epoch, step, step_plan, workers, attempt):
         started = time.perf_counter()
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
-        weights_future = self._broadcast(weights)
+        weights_future = self._place(weights, attempt)     # other workers fetch it once
         scattered = time.perf_counter()
         prefix = f"cnnx-{self._run}-e{epoch}-s{step}-a{attempt}"
         leaves = [self._submit_shard(weights_future, step_plan[shard], (epoch, step, shard),
@@ -192,7 +192,7 @@ class DaskTrainer:
         return self._step_record(epoch, step, total, stats, workers, {
             "scatter_s": scattered - started, "wait_s": received - scattered,
             "optimizer_s": applied - received, "time_s": applied - started,
-            "bytes_out": wire.nbytes(weights) * len(workers),
+            "bytes_out": wire.nbytes(weights),
             "bytes_in": wire.nbytes(total.grads)})
 
     def _submit_shard(self, weights_future, indices, key, workers, task_key):
@@ -239,9 +239,9 @@ class DaskTrainer:
         chunk_of = indices // self._dataset.chunk_size
         groups = [indices[chunk_of % len(workers) == i] for i in range(len(workers))]
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
-        weights_future = self._broadcast(weights)
+        weights_future = self._place(weights)
         # after fit() the workers' model copies were released; evaluate() must work then too
-        model_future = self._model_future or self._broadcast(self.model)
+        model_future = self._model_future or self._place(self.model, broadcast=True)
         futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
                                       self._spec(group), workers=[address],
                                       allow_other_workers=True, pure=False)
@@ -279,14 +279,22 @@ class DaskTrainer:
         return meta["epoch"], meta["step"]
 
     # ----------------------------------------------------------------- helpers
-    def _scatter_model(self):
-        self._model_future = self._broadcast(self.model)
+    def _scatter_model(self, attempt=0):
+        self._model_future = self._place(self.model, attempt, broadcast=attempt == 0)
 
-    def _broadcast(self, value):
-        """One copy of `value` on every worker (a dict would be scattered entry by entry)."""
-        # a worker killed a moment ago can stall a broadcast: time out, then retry the step
-        return self.client.scatter([value], broadcast=True, hash=False,
-                                   timeout=self.scatter_timeout)[0]
+    def _place(self, value, attempt=0, broadcast=False):
+        """Put `value` on the workers: on every one (broadcast), or on one that the others
+        fetch from once. A worker SIGKILLed a moment ago can stall a scatter to it for
+        Dask's connect timeout (30 s; scatter's own timeout covers only the wait for
+        workers), so it is bounded here and a retry picks the next worker."""
+        if broadcast:
+            where = {"broadcast": True}
+        else:
+            workers = cluster.worker_addresses(self.client)
+            where = {"workers": [workers[attempt % len(workers)]]} if workers else {}
+        futures = self.client.sync(self.client._scatter, [value], hash=False,
+                                   callback_timeout=self.scatter_timeout, **where)
+        return futures[0]
 
     def _spec(self, indices):
         return {"store": self._store, "opener": self.opener, "indices": np.asarray(indices),

@@ -36,7 +36,7 @@ def test_sync_learns_and_records_phases(reference):
     step = trainer.steps[-1]
     for phase in ("scatter_s", "wait_s", "optimizer_s", "compute_s", "images_per_s"):
         assert step[phase] > 0
-    assert step["bytes_out"] == 2 * sum(a.nbytes for a in tiny_model().get_weights().values())
+    assert step["bytes_out"] == sum(a.nbytes for a in tiny_model().get_weights().values())
     assert sum(step["tasks_per_worker"].values()) == SHARDS
 
 
@@ -111,7 +111,7 @@ def test_resumed_run_ends_bit_identical(reference, cluster, store, tmp_path):
 def test_bfloat16_wire_halves_the_traffic_and_still_learns(cluster, store):
     model, trainer = train(cluster, store, wire_dtype="bfloat16")
     fp32 = sum(a.nbytes for a in model.get_weights().values())
-    assert trainer.steps[-1]["bytes_out"] == 2 * fp32 // 2
+    assert trainer.steps[-1]["bytes_out"] == fp32 // 2
     assert trainer.history[-1]["accuracy"] > 0.9
 
 
