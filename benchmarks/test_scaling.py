@@ -62,17 +62,21 @@ def measure(dataset, net, n_workers, wire_dtype="float32"):
                 bytes_between_workers_per_step=epoch["bytes_between_workers"] / epoch["steps"])
 
 
+WORKER_TO_WORKER_BYTES_PER_S = 0.9e9       # measured over loopback here (shared/PITFALLS.md)
+
+
 def model_step_time(one, two, n_workers):
-    """Step time at n_workers from the measured phases, one worker per core:
-    compute stays (same per-worker batch); the broadcast of the weights grows with the
-    workers; each level of the pair-sum tree adds what the second level cost at 2 workers."""
-    per_worker_scatter = two["scatter_s"] / 2
-    level = max(0.0, (two["wait_s"] - two["max_shard_compute_s"])
-                - (one["wait_s"] - one["max_shard_compute_s"]))
-    base = one["wait_s"] - one["max_shard_compute_s"]
-    levels = int(np.ceil(np.log2(n_workers)))
-    return (one["max_shard_compute_s"] + per_worker_scatter * n_workers + base + level * levels
-            + one["optimizer_s"])
+    """Step time at n_workers, one worker per core, from the measured phases: compute and
+    the optimizer stay (same per-worker batch); the driver sends the weights to one worker
+    and the other n - 1 fetch them from it (serialised on its upload, at the measured
+    worker-to-worker rate); each level of the pair-sum tree costs what the extra overhead
+    of 2 workers over 1 left after that one fetch."""
+    fetch = two["bytes_out_per_step"] / WORKER_TO_WORKER_BYTES_PER_S
+    overhead_1 = one["time_s"] - one["max_shard_compute_s"]
+    extra_2 = max(0.0, (two["time_s"] - two["max_shard_compute_s"]) - overhead_1)
+    level = max(0.0, extra_2 - fetch)
+    levels = int(np.ceil(np.log2(n_workers))) if n_workers > 1 else 0
+    return one["max_shard_compute_s"] + overhead_1 + fetch * (n_workers - 1) + level * levels
 
 
 def run_ddp(net, world_size):

@@ -13,11 +13,13 @@ import time
 import uuid
 
 import numpy as np
+from distributed.comm.core import CommClosedError
 
 from cnnx.parallel import checkpoint, cluster, plan, wire, worker
 
 MODES = ("sync", "downpour", "dynsgd", "adag", "easgd")
-LOST = (concurrent.futures.CancelledError,)     # FutureCancelledError: data lost with workers
+# data lost with a worker (FutureCancelledError), or a scatter to a worker that just died
+LOST = (concurrent.futures.CancelledError, CommClosedError)
 
 
 def _default_opener(store):
