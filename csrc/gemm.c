@@ -63,7 +63,7 @@ static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long
         for (int j = 0; j < GEMM_NR; ++j) {
             float value = accumulate ? row[j] + acc[r][j] : acc[r][j];
             if (bias) value += bias[j];
-            if (relu) value = value > 0.0f ? value : 0.0f;
+            if (relu) value = value < 0.0f ? 0.0f : value;   /* NaN stays NaN */
             row[j] = value;
         }
     }
@@ -132,9 +132,10 @@ micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
             v0 = _mm256_add_ps(v0, bias0);                                        \
             v1 = _mm256_add_ps(v1, bias1);                                        \
         }                                                                         \
+        /* max_ps returns its second operand when either is NaN: NaN propagates */ \
         if (relu) {                                                               \
-            v0 = _mm256_max_ps(v0, zero);                                         \
-            v1 = _mm256_max_ps(v1, zero);                                         \
+            v0 = _mm256_max_ps(zero, v0);                                         \
+            v1 = _mm256_max_ps(zero, v1);                                         \
         }                                                                         \
         _mm256_storeu_ps(row, v0);                                                \
         _mm256_storeu_ps(row + 8, v1);                                            \
@@ -209,7 +210,7 @@ static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
         for (int j = 0; j < GEMM_NR; ++j) {
             float value = acc[r][j];
             if (bias) value += bias[j];
-            if (relu) value = value > 0.0f ? value : 0.0f;
+            if (relu) value = value < 0.0f ? 0.0f : value;   /* NaN stays NaN */
             c[r * ldc + j] = value;
         }
 }

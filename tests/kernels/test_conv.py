@@ -121,3 +121,17 @@ def test_conv2d_backward_rejects_wrong_grad_output(rng):
     x, kernel = f32(rng, (1, 5, 5, 3)), f32(rng, (3, 3, 3, 4))
     with pytest.raises(ValueError, match=r"grad_output is \(1, 5, 5, 4\), expected \(1, 3, 3, 4\)"):
         ops.conv2d_backward(x, kernel, f32(rng, (1, 5, 5, 4)))
+
+
+@pytest.mark.parametrize("strides", [1, 2], ids=["stride1-fast-path", "stride2-packed"])
+def test_fused_relu_keeps_nan_like_numpy(strides, isa, rng):
+    # A NaN must reach the loss (and stop fit) instead of being clipped to 0 by the ReLU.
+    x = rng.standard_normal((1, 7, 6, 3)).astype(np.float32)
+    x[0, 3, 2, 1] = np.nan
+    kernel = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    got = ops.conv2d_forward(x, kernel, None, strides, "same", relu=True, n_threads=1)
+    expected = ops.conv2d_forward(x.astype(np.float64), kernel.astype(np.float64), None,
+                                  strides, "same", relu=True)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    assert np.isnan(got).any()
+    assert (got[~np.isnan(got)] >= 0).all()
