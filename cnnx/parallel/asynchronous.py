@@ -30,8 +30,17 @@ def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
     futures = as_completed()
 
     def submit_next():
+        nonlocal workers
         unit = pending.popleft()
-        future, started_from = _submit(trainer, unit, workers)
+        for attempt in range(trainer.max_step_retries + 1):
+            try:
+                future, started_from = _submit(trainer, unit, workers)
+                break
+            except (*LOST, TimeoutError):         # its worker died a moment ago
+                if attempt == trainer.max_step_retries:
+                    raise
+                time.sleep(0.5)
+                workers = cluster.wait_for_workers(client, trainer.worker_timeout, trainer.echo)
         in_flight[future] = (unit, trainer.version, started_from, time.perf_counter())
         futures.add(future)
 
@@ -116,8 +125,9 @@ def _submit(trainer, unit, workers, started_from=None, version=None):
         started_from = trainer.local_weights.get(shard) or trainer.model.get_weights()
     else:
         started_from = trainer.model.get_weights()
-    weights_future = trainer.client.scatter([wire.encode(started_from, trainer.wire_dtype)],
-                                            workers=[preferred], hash=False)[0]
+    weights_future = trainer.client.sync(
+        trainer.client._scatter, [wire.encode(started_from, trainer.wire_dtype)],
+        workers=[preferred], hash=False, callback_timeout=trainer.scatter_timeout)[0]
     task_key = f"cnnx-{trainer._run}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
     options = dict(key=task_key, workers=[preferred], allow_other_workers=True, pure=False)
     if trainer.mode in ("downpour", "dynsgd"):
