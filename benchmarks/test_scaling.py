@@ -129,3 +129,38 @@ def test_torch_ddp_scaling_one_to_two_processes(benchmark, net):
     print(f"\nDDP {net} (gloo, 1 thread/process, batch {NETS[net][2]}/process): "
           f"1 process {one['images_per_s']:.1f} img/s, 2 processes {two['images_per_s']:.1f} img/s, "
           f"efficiency {efficiency:.1%}" + (f"; cnnx sync {ours:.1%}" if ours else ""))
+
+
+def test_bfloat16_wire_accuracy_on_fashion_mnist(benchmark, tmp_path):
+    """Same run, float32 vs bfloat16 on the wire: 6000 Fashion-MNIST training images, 2000
+    validation, fashion net, G=4 on two workers, 3 epochs of batch 128, Adam 1e-3."""
+    try:
+        train, _ = data.load_fashion_mnist()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    data.ingest_arrays(train.images[:8000], train.labels[:8000], str(tmp_path / "f.zarr"),
+                       chunk_size=250)
+    dataset = data.open_dataset(str(tmp_path / "f.zarr"))
+    train_idx, val_idx, _ = dataset.split(0.75, 0.25, 0.0, seed=0)
+    results = {}
+
+    def run(client, wire_dtype):
+        model = architectures.build("fashion", dataset.image_shape, len(dataset.class_names))
+        model.compile(optimizer=optim.Adam(1e-3))
+        trainer = DaskTrainer(model, client, shards=4, wire_dtype=wire_dtype, progress=False,
+                              echo=lambda *a: None)
+        history = trainer.fit(dataset, epochs=3, batch_size=128, indices=train_idx,
+                              validation=val_idx)
+        step = trainer.steps[-1]
+        return {"val_accuracy": history[-1]["val_accuracy"], "val_loss": history[-1]["val_loss"],
+                "bytes_per_step": step["bytes_out"] + step["bytes_in"]}
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        results["float32"] = run(client, "float32")
+        results["bfloat16"] = benchmark.pedantic(run, args=(client, "bfloat16"), rounds=1,
+                                                 iterations=1)
+    benchmark.extra_info.update(results)
+    print(f"\nwire format on Fashion-MNIST (6000 train / 2000 val, 3 epochs): {results}")
+    assert results["bfloat16"]["bytes_per_step"] * 2 == results["float32"]["bytes_per_step"]
+    assert abs(results["bfloat16"]["val_accuracy"] - results["float32"]["val_accuracy"]) < 0.03
