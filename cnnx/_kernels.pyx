@@ -191,7 +191,8 @@ cdef cnnx_conv_geometry _conv_geometry(who, tuple source_shape, tuple out_size, 
            g.dilation_h, g.dilation_w) < 1 or min(g.pad_top, g.pad_left) < 0:
         raise ValueError(f"{who}: bad geometry: out {out_size}, kernel {kernel}, strides "
                          f"{strides}, dilation {dilation}, pads {pads}")
-    if g.batch * g.out_h * g.out_w > _INT_MAX or g.kernel_h * g.kernel_w * g.channels > _INT_MAX:
+    if (<long long>g.batch * g.out_h * g.out_w > _INT_MAX
+            or <long long>g.kernel_h * g.kernel_w * g.channels > _INT_MAX):
         raise ValueError(f"{who}: the GEMM of this convolution has more than 2**31 - 1 rows")
     return g
 

@@ -38,7 +38,7 @@ def build_parser():
     ingest.add_argument("--grayscale", action="store_true", help="store one grey channel")
     ingest.add_argument("--chunk-size", type=int, default=None, help="images per chunk")
     ingest.add_argument("--processes", type=int, default=None,
-                        help="decoding processes (default: one per core)")
+                        help="decoding processes (default: one per core for 512+ files)")
     ingest.add_argument("--overwrite", action="store_true",
                         help="replace a store made from other files or settings")
     ingest.set_defaults(run=run_ingest)
@@ -166,7 +166,7 @@ def main(argv=None):
     except Exception as error:          # one clear line for the user, not a traceback
         if show_traceback or not _is_user_facing(error):
             raise
-        print(f"cnnx: error: {error}", file=sys.stderr)
+        print(f"cnnx: error: {error} (--traceback shows where)", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -53,10 +53,10 @@ def plot_history(history, path, title="Training curves"):
     """Loss and accuracy per epoch, train and validation, side by side."""
     plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for key, ax, label in [("loss", ax_loss, "train"), ("val_loss", ax_loss, "validation"),
                            ("accuracy", ax_acc, "train"), ("val_accuracy", ax_acc, "validation")]:
         if history.get(key):
+            epochs = np.arange(1, len(history[key]) + 1)
             ax.plot(epochs, history[key], marker="o", label=label)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (mean per image)")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))

@@ -36,7 +36,7 @@ def open_data(name_or_store, data_folder):
 
     if name_or_store in BUNDLED:
         store = os.path.join(data_folder, f"{name_or_store}.zarr")
-        if not os.path.exists(os.path.join(store, "zarr.json")):
+        if not _complete_store(store):
             arrays = (data.load_faces() if name_or_store == "faces"
                       else data.load_fashion_mnist(subset="all"))
             os.makedirs(data_folder, exist_ok=True)
@@ -52,16 +52,30 @@ def open_data(name_or_store, data_folder):
     return data.open_dataset(name_or_store)
 
 
-def split_indices(dataset, seed):
-    return dataset.split(SPLIT["train"], SPLIT["val"], SPLIT["test"], seed=seed)
+def _complete_store(store):
+    from cnnx import data
+
+    try:
+        data.open_dataset(store)
+        return True
+    except (FileNotFoundError, ValueError):     # absent, or left incomplete by an interruption
+        return False
 
 
-def read_normalized(dataset, indices, mode, batch=4096):
-    """(float32 images, labels) of `indices`, read in slices to bound memory."""
+def split_indices(dataset, fractions):
+    """(train, val, test) index arrays; `fractions` holds train, val, test and seed."""
+    return dataset.split(fractions["train"], fractions["val"], fractions["test"],
+                         seed=fractions["seed"])
+
+
+def read_normalized(dataset, indices, mode, mean, std, batch=4096):
+    """(float32 images, labels) of `indices`, normalised with the *training* statistics."""
+    from cnnx import data
+
     parts, labels = [], []
     for begin in range(0, len(indices), batch):
         images, y = dataset.read(indices[begin : begin + batch])
-        parts.append(dataset.normalize(images, mode))
+        parts.append(data.normalize(images, mode, mean=mean, std=std))
         labels.append(y)
     return np.concatenate(parts), np.concatenate(labels)
 
@@ -142,7 +156,8 @@ class TrainingRun:
         os.makedirs(out, exist_ok=True)
         self.dataset = open_data(data, os.path.join(out, "data"))
         self.data_name = data
-        self.train_idx, self.val_idx, self.test_idx = split_indices(self.dataset, seed)
+        self.split = dict(SPLIT, seed=seed)
+        self.train_idx, self.val_idx, self.test_idx = split_indices(self.dataset, self.split)
         self.timings = {}
         started = time.perf_counter()
         from cnnx.parallel import cluster
@@ -220,7 +235,8 @@ class TrainingRun:
         write_history_csv(self.history, os.path.join(self.out, "history.csv"))
         report.plot_history(_curves(self.history), os.path.join(self.out, "curves.png"),
                             title=f"cnnx {self.settings['architecture']} on {self.data_name}")
-        result = evaluate_arrays(self.model, self.dataset, self.test_idx, self.normalize)
+        result = evaluate_arrays(self.model, self.dataset, self.test_idx, self.normalize,
+                                 self.dataset.mean, self.dataset.std)
         report.plot_confusion(result.counts, result.class_names,
                               os.path.join(self.out, "confusion.png"))
         with open(os.path.join(self.out, "report.md"), "w") as f:
@@ -235,7 +251,7 @@ class TrainingRun:
                 "class_names": list(self.dataset.class_names), "normalize": self.normalize,
                 "mean": np.asarray(self.dataset.mean).tolist(),
                 "std": np.asarray(self.dataset.std).tolist(),
-                "split": dict(SPLIT, seed=self.seed)}
+                "split": self.split}
         with open(os.path.join(self.out, "run.json"), "w") as f:
             json.dump(info, f, indent=2)
 
@@ -332,10 +348,10 @@ class Evaluation:
                 f"{int(self.counts.sum())} images\n\n{self.per_class_table()}\n\n{confusion}")
 
 
-def evaluate_arrays(model, dataset, indices, normalize):
-    x, y = read_normalized(dataset, np.asarray(indices), normalize)
-    probabilities = model.predict(x)
-    loss = model.evaluate(x, y, return_dict=True)["loss"]
+def evaluate_arrays(model, dataset, indices, normalize, mean, std):
+    x, y = read_normalized(dataset, np.asarray(indices), normalize, mean, std)
+    probabilities = model.predict(x)              # one forward pass gives loss and classes
+    loss = model.loss(probabilities, y)[0] / len(y) + model.regularization_loss()
     counts = report.confusion_matrix(y, probabilities.argmax(axis=1), len(dataset.class_names))
     return Evaluation(loss, counts, dataset.class_names)
 
@@ -358,10 +374,15 @@ def evaluate_model(model_path, data_name, split="test"):
         raise UserError(f"the model takes images of {tuple(model.input_shape)}, "
                         f"{data_name!r} has {tuple(dataset.image_shape)}")
     if split == "test":
-        indices = split_indices(dataset, info["split"]["seed"])[2]
+        if str(dataset.store) != info["store"]:
+            raise UserError(f"the run's test split belongs to {info['store']!r}, not "
+                            f"{str(dataset.store)!r}; use --split all to evaluate on every "
+                            f"image of another store")
+        indices = split_indices(dataset, info["split"])[2]
     else:
         indices = np.arange(len(dataset))
-    return evaluate_arrays(model, dataset, indices, info["normalize"])
+    return evaluate_arrays(model, dataset, indices, info["normalize"],
+                           np.asarray(info["mean"]), np.asarray(info["std"]))
 
 
 def predict_files(model_path, paths):

@@ -46,9 +46,11 @@ void cnnx_max_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float 
                 for (int j = first_j; j < end_j; ++j) {
                     int cell = (start_y + i) * g->in_w + start_x + j;
                     const float *values = x_image + (long)cell * channels;
-                    /* strict > keeps the first maximum of the row-major scan, like argmax */
+                    /* strict > keeps the first maximum of the row-major scan, like argmax;
+                     * like argmax too, the first NaN wins (so a NaN reaches the loss) */
                     for (int c = 0; c < channels; ++c)
-                        if (values[c] > best[c] || best_index[c] < 0) {
+                        if (best_index[c] < 0 || values[c] > best[c]
+                            || (values[c] != values[c] && best[c] == best[c])) {
                             best[c] = values[c];
                             best_index[c] = cell;
                         }

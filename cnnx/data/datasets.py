@@ -9,7 +9,8 @@ import numpy as np
 
 from cnnx.data.split import stratified_split
 from cnnx.data.store import (DEFAULT_CHUNK_SIZE, add_pixel_sums, chunk_bounds, create_store,
-                             finalize, pixel_sums, store_url, write_chunk)
+                             finalize, is_incomplete_store, pixel_sums, store_url,
+                             write_chunk)
 from cnnx.data.summary import StoreSummary
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -66,8 +67,11 @@ def ingest_arrays(x, y, store, class_names=None, chunk_size=DEFAULT_CHUNK_SIZE,
     if len(class_names) < n_classes:
         raise ValueError(f"ingest_arrays: labels go up to {n_classes - 1} but only "
                          f"{len(class_names)} class names were given")
+    # an interrupted earlier call left an incomplete store: every byte is in memory, so
+    # finishing it means writing it again
     group = create_store(store, len(images), images.shape[1:], chunk_size,
-                         {"source": str(source), "skipped": []}, overwrite=overwrite)
+                         {"source": str(source), "skipped": []},
+                         overwrite=overwrite or is_incomplete_store(store))
     n_chunks = -(-len(images) // chunk_size)
     sums = None
     bar = _progress_bar(progress, n_chunks, "write")

@@ -40,6 +40,15 @@ def is_shared_store(store):
     return not store_url(store).startswith("memory://")
 
 
+def is_incomplete_store(store):
+    """True for a cnnx store whose writer was interrupted before it marked it complete."""
+    try:
+        attrs = zarr.open_group(store_url(store), mode="r").attrs.asdict()
+    except (FileNotFoundError, ValueError):
+        return False
+    return attrs.get("format") == FORMAT and not attrs.get("complete")
+
+
 def create_store(store, n_images, image_shape, chunk_size, attrs, overwrite=False):
     """Create an empty, incomplete store; returns the zarr group."""
     if n_images <= 0:

@@ -196,6 +196,10 @@ class Sequential:
             x, y, validation_data = x[:cut], y[:cut], (x[cut:], y[cut:])
         if len(x) == 0:
             raise ValueError(f"{self.name}.fit: no training samples")
+        for name, value in (("batch_size", batch_size), ("epochs", epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{self.name}.fit: {name} must be a positive integer, "
+                                 f"got {value!r}")
         steps = -(-len(x) // batch_size)
         history = callbacks_module.History()
         every = [history, *(callbacks or [])]
@@ -206,19 +210,21 @@ class Sequential:
             callback.set_params({"epochs": epochs, "steps": steps, "verbose": verbose})
             callback.on_train_begin()
         self.stop_training = False
-        for epoch in range(initial_epoch, epochs):
+        try:
+            for epoch in range(initial_epoch, epochs):
+                for callback in every:
+                    callback.on_epoch_begin(epoch)
+                logs = self._train_epoch(x, y, batch_size, epoch, shuffle, every)
+                if validation_data is not None:
+                    values = self.evaluate(*validation_data, return_dict=True)
+                    logs.update({f"val_{k}": v for k, v in values.items()})
+                for callback in every:
+                    callback.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
+        finally:        # also on NaN loss or Ctrl-C: close log files and progress bars
             for callback in every:
-                callback.on_epoch_begin(epoch)
-            logs = self._train_epoch(x, y, batch_size, epoch, shuffle, every)
-            if validation_data is not None:
-                values = self.evaluate(*validation_data, return_dict=True)
-                logs.update({f"val_{k}": v for k, v in values.items()})
-            for callback in every:
-                callback.on_epoch_end(epoch, logs)
-            if self.stop_training:
-                break
-        for callback in every:
-            callback.on_train_end()
+                callback.on_train_end()
         return history
 
     def _train_epoch(self, x, y, batch_size, epoch, shuffle, callbacks):

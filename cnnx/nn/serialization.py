@@ -51,6 +51,9 @@ def save_model(model, path, include_optimizer=True):
 
 def load_model(path, compile=True):
     """The model save_model wrote: same architecture, weights and (if saved) optimizer state."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):
+        path += ".npz"                            # save_model appends it, as numpy does
     with np.load(path, allow_pickle=False) as archive:
         model = model_from_config(json.loads(str(archive["architecture"])))
         model.set_weights({key[len("weights/"):]: archive[key] for key in archive.files

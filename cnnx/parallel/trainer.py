@@ -252,7 +252,9 @@ class DaskTrainer:
         loss_sum = sum(r[0] for r in results)
         n_correct = sum(r[1] for r in results)
         n = sum(r[2] for r in results)
-        return {f"{prefix}loss": loss_sum / n, f"{prefix}accuracy": n_correct / n}
+        # regularisation included, as Sequential.evaluate (and Keras) report it
+        loss = loss_sum / n + self.model.regularization_loss()
+        return {f"{prefix}loss": loss, f"{prefix}accuracy": n_correct / n}
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory, epoch, step):

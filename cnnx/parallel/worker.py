@@ -198,8 +198,7 @@ def evaluate_batch(model, weights, spec):
     x = dataset.normalize(images, spec["normalize"])
     with _lock:
         _load_weights(model, weights)
-        probabilities = np.asarray(model.predict(x), np.float64)
-    picked = probabilities[np.arange(len(labels)), labels]
-    loss_sum = float(-np.log(np.clip(picked, 1e-7, 1.0)).sum())
-    n_correct = int((probabilities.argmax(axis=1) == labels).sum())
-    return loss_sum, n_correct, len(labels)
+        outputs = model.predict(x)
+    # the model's own loss: softmax + sparse cross-entropy or one sigmoid unit + binary
+    loss_sum = float(model.loss(outputs, labels)[0])
+    return loss_sum, model.loss.n_correct(outputs, labels), len(labels)

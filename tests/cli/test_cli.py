@@ -97,6 +97,19 @@ def test_evaluate_prints_metrics_and_confusion(trained_run, store):
     assert "bright_left" in result.stdout and "dark_left" in result.stdout
 
 
+def test_evaluate_refuses_the_test_split_of_another_store(trained_run, tmp_path):
+    out, _ = trained_run
+    other = write_image_folder(tmp_path / "other", n_per_class=8, seed=1)
+    assert cnnx("ingest", other, tmp_path / "other.zarr", "--size", 16, 16,
+                "--processes", 1).returncode == 0
+    result = cnnx("evaluate", out / "model.npz", "--data", tmp_path / "other.zarr")
+    assert result.returncode == 2 and "--split all" in result.stderr
+    result = cnnx("evaluate", out / "model.npz", "--data", tmp_path / "other.zarr",
+                  "--split", "all")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 16 images" in result.stdout
+
+
 def test_predict_json_names_a_known_class(trained_run, tmp_path):
     out, _ = trained_run
     image = np.zeros((40, 30, 3), np.uint8)
@@ -126,6 +139,10 @@ def test_config_file_sets_defaults_and_flags_override(store, tmp_path):
     result = cnnx("--config", config, "train", "--data", store, "--out", tmp_path / "a")
     assert result.returncode == 2
     assert "unknown architecture 'no-such-net'" in result.stderr     # the config was read
+    result = cnnx("--config", config, "train", "--data", store, "--arch", "small",
+                  "--epochs", 1, "--workers", 1, "--quiet", "--out", tmp_path / "b")
+    assert result.returncode == 0, result.stderr[-3000:]                # flags won
+    assert len((tmp_path / "b" / "history.csv").read_text().splitlines()) == 1 + 1
     config.write_text('[train]\nepoch = 1\n')
     result = cnnx("--config", config, "train", "--data", store, cwd=tmp_path)
     assert result.returncode == 2 and "unknown keys ['epoch']" in result.stderr

@@ -122,3 +122,23 @@ def test_ingest_arrays_does_not_overwrite_unless_asked(tmp_path, rng):
         data.ingest_arrays(x, [0, 1, 0, 1], tmp_path / "s.zarr")
     data.ingest_arrays(x[:2], [1, 1], tmp_path / "s.zarr", overwrite=True)
     assert len(data.open_dataset(tmp_path / "s.zarr")) == 2
+
+
+def test_ingest_arrays_interrupted_then_rerun_finishes_the_store(tmp_path, rng):
+    x = rng.integers(0, 256, (40, 6, 5, 3), dtype=np.uint8)
+    y = rng.integers(0, 2, 40)
+    store = str(tmp_path / "arrays.zarr")
+
+    def stop_after_two_chunks(done, total):
+        if done == 2:
+            raise KeyboardInterrupt           # a real interruption, from inside the write loop
+
+    with pytest.raises(KeyboardInterrupt):
+        data.ingest_arrays(x, y, store, chunk_size=8, progress=stop_after_two_chunks)
+    with pytest.raises(ValueError, match="incomplete"):
+        data.open_dataset(store)
+    data.ingest_arrays(x, y, store, chunk_size=8)          # the same call again, no overwrite=
+    dataset = data.open_dataset(store)
+    images, labels = dataset.read(np.arange(40))
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, y)

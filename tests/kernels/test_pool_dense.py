@@ -68,7 +68,13 @@ def test_pooling_random_geometry(h, w, c, ph, pw, sh, sw, padding, seed):
     x = f32(rng, (2, h, w, c))
     y, argmax = ops.max_pool2d_forward(x, (ph, pw), (sh, sw), padding)
     expected_y, expected_argmax = reference.max_pool2d(x, (ph, pw), (sh, sw), padding)
+    np.testing.assert_array_equal(y, expected_y)
     np.testing.assert_array_equal(argmax, expected_argmax)
+    max_grad_output = f32(rng, y.shape)
+    np.testing.assert_allclose(          # overlapping windows: float32 sums vs float64 sums
+        ops.max_pool2d_backward(max_grad_output, argmax, x.shape),
+        reference.max_pool2d_backward(max_grad_output, expected_argmax, x.shape),
+        rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ops.avg_pool2d_forward(x, (ph, pw), (sh, sw), padding),
                                reference.avg_pool2d(x, (ph, pw), (sh, sw), padding),
                                rtol=1e-5, atol=1e-6)
@@ -142,3 +148,15 @@ def test_set_isa_rejects_unknown_names():
 def test_roofline_measures_a_positive_peak():
     from cnnx import roofline
     assert roofline.fma_peak_gflops(n_threads=1, seconds=0.01) > 1.0
+
+
+@pytest.mark.parametrize("nan_cell", [0, 1, 3], ids=["first", "second", "last"])
+def test_max_pool_propagates_nan_like_the_float64_path(nan_cell, isa):
+    # window [1, 2, 3, 0.5] with one NaN: float32 kernels and the NumPy path both yield NaN
+    window = np.array([1.0, 2.0, 3.0, 0.5])
+    window[nan_cell] = np.nan
+    x = window.reshape(1, 2, 2, 1)
+    y32, argmax32 = ops.max_pool2d_forward(x.astype(np.float32), 2, 2, "valid", n_threads=1)
+    y64, argmax64 = ops.max_pool2d_forward(x, 2, 2, "valid")
+    assert np.isnan(y32[0, 0, 0, 0]) and np.isnan(y64[0, 0, 0, 0])
+    assert argmax32[0, 0, 0, 0] == argmax64[0, 0, 0, 0] == nan_cell

@@ -195,6 +195,15 @@ def test_save_and_load_round_trip_continues_training_identically(rng, tmp_path):
         np.testing.assert_array_equal(loaded.get_weights()[name], value, err_msg=name)
 
 
+def test_load_model_finds_the_file_save_named(rng, tmp_path):
+    model = small_cnn(seed=3)
+    model.save(tmp_path / "weights")                 # written as weights.npz, like numpy
+    assert (tmp_path / "weights.npz").is_file()
+    loaded = nn.load_model(tmp_path / "weights")
+    x, _ = toy_data(rng, n=4)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
 def test_pickled_model_leaves_caches_behind_and_keeps_training(rng):
     """Dask pickles models to ship them to workers: weights go, forward caches do not."""
     import pickle
@@ -275,14 +284,25 @@ def test_labels_out_of_range_are_refused(rng):
         model.fit(x, y[:3], verbose=0)
 
 
-def test_nan_loss_stops_fit_with_epoch_and_step(rng):
-    # no ReLU in front: the C kernels' fused ReLU maps NaN to 0
-    model = nn.Sequential([nn.Flatten(), nn.Dense(3, activation="softmax")], input_shape=(9, 8, 2))
+def test_nan_loss_stops_fit_with_epoch_and_step(rng, tmp_path):
+    # conv + fused ReLU + max-pool in front: none of them may hide the NaN
+    model = small_cnn(dropout=0.0)
     model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy")
     x, y = toy_data(rng)
-    x[20] = np.nan                                   # in the second batch of 16
+    x[20, 4, 3, 1] = np.nan                          # in the second batch of 16
+    logger = nn.CSVLogger(tmp_path / "log.csv")
     with pytest.raises(FloatingPointError, match="at epoch 0, step 1"):
-        model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+        model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[logger])
+    assert logger._file is None, "fit must close its callbacks when training stops on an error"
+
+
+@pytest.mark.parametrize("name, value", [("batch_size", 0), ("batch_size", 2.5), ("epochs", -1)])
+def test_fit_refuses_bad_batch_size_and_epochs(rng, name, value):
+    model = small_cnn()
+    model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy")
+    x, y = toy_data(rng, n=8)
+    with pytest.raises(ValueError, match=f"fit: {name} must be a positive integer, got {value}"):
+        model.fit(x, y, verbose=0, **{name: value})
 
 
 def test_must_compile_before_fit(rng):
