@@ -147,8 +147,12 @@ class Optimizer:
 
     def get_config(self):
         lr = self.learning_rate
-        return {"name": type(self).__name__,
-                "learning_rate": lr.get_config() if hasattr(lr, "get_config") else lr(0)}
+        if not hasattr(lr, "get_config"):
+            # saving lr(0) instead would silently turn the schedule into a constant on load
+            raise ValueError(f"{type(self).__name__}: the learning-rate schedule {lr!r} has no "
+                             f"get_config(), so it cannot be saved; use Constant, StepDecay or "
+                             f"CosineDecay, or give it a get_config()")
+        return {"name": type(self).__name__, "learning_rate": lr.get_config()}
 
 
 class SGD(Optimizer):

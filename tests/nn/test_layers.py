@@ -123,6 +123,7 @@ def test_layer_float32_forward_matches_float64(case, rng):
     expected = layer.forward(x, training=True, rng=np.random.default_rng(3))
     grad_output = rng.normal(0, 1, expected.shape)
     expected_grad = layer.backward(grad_output.copy())
+    expected_param_grads = {name: value.copy() for name, value in layer.grads.items()}
     for name, value in layer.params.items():
         layer.params[name] = value.astype(np.float32)
     got = layer.forward(x.astype(np.float32), training=True, rng=np.random.default_rng(3))
@@ -130,6 +131,9 @@ def test_layer_float32_forward_matches_float64(case, rng):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     got_grad = layer.backward(grad_output.astype(np.float32))
     np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-4, atol=1e-5)
+    for name, expected_param_grad in expected_param_grads.items():
+        np.testing.assert_allclose(layer.grads[name], expected_param_grad, rtol=1e-4,
+                                   atol=1e-4, err_msg=f"grads[{name!r}]")
 
 
 def test_dropout_is_identity_in_inference_and_scales_in_training(rng):

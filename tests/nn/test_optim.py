@@ -178,3 +178,11 @@ def test_optimizer_refuses_unknown_parameters_and_shapes():
         optim.SGD().apply({"a": np.zeros(2)}, {"a": np.zeros(3)})
     with pytest.raises(ValueError, match="unknown optimizer"):
         optim.get("adamw")
+
+
+def test_a_schedule_that_cannot_be_saved_is_refused_not_frozen():
+    optimizer = optim.SGD(learning_rate=lambda step: 0.1 / (1 + step))
+    with pytest.raises(ValueError, match="has no get_config\\(\\), so it cannot be saved"):
+        optimizer.get_config()
+    assert optim.SGD(optim.CosineDecay(0.1, 100)).get_config()["learning_rate"]["name"] == \
+        "CosineDecay"

@@ -108,6 +108,54 @@ def test_resumed_run_ends_bit_identical(reference, cluster, store, tmp_path):
     assert [h["epoch"] for h in trainer.history] == [0, 1]
 
 
+DRIVER = """
+import sys, time
+sys.path.insert(0, {helpers!r})
+from parallel_helpers import tiny_model
+from cnnx.parallel import DaskTrainer
+
+def slow_down(trainer, record):          # leaves the test time to kill us between checkpoints
+    time.sleep(0.2)
+
+trainer = DaskTrainer(tiny_model(), {address!r}, shards={shards}, progress=False,
+                      checkpoint_every=3)
+trainer.fit({store!r}, epochs={epochs}, batch_size={batch}, checkpoint_dir={directory!r},
+            callbacks=[slow_down])
+"""
+
+
+def test_driver_killed_with_sigkill_then_resumed_ends_bit_identical(reference, cluster, store,
+                                                                   tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from cnnx.parallel import checkpoint
+
+    script = DRIVER.format(helpers=os.path.dirname(__file__),
+                           address=cluster.scheduler.address, shards=SHARDS, store=store.store,
+                           epochs=EPOCHS, batch=BATCH, directory=str(tmp_path))
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(checkpoint.checkpoint_path(tmp_path)):
+        assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the driver wrote no checkpoint in 120 s"
+        time.sleep(0.05)
+    time.sleep(0.5)                                    # a few steps past the checkpoint
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL        # killed mid-run, not finished
+    resumed = tiny_model()
+    trainer = DaskTrainer(resumed, cluster, shards=SHARDS, progress=False, checkpoint_every=3,
+                          echo=lambda *a: None)
+    trainer.fit(store, epochs=EPOCHS, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
+    assert len(trainer.steps) < EPOCHS * 256 // BATCH  # it really started from a checkpoint
+    assert_same_weights(resumed.get_weights(), reference[0])
+    assert_same_weights(resumed.optimizer.state_dict(),
+                        reference[1].model.optimizer.state_dict())
+
+
 def test_bfloat16_wire_halves_the_traffic_and_still_learns(cluster, store):
     model, trainer = train(cluster, store, wire_dtype="bfloat16")
     fp32 = sum(a.nbytes for a in model.get_weights().values())
