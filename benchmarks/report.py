@@ -87,8 +87,9 @@ def plot_speedups(benchmarks, path):
 
 def plot_training(benchmarks, path):
     """Images/s per network and thread count: cnnx against PyTorch (best and default)."""
+    # training steps only: the cases measured against PyTorch (data benchmarks report images/s too)
     cases = [b for b in benchmarks if "images_per_s" in b.get("extra_info", {})
-             and "workers" not in b.get("extra_info", {})]
+             and any(k.startswith("torch_") for k in b["extra_info"])]
     if not cases:
         return False
     plt = pyplot()
@@ -103,37 +104,68 @@ def plot_training(benchmarks, path):
         if any(values):
             ax.bar([p + (i - 1) * width for p in x], values, width, label=label)
     ax.set_xticks(list(x), names, rotation=45, ha="right", fontsize=7)
-    ax.set(ylabel="images/s (training step)", title="Training throughput per network")
+    ax.set_yscale("log")
+    ax.set(ylabel="images/s (training step, log scale)",
+           title="Training throughput per network: cnnx vs PyTorch CPU")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path)
     return True
 
 
+def scaling_points(benchmarks):
+    """{net: [(workers, efficiency, MB per step, kind)]} from either layout of extra_info:
+    flat (workers, efficiency, mb_per_step) or the scaling suite's nested one_worker /
+    two_workers records with efficiency_2 and modelled_efficiency_4/8."""
+    nets = defaultdict(list)
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        net = info.get("net") or b["name"].split("[", 1)[-1].rstrip("]")
+        if "workers" in info:
+            nets[net].append((info["workers"], info.get("efficiency"), info.get("mb_per_step"),
+                              "measured"))
+        elif isinstance(info.get("two_workers"), dict):
+            for record, efficiency in ((info["one_worker"], 1.0),
+                                       (info["two_workers"], info.get("efficiency_2"))):
+                moved = sum(record.get(k, 0) for k in ("bytes_out_per_step", "bytes_in_per_step",
+                                                       "bytes_between_workers_per_step"))
+                nets[net].append((record["workers"], efficiency, moved / 1e6, "measured"))
+            for workers in (4, 8):
+                if f"modelled_efficiency_{workers}" in info:
+                    nets[net].append((workers, info[f"modelled_efficiency_{workers}"], None,
+                                      "modelled"))
+        elif isinstance(info.get("two"), dict) and "efficiency_2" in info:
+            nets[f"DDP {net}"] += [(1, 1.0, None, "measured"), (2, info["efficiency_2"], None,
+                                                                 "measured")]
+    return nets
+
+
 def plot_scaling(benchmarks, path):
     """Scaling efficiency and MB per step against the number of workers, per network."""
-    cases = [b for b in benchmarks if "workers" in b.get("extra_info", {})]
-    if not cases:
+    nets = scaling_points(benchmarks)
+    if not nets:
         return False
     plt = pyplot()
     fig, (ax_eff, ax_mb) = plt.subplots(1, 2, figsize=(10, 4))
-    nets = defaultdict(list)
-    for b in cases:
-        info = b["extra_info"]
-        nets[info.get("net", b.get("group"))].append(info)
-    for net, infos in sorted(nets.items()):
-        infos.sort(key=lambda i: i["workers"])
-        workers = [i["workers"] for i in infos]
-        if any("efficiency" in i for i in infos):
-            ax_eff.plot(workers, [i.get("efficiency", float("nan")) for i in infos], "o-",
-                        label=net)
-        if any("mb_per_step" in i for i in infos):
-            ax_mb.plot(workers, [i.get("mb_per_step", float("nan")) for i in infos], "o-",
-                       label=net)
+    for net, points in sorted(nets.items()):
+        points.sort()
+        measured = [p for p in points if p[3] == "measured" and p[1] is not None]
+        line, = ax_eff.plot([p[0] for p in measured], [p[1] for p in measured], "o-",
+                            label=f"{net} (measured)")
+        modelled = [measured[-1]] + [p for p in points if p[3] == "modelled"]
+        if len(modelled) > 1:
+            ax_eff.plot([p[0] for p in modelled], [p[1] for p in modelled], "o--",
+                        color=line.get_color(), alpha=0.6, label=f"{net} (modelled)")
+        traffic = [p for p in points if p[2] is not None]
+        if traffic:
+            ax_mb.plot([p[0] for p in traffic], [p[2] for p in traffic], "o-", label=net)
     ax_eff.set(xlabel="workers", ylabel="scaling efficiency", title="Synchronous scaling",
                ylim=(0, 1.1))
+    from matplotlib.ticker import MaxNLocator
     ax_mb.set(xlabel="workers", ylabel="MB moved per step", title="Traffic per step")
     for ax in (ax_eff, ax_mb):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()

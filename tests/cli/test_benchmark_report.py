@@ -47,3 +47,18 @@ def test_report_writes_tables_and_plots(tmp_path):
     assert "| ratio" in results or "ratio |" in results
     for picture in ("speedup.png", "training.png", "scaling.png"):
         assert io.imread(out / picture).ndim == 3
+
+
+def test_scaling_points_read_the_scaling_suites_nested_records():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "bench_report", os.path.join(REPO, "benchmarks", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    record = {"bytes_out_per_step": 2e6, "bytes_in_per_step": 2e6,
+              "bytes_between_workers_per_step": 1e6}
+    info = {"one_worker": dict(record, workers=1), "two_workers": dict(record, workers=2),
+            "efficiency_2": 0.8, "modelled_efficiency_4": 0.7}
+    points = report.scaling_points([{"name": "test_sync[glasses]", "extra_info": info}])
+    assert points["glasses"] == [(1, 1.0, 5.0, "measured"), (2, 0.8, 5.0, "measured"),
+                                 (4, 0.7, None, "modelled")]
