@@ -22,7 +22,8 @@ import zarr
 from cnnx.data.chunks import ChunkRunner, default_workers
 from cnnx.data.datasets import _progress_bar
 from cnnx.data.store import (DEFAULT_CHUNK_SIZE, FORMAT, add_pixel_sums, chunk_bounds,
-                             finalize, is_shared_store, pixel_sums, store_url)
+                             finalize, is_shared_store, pixel_sums, resumable_group,
+                             store_url)
 from cnnx.data.summary import StoreSummary
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -309,18 +310,10 @@ def _compact_all(runner, group, url, positions, labels, chunk_size, image_size, 
 
 
 def _open_or_create(url, plan, overwrite):
-    """The store's group: new, or existing from the same plan (resume); else a clear error."""
-    if not overwrite:
-        try:
-            group = zarr.open_group(url, mode="r+")
-        except FileNotFoundError:
-            group = None
-        if group is not None:
-            if group.attrs.get("plan") == plan:
-                return group
-            raise FileExistsError(
-                f"ingest: {url!r} already exists and was not built from these files and "
-                "settings; pass overwrite=True (`--overwrite`) to replace it")
+    """The store's group: existing from the same plan (resume), or new."""
+    group = resumable_group(url, plan, overwrite, "ingest")
+    if group is not None:
+        return group
     group = zarr.open_group(url, mode="w")
     group.attrs.update({"format": FORMAT, "complete": False, "plan": plan})
     return group

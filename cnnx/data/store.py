@@ -49,6 +49,21 @@ def is_incomplete_store(store):
     return attrs.get("format") == FORMAT and not attrs.get("complete")
 
 
+def resumable_group(url, plan, overwrite, who):
+    """The group an interrupted writer with the same `plan` left behind, to resume; None when
+    there is none (or overwrite is asked); a store made from anything else is refused."""
+    if overwrite:
+        return None
+    try:
+        group = zarr.open_group(url, mode="r+")
+    except FileNotFoundError:
+        return None
+    if group.attrs.get("plan") == plan:
+        return group
+    raise FileExistsError(f"{who}: {url!r} already exists and was made from other files or "
+                          "settings; pass overwrite=True (`--overwrite`) to replace it")
+
+
 def create_store(store, n_images, image_shape, chunk_size, attrs, overwrite=False):
     """Create an empty, incomplete store; returns the zarr group."""
     if n_images <= 0:

@@ -14,7 +14,8 @@ import zarr
 from cnnx.data.chunks import ChunkRunner, default_workers
 from cnnx.data.datasets import _progress_bar
 from cnnx.data.store import (DEFAULT_CHUNK_SIZE, FORMAT, add_pixel_sums, chunk_bounds,
-                             finalize, is_shared_store, pixel_sums, store_url)
+                             finalize, is_shared_store, pixel_sums, resumable_group,
+                             store_url)
 from cnnx.data.summary import StoreSummary
 
 CLASS_NAMES = ("no_glasses", "glasses")
@@ -176,16 +177,10 @@ def make_synthetic(store, n, image_size=(80, 80), seed=0, chunk_size=DEFAULT_CHU
 
 
 def _open_or_create(url, plan, n, image_size, chunk_size, overwrite):
-    if not overwrite:
-        try:
-            group = zarr.open_group(url, mode="r+")
-        except FileNotFoundError:
-            group = None
-        if group is not None:
-            if group.attrs.get("plan") == plan:
-                return group
-            raise FileExistsError(f"make_synthetic: {url!r} already exists with other "
-                                  "settings; pass overwrite=True (`--overwrite`) to replace it")
+    """The store's group: existing from the same plan (resume), or new with its arrays."""
+    group = resumable_group(url, plan, overwrite, "make_synthetic")
+    if group is not None:
+        return group
     group = zarr.open_group(url, mode="w")
     height, width = image_size
     group.create_array("images", shape=(n, height, width, 3), chunks=(chunk_size, height,
