@@ -370,15 +370,16 @@ _BY_NAME = {cls.__name__: cls for cls in (SGD, Adagrad, Adadelta, RMSprop, Adam,
                                           LARS)}
 
 
-def get(optimizer):
-    """An Optimizer, its get_config(), or a Keras name ('adam', 'sgd', ...) with defaults."""
+def get(optimizer, **options):
+    """An Optimizer, its get_config(), or a name ('adam', 'momentum', ...) built with options."""
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, dict):
         options = {k: v for k, v in optimizer.items() if k != "name"}
         return _BY_NAME[optimizer["name"]](**options)
-    by_lower = {name.lower(): cls for name, cls in _BY_NAME.items()}
-    if not isinstance(optimizer, str) or optimizer.lower() not in by_lower:
+    makers = {name.lower(): cls for name, cls in _BY_NAME.items()}
+    makers.update(momentum=Momentum, nesterov=Nesterov)
+    if not isinstance(optimizer, str) or optimizer.lower() not in makers:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected an Optimizer or one of "
-                         f"{sorted(by_lower)}")
-    return by_lower[optimizer.lower()]()
+                         f"{sorted(makers)}")
+    return makers[optimizer.lower()](**options)

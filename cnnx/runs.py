@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from cnnx import architectures, report
+from cnnx import architectures, optim, report
 
 SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}
 BUNDLED = ("faces", "fashion-mnist")
@@ -81,18 +81,6 @@ def read_normalized(dataset, indices, mode, mean, std, batch=4096):
 
 
 # ------------------------------------------------------------------------------ model
-
-def make_optimizer(name, learning_rate):
-    from cnnx import optim
-
-    makers = {"sgd": optim.SGD, "momentum": optim.Momentum, "nesterov": optim.Nesterov,
-              "adagrad": optim.Adagrad, "adadelta": optim.Adadelta, "rmsprop": optim.RMSprop,
-              "adam": optim.Adam, "adamax": optim.AdaMax, "nadam": optim.Nadam,
-              "lars": optim.LARS}
-    if name.lower() not in makers:
-        raise UserError(f"unknown optimizer {name!r}; use one of {', '.join(makers)}")
-    return makers[name.lower()](learning_rate=learning_rate)
-
 
 def check_architecture(arch):
     """Refuse a name that is neither a known architecture nor an existing file, early."""
@@ -197,7 +185,7 @@ class TrainingRun:
     def _compiled_model(self, learning_rate):
         model = make_model(self.arch, self.dataset.image_shape, len(self.dataset.class_names),
                            self.seed)
-        model.compile(make_optimizer(self.optimizer_name, learning_rate),
+        model.compile(optim.get(self.optimizer_name, learning_rate=learning_rate),
                       "sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 

@@ -243,6 +243,7 @@ class Sequential:
             loss_sum, n_correct, seen = (loss_sum + result.loss_sum,
                                          n_correct + result.n_correct, seen + result.n_samples)
             logs = self._logs(loss_sum, n_correct, seen)
+            logs["loss"] += self.regularization_loss()     # as the epoch's loss has it
             logs["images/s"] = seen / max(time.perf_counter() - start, 1e-9)
             for callback in callbacks:
                 callback.on_train_batch_end(step, logs)

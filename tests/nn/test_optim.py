@@ -186,3 +186,16 @@ def test_a_schedule_that_cannot_be_saved_is_refused_not_frozen():
         optimizer.get_config()
     assert optim.SGD(optim.CosineDecay(0.1, 100)).get_config()["learning_rate"]["name"] == \
         "CosineDecay"
+
+
+@pytest.mark.parametrize("name, cls, momentum", [("momentum", optim.SGD, 0.9),
+                                                 ("Nesterov", optim.SGD, 0.9),
+                                                 ("adam", optim.Adam, None)])
+def test_get_builds_named_optimizers_with_options(name, cls, momentum):
+    optimizer = optim.get(name, learning_rate=0.05)
+    assert type(optimizer) is cls
+    assert optimizer.learning_rate(0) == pytest.approx(0.05)
+    if momentum is not None:
+        assert optimizer.momentum == momentum
+    with pytest.raises(ValueError, match="unknown optimizer 'adamw'"):
+        optim.get("adamw")
