@@ -204,6 +204,8 @@ def _chunking(args):
 def run_train(args):
     from cnnx import runs
 
+    if args.resume and not args.out:
+        raise UserError("--resume continues the run in --out DIR; name that folder")
     run = runs.TrainingRun.from_args(args)
     try:
         run.train(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

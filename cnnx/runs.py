@@ -36,30 +36,22 @@ def open_data(name_or_store, data_folder):
 
     if name_or_store in BUNDLED:
         store = os.path.join(data_folder, f"{name_or_store}.zarr")
-        if not _complete_store(store):
-            arrays = (data.load_faces() if name_or_store == "faces"
-                      else data.load_fashion_mnist(subset="all"))
-            os.makedirs(data_folder, exist_ok=True)
-            # at least ~16 chunks, so that every virtual shard owns some of them
-            chunk_size = int(np.clip(len(arrays.labels) // 16, 8, 1024))
-            data.ingest_arrays(arrays.images, arrays.labels, store,
-                               class_names=arrays.class_names, source=name_or_store,
-                               chunk_size=chunk_size, overwrite=True)
+        try:
+            return data.open_dataset(store)
+        except (FileNotFoundError, ValueError):     # not written yet, or left incomplete
+            pass
+        arrays = (data.load_faces() if name_or_store == "faces"
+                  else data.load_fashion_mnist(subset="all"))
+        os.makedirs(data_folder, exist_ok=True)
+        # at least ~16 chunks, so that every virtual shard owns some of them
+        chunk_size = int(np.clip(len(arrays.labels) // 16, 8, 1024))
+        data.ingest_arrays(arrays.images, arrays.labels, store, class_names=arrays.class_names,
+                           source=name_or_store, chunk_size=chunk_size, overwrite=True)
         return data.open_dataset(store)
     if "://" not in name_or_store and not os.path.exists(name_or_store):
         raise UserError(f"no Zarr store at {name_or_store!r}; make one with `cnnx ingest` or "
                         f"`cnnx synth`, or use --data faces / fashion-mnist")
     return data.open_dataset(name_or_store)
-
-
-def _complete_store(store):
-    from cnnx import data
-
-    try:
-        data.open_dataset(store)
-        return True
-    except (FileNotFoundError, ValueError):     # absent, or left incomplete by an interruption
-        return False
 
 
 def split_indices(dataset, fractions):
@@ -140,7 +132,8 @@ class TrainingRun:
         self.optimizer_name, self.augment_kinds = optimizer, tuple(augment or ())
         self.normalize, self.wire, self.seed = normalize, wire, seed
         self.progress, self.echo = progress, echo
-        check_architecture(arch)
+        check_architecture(arch)                  # refuse typos before anything starts
+        optim.get(optimizer)
         os.makedirs(out, exist_ok=True)
         self.dataset = open_data(data, os.path.join(out, "data"))
         self.data_name = data
@@ -212,7 +205,6 @@ class TrainingRun:
                                    checkpoint_dir=os.path.join(self.out, "checkpoints"),
                                    resume=resume)
         self.timings["training (s)"] = time.perf_counter() - started
-        self.trainer = trainer
         return self.history
 
     def finish(self):

@@ -153,7 +153,10 @@ def test_config_file_sets_defaults_and_flags_override(store, tmp_path):
     (["evaluate", "/no/model.npz", "--data", "faces"], "no model file at '/no/model.npz'"),
     (["train", "--scheduler", "tcp://127.0.0.1:9", "--data", "STORE"],
      "could not reach a Dask scheduler at 'tcp://127.0.0.1:9'"),
-], ids=["missing-store", "missing-model", "unreachable-scheduler"])
+    (["train", "--optimizer", "adamw"], "unknown optimizer 'adamw'"),
+    (["train", "--resume"], "--resume continues the run in --out DIR"),
+], ids=["missing-store", "missing-model", "unreachable-scheduler", "unknown-optimizer",
+        "resume-without-out"])
 def test_errors_are_one_line_and_exit_2(args, message, store, tmp_path):
     args = [str(store) if a == "STORE" else a for a in args]
     result = cnnx(*args, timeout=60, cwd=tmp_path)
