@@ -179,8 +179,13 @@ def local_sgd(model, weights, specs, keys, learning_rate, wire_dtype="float32"):
         for (x, y), key in zip(batches, keys):
             result = model.gradient(x, y, key=tuple(key))
             check_finite(result, key)
+            # the same objective as fit and the sync driver: mean loss gradient + regulariser
+            penalty = model.regularization_gradient()
             for name, g in result.grads.items():
-                params[name] = params[name] - np.float32(learning_rate / result.n_samples) * g
+                g = g / np.float32(result.n_samples)
+                if name in penalty:
+                    g = g + penalty[name]
+                params[name] = params[name] - np.float32(learning_rate) * g
             if result.state:
                 params.update(result.state)
             model.set_weights(params)

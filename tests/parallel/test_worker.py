@@ -69,3 +69,29 @@ def test_checkpoint_is_atomic_and_pickle_free(tmp_path):
     assert checkpoint.load_checkpoint(tmp_path)[2]["epoch"] == 1
     assert os.listdir(tmp_path) == [checkpoint.FILENAME]
     assert checkpoint.load_checkpoint(tmp_path / "none") is None
+
+
+def test_local_sgd_steps_on_the_regularised_objective(store):
+    # EASGD/ADAG workers must minimise what fit minimises: mean loss + L1/L2 penalties
+    from cnnx import nn, optim
+
+    def regularised_model():
+        model = nn.Sequential([nn.Flatten(),
+                               nn.Dense(2, activation="softmax", kernel_regularizer=nn.L2(0.5))],
+                              input_shape=store.image_shape, seed=0)
+        model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy")
+        return model
+
+    specs = [spec(store, range(0, 16)), spec(store, range(16, 32))]
+    keys = [(0, 0, 0), (0, 1, 0)]
+    start = regularised_model().get_weights()
+    weights = worker.local_sgd(regularised_model(), wire.encode(start), specs, keys,
+                               learning_rate=0.1)[0]
+    expected = regularised_model()                  # the same steps through Sequential
+    for batch_spec, key in zip(specs, keys):
+        x, y = worker.prepare_batch(batch_spec, key)
+        result = expected.gradient(x, y, key=key)
+        expected.apply_gradients(result.mean_grads(), result.state)
+    for name, value in wire.decode(weights).items():
+        np.testing.assert_allclose(value, expected.get_weights()[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
