@@ -1,16 +1,16 @@
 """Conv2D: y = activation(conv(x, kernel) + bias), NHWC input, HWIO kernel (like Keras)."""
 from cnnx import ops
-from cnnx.nn import initializers, regularizers
-from cnnx.nn.layer import ActivatedLayer, regularizer_config
+from cnnx.nn.layer import WeightedLayer
 
 
-class Conv2D(ActivatedLayer):
+class Conv2D(WeightedLayer):
     """x (N, H, W, C) -> y (N, OH, OW, filters); kernel (KH, KW, C, filters), bias (filters,)."""
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None,
                  use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  kernel_regularizer=None, bias_regularizer=None, name=None):
-        super().__init__(activation, name)
+        super().__init__(activation, use_bias, kernel_initializer, bias_initializer,
+                         kernel_regularizer, bias_regularizer, name)
         if int(filters) != filters or filters < 1:
             raise ValueError(f"Conv2D expects a positive number of filters, got {filters!r}")
         if padding not in ops.PADDINGS:
@@ -20,12 +20,6 @@ class Conv2D(ActivatedLayer):
         self.kernel_size = ops._pair(kernel_size, "Conv2D kernel_size")
         self.strides = ops._pair(strides, "Conv2D strides")
         self.padding = padding
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self._x = None
 
     def build(self, input_shape, rng):
         if len(input_shape) != 3:
@@ -39,13 +33,7 @@ class Conv2D(ActivatedLayer):
             raise ValueError(f"Conv2D(filters={self.filters}, kernel_size={self.kernel_size}) "
                              f"does not fit its input {(None, h, w, c)} with padding "
                              f"{self.padding!r}")
-        self.params = {"kernel": self.kernel_initializer((kh, kw, c, self.filters), rng)}
-        if self.use_bias:
-            self.params["bias"] = self.bias_initializer((self.filters,), rng)
-        self.grads = {name: None for name in self.params}
-        self.regularizers = {name: reg for name, reg in
-                             (("kernel", self.kernel_regularizer), ("bias", self.bias_regularizer))
-                             if reg is not None and name in self.params}
+        self._build_weights((kh, kw, c, self.filters), rng)
         return (oh, ow, self.filters)
 
     def forward(self, x, training=False, rng=None):
@@ -66,8 +54,4 @@ class Conv2D(ActivatedLayer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": list(self.kernel_size), "strides": list(self.strides),
-                "padding": self.padding, "use_bias": self.use_bias,
-                "kernel_initializer": initializers.name_of(self.kernel_initializer),
-                "bias_initializer": initializers.name_of(self.bias_initializer),
-                "kernel_regularizer": regularizer_config(self.kernel_regularizer),
-                "bias_regularizer": regularizer_config(self.bias_regularizer)}
+                "padding": self.padding}

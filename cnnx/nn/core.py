@@ -2,39 +2,28 @@
 import numpy as np
 
 from cnnx import ops
-from cnnx.nn import activations, initializers, regularizers
-from cnnx.nn.layer import ActivatedLayer, Layer, regularizer_config
+from cnnx.nn import activations
+from cnnx.nn.layer import ActivatedLayer, Layer, WeightedLayer
 
 
-class Dense(ActivatedLayer):
+class Dense(WeightedLayer):
     """y = activation(x @ kernel + bias).   x (N, in_features) -> y (N, units)."""
 
     def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
                  name=None):
-        super().__init__(activation, name)
+        super().__init__(activation, use_bias, kernel_initializer, bias_initializer,
+                         kernel_regularizer, bias_regularizer, name)
         if int(units) != units or units < 1:
             raise ValueError(f"Dense expects a positive number of units, got {units!r}")
         self.units = int(units)
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self._x = None
 
     def build(self, input_shape, rng):
         if len(input_shape) != 1:
             raise ValueError(f"Dense({self.units}) expected a flat input (N, features), got "
                              f"{(None, *input_shape)}; add Flatten() before it")
         (in_features,) = input_shape
-        self.params = {"kernel": self.kernel_initializer((in_features, self.units), rng)}
-        if self.use_bias:
-            self.params["bias"] = self.bias_initializer((self.units,), rng)
-        self.grads = {name: None for name in self.params}
-        self.regularizers = {name: reg for name, reg in
-                             (("kernel", self.kernel_regularizer), ("bias", self.bias_regularizer))
-                             if reg is not None and name in self.params}
+        self._build_weights((in_features, self.units), rng)
         return (self.units,)
 
     def forward(self, x, training=False, rng=None):
@@ -52,11 +41,7 @@ class Dense(ActivatedLayer):
         return grad_input
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
-                "kernel_initializer": initializers.name_of(self.kernel_initializer),
-                "bias_initializer": initializers.name_of(self.bias_initializer),
-                "kernel_regularizer": regularizer_config(self.kernel_regularizer),
-                "bias_regularizer": regularizer_config(self.bias_regularizer)}
+        return {**super().get_config(), "units": self.units}
 
 
 class Flatten(Layer):

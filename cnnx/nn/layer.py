@@ -1,7 +1,7 @@
 """The Layer base class: parallel params/grads dicts, a forward cache, Keras-style config."""
 import numpy as np
 
-from cnnx.nn import activations
+from cnnx.nn import activations, initializers, regularizers
 
 
 class Layer:
@@ -115,6 +115,38 @@ class ActivatedLayer(Layer):
 
     def get_config(self):
         return {**super().get_config(), "activation": activations.name_of(self.activation)}
+
+
+class WeightedLayer(ActivatedLayer):
+    """An ActivatedLayer with a kernel and an optional bias (Conv2D, Dense): each has an
+    initializer and an optional regularizer."""
+
+    def __init__(self, activation, use_bias, kernel_initializer, bias_initializer,
+                 kernel_regularizer, bias_regularizer, name):
+        super().__init__(activation, name)
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self._x = None                     # backward needs the input for grads["kernel"]
+
+    def _build_weights(self, kernel_shape, rng):
+        """params "kernel" (kernel_shape) and "bias" (its last axis), their grads and penalties."""
+        self.params = {"kernel": self.kernel_initializer(kernel_shape, rng)}
+        if self.use_bias:
+            self.params["bias"] = self.bias_initializer((kernel_shape[-1],), rng)
+        self.grads = {name: None for name in self.params}
+        self.regularizers = {name: reg for name, reg in
+                             (("kernel", self.kernel_regularizer), ("bias", self.bias_regularizer))
+                             if reg is not None and name in self.params}
+
+    def get_config(self):
+        return {**super().get_config(), "use_bias": self.use_bias,
+                "kernel_initializer": initializers.name_of(self.kernel_initializer),
+                "bias_initializer": initializers.name_of(self.bias_initializer),
+                "kernel_regularizer": regularizer_config(self.kernel_regularizer),
+                "bias_regularizer": regularizer_config(self.bias_regularizer)}
 
 
 def regularizer_config(regularizer):
