@@ -40,6 +40,16 @@ def test_sync_learns_and_records_phases(reference):
     assert sum(step["tasks_per_worker"].values()) == SHARDS
 
 
+def test_traffic_counters_see_weights_and_gradients_crossing_workers(reference):
+    # The plan for each step on two workers: one fetches the weights from the other, and the
+    # top of the sum tree pulls a gradient sum across; both must count (Dask once weighed a
+    # GradientSum at ~100 bytes, and this ratio was 1.7). Dask may copy more, never less.
+    _, trainer = reference
+    weights = sum(a.nbytes for a in tiny_model().get_weights().values())
+    between = sum(epoch["bytes_between_workers"] for epoch in trainer.history)
+    assert between >= 0.95 * 2 * weights * len(trainer.steps)
+
+
 def test_one_worker_gives_the_same_bits_as_two(reference, store):
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as local, Client(local) as client:

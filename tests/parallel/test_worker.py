@@ -44,6 +44,25 @@ def test_bfloat16_rounds_to_nearest_even_and_keeps_nan():
     assert wire.nbytes(wire.encode({"a": x}, "bfloat16")) == x.nbytes // 2
 
 
+def test_dask_sizes_wire_payloads_exactly():
+    # dask.sizeof samples 10 entries of a longer dict and sees into no dataclass; Dask's
+    # memory accounting and transfer counters need the real size of weights and gradients
+    from dask.sizeof import sizeof
+
+    from cnnx.nn.gradient_sum import GradientSum
+
+    arrays = {f"layer{i}/bias": np.zeros(4, np.float32) for i in range(11)}
+    arrays["dense/kernel"] = np.zeros((1000, 1000), np.float32)
+    for wire_dtype in ("float32", "bfloat16"):
+        encoded = wire.encode(arrays, wire_dtype)
+        payload = wire.nbytes(encoded)
+        for _ in range(20):           # a sampled estimate would miss or double the big array
+            assert payload <= sizeof(encoded) <= payload + 4096
+        total = GradientSum(grads=encoded, n_samples=8, loss_sum=1.0,
+                            state={"bn/moving_mean": np.zeros(1000, np.float32)})
+        assert payload + 4000 <= sizeof(total) <= payload + 4000 + 8192
+
+
 def test_plan_is_disjoint_chunk_local_and_keyed():
     owned = plan.shard_indices(np.arange(100), chunk_size=10, n_shards=3)
     assert sorted(np.concatenate(owned)) == list(range(100))
