@@ -22,10 +22,13 @@ class Layer:
         return f"{type(self).__name__}(name={self.name!r})"
 
     def __getstate__(self):
-        # underscore attributes are forward caches and work buffers: never ship them (Dask
-        # pickles models to send them to workers)
-        return {key: (None if key.startswith("_") else value)
-                for key, value in self.__dict__.items()}
+        # underscore attributes are forward caches and work buffers, grads the last
+        # backward's output: never ship them (Dask pickles models to send them to workers,
+        # and a used model would otherwise weigh twice its weights)
+        state = {key: (None if key.startswith("_") else value)
+                 for key, value in self.__dict__.items()}
+        state["grads"] = {}
+        return state
 
     def _workspace(self, name, shape, dtype):
         """A buffer reused from one training step to the next: fresh arrays over 32 MB are

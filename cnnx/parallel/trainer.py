@@ -124,7 +124,10 @@ class DaskTrainer:
             else:
                 records = self._async_epoch(epoch, epoch_plan, first, callbacks)
             summary = self._epoch_summary(epoch, records, time.perf_counter() - started)
-            summary["bytes_between_workers"] = self._worker_transfer_bytes() - transfers
+            # Dask's counter also holds what workers sent to the driver: the gathered
+            # gradient sums, already counted in bytes_in
+            transferred = self._worker_transfer_bytes() - transfers
+            summary["bytes_between_workers"] = max(0, transferred - summary["bytes_in"])
             if validation is not None:
                 summary.update(self.evaluate(validation, prefix="val_"))
             self.history.append(summary)
@@ -243,7 +246,8 @@ class DaskTrainer:
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
         weights_future = self._place(weights)
         # after fit() the workers' model copies were released; evaluate() must work then too
-        model_future = self._model_future or self._place(self.model, broadcast=True)
+        model_future = self._model_future or self._place(_worker_copy(self.model),
+                                                         broadcast=True)
         futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
                                       self._spec(group), workers=[address],
                                       allow_other_workers=True, pure=False)
@@ -284,7 +288,8 @@ class DaskTrainer:
 
     # ----------------------------------------------------------------- helpers
     def _scatter_model(self, attempt=0):
-        self._model_future = self._place(self.model, attempt, broadcast=attempt == 0)
+        self._model_future = self._place(_worker_copy(self.model), attempt,
+                                         broadcast=attempt == 0)
 
     def _place(self, value, attempt=0, broadcast=False):
         """Put `value` on the workers: on every one (broadcast), or on one that the others
@@ -347,6 +352,14 @@ class DaskTrainer:
 def _read_replay_log(path):
     with open(path) as log:
         return [json.loads(line) for line in log if line.strip()]
+
+
+def _worker_copy(model):
+    """The model as workers need it: layers and loss, without the optimizer's state (the
+    driver steps; Adam's moments would triple every copy Dask moves)."""
+    shipped = copy.copy(model)
+    shipped.optimizer = None
+    return shipped
 
 
 def preferred_worker(shard, n_shards, n_workers):

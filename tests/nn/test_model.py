@@ -212,8 +212,12 @@ def test_pickled_model_leaves_caches_behind_and_keeps_training(rng):
     model.compile(optim.Adam(1e-2), "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=256, epochs=1, verbose=0)
     weights_bytes = sum(v.nbytes for v in model.get_weights().values())
+    model.gradient(x[:8], y[:8])                         # fills every layer's grads
     payload = pickle.dumps(model)
     assert len(payload) < 3 * weights_bytes + 20_000       # the optimizer's m and v come too
+    model.optimizer, optimizer = None, model.optimizer
+    assert len(pickle.dumps(model)) < weights_bytes + 20_000   # no grads: what workers get
+    model.optimizer = optimizer
     clone = pickle.loads(payload)
     np.testing.assert_array_equal(clone.predict(x), model.predict(x))
     model.fit(x, y, batch_size=256, epochs=2, initial_epoch=1, verbose=0)
