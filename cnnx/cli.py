@@ -1,4 +1,4 @@
-"""The `cnnx` command: ingest, synth, train, evaluate, predict, grid, bench.
+"""The `cnnx` command: ingest, synth, train, evaluate, predict, visualize, grid, bench.
 
 Every subcommand takes --help; `--config FILE.toml` supplies defaults (a table per
 subcommand, e.g. `[train]` with `epochs = 5`) and flags on the command line override them.
@@ -78,6 +78,18 @@ def build_parser():
     predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, BMP, TIFF)")
     predict.add_argument("--json", action="store_true", help="print JSON lines")
     predict.set_defaults(run=run_predict)
+
+    visualize = commands.add_parser("visualize", help="PNG grid of each convolution and "
+                                    "pooling layer's feature maps for one image")
+    visualize.add_argument("model", help="model.npz (normalised as its run did when run.json "
+                           "is beside it, else with the image's own mean and std)")
+    visualize.add_argument("image", help="image file (PNG, JPEG, BMP, TIFF), resized to the "
+                           "model's input")
+    visualize.add_argument("--out", metavar="FILE.png", default=None,
+                           help="PNG to write (default: IMAGE-feature-maps.png here)")
+    visualize.add_argument("--max-maps", type=int, default=16, metavar="N",
+                           help="channels shown per layer (default: 16)")
+    visualize.set_defaults(run=run_visualize)
 
     grid = commands.add_parser("grid", help="learning rate x batch size grid on one cluster")
     add_training_arguments(grid)
@@ -230,6 +242,13 @@ def run_predict(args):
             print(json.dumps(row))
         else:
             print(f"{row['path']}: {row['class']} ({row['probability']:.3f})")
+
+
+def run_visualize(args):
+    from cnnx import visualize
+
+    path = visualize.visualize(args.model, args.image, out=args.out, max_maps=args.max_maps)
+    print(f"cnnx: feature maps of {args.image} written to {path}")
 
 
 def run_grid(args):

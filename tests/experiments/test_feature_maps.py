@@ -1,0 +1,64 @@
+"""experiments/feature_maps.py --quick trains, runs `cnnx visualize` and writes its report."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NAME = "feature_maps"
+CLASSES = ("T-shirt/top", "Shirt")
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    out = tmp_path_factory.mktemp(NAME)
+    done = subprocess.run([sys.executable, f"experiments/{NAME}.py", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / f"{NAME}.json") as f:
+        return out, json.load(f), done.stdout
+
+
+def test_accuracy_and_channel_statistics(outputs):
+    _, results, _ = outputs
+    r = results["results"]
+    # one quick epoch on 2000 images: well above chance on this hard pair, below perfect
+    assert 0.6 < r["test accuracy"] <= 1 and math.isfinite(r["test loss"])
+    assert r["train images"] == 2000 and r["test images"] == 400
+    layers = [s["layer"] for s in r["channels"]]
+    assert layers == ["conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1"]
+    for s in r["channels"]:
+        assert s["channels"] == 32 and 0 <= s["never varying"] <= 32
+        assert 0 <= s["most class-specific channel"] < 32
+        assert math.isfinite(s["separation (std units)"]) and s["separation (std units)"] >= 0
+    assert [shown["class"] for shown in r["images shown"]] == list(CLASSES)
+    assert all(0.5 < shown["probability"] <= 1 for shown in r["images shown"])
+
+
+def test_the_command_wrote_one_figure_per_class(outputs):
+    from skimage import io
+
+    out, results, stdout = outputs
+    for name in CLASSES:
+        figure = out / results["results"]["figures"][name]
+        assert f"written to {figure}" in stdout        # the real command's own line
+        image = io.imread(figure)
+        assert image.ndim == 3 and image.shape[0] > 500 and image.std() > 0
+        picture = io.imread(out / results["results"]["inputs"][name])
+        assert picture.shape == (28, 28) and picture.std() > 0
+
+
+def test_machine_record_and_markdown(outputs):
+    out, results, _ = outputs
+    assert results["machine"]["kernel threads"] >= 1 and results["machine"]["cores"] >= 1
+    assert results["wall time (s)"] > 0 and results["quick"] is True
+    text = (out / f"{NAME}.md").read_text()
+    assert "Paper vs cnnx" in text and "| test accuracy" in text
+    assert f"{results['results']['test accuracy']:.3f}" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == 4 and all((out / link).is_file() for link in links)
+    assert (out / f"{NAME}.csv").read_text().count("\n") == 2
