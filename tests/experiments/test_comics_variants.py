@@ -2,26 +2,18 @@
 import csv
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAME = "comics_variants"
 MODELS = (2, 3, 4)
 VARIANTS = ("base", "dropout", "dropout + BN", "extra dense")
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    folder = tmp_path_factory.mktemp(NAME)
-    done = subprocess.run([sys.executable, os.path.join("experiments", f"{NAME}.py"),
-                           "--quick", "--out", str(folder)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+def out(run_quick):
+    folder, _ = run_quick(NAME)
     return folder
 
 

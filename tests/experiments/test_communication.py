@@ -1,23 +1,16 @@
 """experiments/communication.py --quick runs and writes a meaningful table, JSON and plot."""
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAME = "communication"
 
 
 @pytest.fixture(scope="module")
-def outputs(tmp_path_factory):
-    out = tmp_path_factory.mktemp(NAME)
-    done = subprocess.run([sys.executable, f"experiments/{NAME}.py", "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def outputs(run_quick):
+    out, _ = run_quick(NAME)
     with open(out / f"{NAME}.json") as f:
         return out, json.load(f)
 

@@ -7,8 +7,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,12 +21,8 @@ PLOTS = ["lr_batch_grid_heatmap.png", "lr_batch_grid_normalisation.png"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lr_batch_grid")
-    completed = subprocess.run([sys.executable, "experiments/lr_batch_grid.py", "--quick",
-                                "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                               timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+def run(run_quick):
+    out, _ = run_quick("lr_batch_grid")
     with open(out / "lr_batch_grid.json") as f:
         record = json.load(f)
     markdown = (out / "lr_batch_grid.md").read_text()

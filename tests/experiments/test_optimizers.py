@@ -1,27 +1,19 @@
 """experiments/optimizers.py --quick runs and writes every table and plot it promises."""
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPTIMIZERS = ["sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam",
               "adamax", "nadam", "lars"]
 PLOTS = ["optimizers_loss.png", "optimizers_test_accuracy.png", "optimizers_large_batch.png"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("optimizers")
-    completed = subprocess.run([sys.executable, "experiments/optimizers.py", "--quick",
-                                "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                               timeout=600)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+def run(run_quick):
+    out, _ = run_quick("optimizers")
     with open(out / "optimizers.json") as f:
         return out, json.load(f, parse_constant=_reject)     # strict JSON: no NaN/Infinity
 

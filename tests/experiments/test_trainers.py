@@ -2,25 +2,18 @@
 import csv
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINERS = ("single", "sync", "downpour", "dynsgd", "adag", "easgd")
 MODELS = ("MLP", "CNN")
 PNGS = ("trainers_time.png", "trainers_accuracy.png", "trainers_budget.png")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trainers")
-    done = subprocess.run([sys.executable, "experiments/trainers.py", "--quick", "--out",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def run(run_quick):
+    out, _ = run_quick("trainers")
     with open(out / "trainers.json") as f:
         record = json.load(f)
     return out, record
