@@ -68,9 +68,7 @@ def model_input(pixels, run_info):
         x = data.normalize(batch, mode, mean=None if mean is None else np.asarray(mean),
                            std=None if std is None else np.asarray(std))
         return x[0], f"normalised as in training ({mode}, from run.json)"
-    channels = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64)
-    mean, std = channels.mean(0), np.maximum(channels.std(0), 1e-6)
-    x = data.normalize(batch, "standardize", mean=mean, std=std)
+    x = data.normalize(batch, "standardize", *data.channel_stats(pixels))
     return x[0], "no run.json beside the model: standardised with this image's own mean and std"
 
 

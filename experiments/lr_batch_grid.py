@@ -32,7 +32,6 @@ What this script does differently, and why:
 """
 import itertools
 import os
-import re
 import sys
 import time
 
@@ -82,8 +81,7 @@ def faces_split(seed):
 def normalised(split, mode):
     """The split as float32 inputs; `standardize` uses the training images' statistics."""
     x_train, y_train, x_test, y_test = split
-    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64)
-    mean, std = pixels.mean(0), pixels.std(0)
+    mean, std = data.channel_stats(x_train)
     convert = lambda x: data.normalize(x, mode, mean=mean, std=std)
     return convert(x_train), y_train, convert(x_test), y_test
 
@@ -148,14 +146,6 @@ class TrainingRecorder(nn.Callback):
                             if key != "images/s"})
 
 
-def divergence_point(error):
-    """{"epoch", "step"} (1-based) from fit's FloatingPointError message."""
-    found = re.search(r"epoch (\d+), step (\d+)", str(error))
-    if found is None:
-        raise error
-    return {"epoch": int(found.group(1)) + 1, "step": int(found.group(2)) + 1}
-
-
 def train_once(build, inputs, learning_rate, batch_size, epochs, seed):
     """Train a fresh network with plain SGD; the result of one cell (diverged or not).
 
@@ -174,8 +164,8 @@ def train_once(build, inputs, learning_rate, batch_size, epochs, seed):
         with np.errstate(over="ignore", invalid="ignore"):
             model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
                       validation_data=(x_test, y_test), callbacks=[recorder], verbose=0)
-    except FloatingPointError as error:
-        diverged_at = divergence_point(error)
+    except nn.NonFiniteLossError as error:
+        diverged_at = {"epoch": error.epoch + 1, "step": error.step + 1}     # 1-based
     result = {"learning_rate": learning_rate, "batch_size": batch_size, "epochs": epochs,
               "status": "ok" if diverged_at is None else "diverged", "diverged_at": diverged_at,
               "parameters": int(model.count_params()),

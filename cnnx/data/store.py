@@ -131,6 +131,13 @@ def mean_std(sums):
     return mean, std
 
 
+def channel_stats(images):
+    """Per-channel (mean, std) arrays of uint8 images (..., C), on the uint8 scale: what
+    normalize(mode="standardize") takes, computed exactly as a store computes its own."""
+    mean, std = mean_std(pixel_sums(images))
+    return np.array(mean), np.array(std)
+
+
 def finalize(group, sums, labels_count, class_names, extra_attrs=None):
     """Write the statistics, then mark the store complete in the same final attribute write."""
     mean, std = mean_std(sums)

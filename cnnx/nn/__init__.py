@@ -11,7 +11,7 @@ from cnnx.nn.core import Activation, Dense, Dropout, Flatten, LeakyReLU, ReLU, S
 from cnnx.nn.gradient_sum import GradientSum
 from cnnx.nn.layer import Layer
 from cnnx.nn.losses import BinaryCrossentropy, SparseCategoricalCrossentropy
-from cnnx.nn.model import Sequential
+from cnnx.nn.model import NonFiniteLossError, Sequential
 from cnnx.nn.normalization import BatchNormalization
 from cnnx.nn.pooling import AveragePooling2D, AvgPool2D, MaxPool2D, MaxPooling2D
 from cnnx.nn.regularizers import L1, L1L2, L2
@@ -20,6 +20,6 @@ from cnnx.nn.serialization import load_model, model_from_config
 __all__ = ["activations", "initializers", "losses", "regularizers", "Callback", "CSVLogger",
            "EarlyStopping", "History", "ModelCheckpoint", "ProgressBar", "Conv2D", "Activation",
            "Dense", "Dropout", "Flatten", "LeakyReLU", "ReLU", "Softmax", "GradientSum", "Layer",
-           "BinaryCrossentropy", "SparseCategoricalCrossentropy", "Sequential",
+           "BinaryCrossentropy", "SparseCategoricalCrossentropy", "NonFiniteLossError", "Sequential",
            "BatchNormalization", "AveragePooling2D", "AvgPool2D", "MaxPool2D", "MaxPooling2D",
            "L1", "L1L2", "L2", "load_model", "model_from_config"]

@@ -24,6 +24,14 @@ _KERAS_NAMES = {"Conv2D": "conv2d", "MaxPool2D": "max_pooling2d", "AvgPool2D": "
 _INIT, _SHUFFLE = 0, 1
 
 
+class NonFiniteLossError(FloatingPointError):
+    """fit stopped because the loss became NaN or inf; `epoch` and `step` say where (0-based)."""
+
+    def __init__(self, message, epoch, step):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
 class Sequential:
     """layers applied in order to inputs of shape (N, *input_shape); float32 throughout."""
 
@@ -236,9 +244,9 @@ class Sequential:
             index = order[begin : begin + batch_size]
             result = self.gradient(x[index], y[index], key=(epoch, step, 0))
             if not np.isfinite(result.loss_sum):
-                raise FloatingPointError(f"{self.name}.fit: the loss became {result.loss_sum} "
+                raise NonFiniteLossError(f"{self.name}.fit: the loss became {result.loss_sum} "
                                          f"at epoch {epoch}, step {step}; lower the learning "
-                                         f"rate or check the inputs for NaN/inf")
+                                         f"rate or check the inputs for NaN/inf", epoch, step)
             self.apply_gradients(result.mean_grads(), result.state)
             loss_sum, n_correct, seen = (loss_sum + result.loss_sum,
                                          n_correct + result.n_correct, seen + result.n_samples)

@@ -48,6 +48,9 @@ def test_statistics_are_per_channel_mean_and_std_of_the_pixels(tmp_path, rng):
     pixels = x.reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(ds.mean, pixels.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(ds.std, pixels.std(axis=0), rtol=1e-6)
+    mean, std = data.channel_stats(x)                  # the same statistics, from arrays
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-12)
 
 
 def test_normalize_modes(tmp_path, rng):

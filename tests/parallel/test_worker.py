@@ -114,3 +114,23 @@ def test_local_sgd_steps_on_the_regularised_objective(store):
     for name, value in wire.decode(weights).items():
         np.testing.assert_allclose(value, expected.get_weights()[name], rtol=1e-5, atol=1e-7,
                                    err_msg=name)
+
+
+def test_workers_get_the_model_without_the_optimizer_state(rng):
+    # the driver steps; Adam's two moments would triple every model copy Dask moves
+    import pickle
+
+    from cnnx import nn
+    from cnnx.parallel.trainer import _worker_copy
+
+    model = nn.Sequential([nn.Flatten(), nn.Dense(512, activation="relu"),
+                           nn.Dense(2, activation="softmax")], input_shape=(16, 16, 1))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x = rng.standard_normal((8, 16, 16, 1)).astype(np.float32)
+    model.apply_gradients(model.gradient(x, np.arange(8) % 2).mean_grads())
+    weights = sum(a.nbytes for a in model.get_weights().values())
+    assert len(pickle.dumps(model)) > 2.5 * weights          # the moments are there
+    shipped = _worker_copy(model)
+    assert len(pickle.dumps(shipped)) < weights + 10_000
+    assert model.optimizer is not None                       # the driver keeps its own
+    np.testing.assert_array_equal(shipped.predict(x), model.predict(x))
