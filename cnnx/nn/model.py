@@ -188,6 +188,27 @@ class Sequential:
             for key, value in state.items():
                 own[key][...] = value
 
+    def apply_gradient_sum(self, total):
+        """One optimizer step from a GradientSum (one batch's, or the sum of shards'):
+        its mean gradients, and its BatchNorm statistics installed."""
+        self.apply_gradients(total.mean_grads(), total.state)
+
+    def train_step(self, x, y, key=(0, 0, 0)):
+        """The training step: gradient(x, y, key), then apply_gradient_sum.
+
+        key is (epoch, step, shard).  Returns the batch's GradientSum (loss and counts
+        before the update).  A NaN or inf loss raises NonFiniteLossError before any
+        weight changes.
+        """
+        result = self.gradient(x, y, key)
+        if not np.isfinite(result.loss_sum):
+            epoch, step = key[0], key[1]
+            raise NonFiniteLossError(f"{self.name}: the loss became {result.loss_sum} "
+                                     f"at epoch {epoch}, step {step}; lower the learning "
+                                     f"rate or check the inputs for NaN/inf", epoch, step)
+        self.apply_gradient_sum(result)
+        return result
+
     # -------------------------------------------------------------------------- fit
 
     def fit(self, x, y, batch_size=32, epochs=1, validation_data=None, validation_split=0.0,
@@ -242,12 +263,7 @@ class Sequential:
         loss_sum, n_correct, seen, start = 0.0, 0, 0, time.perf_counter()
         for step, begin in enumerate(range(0, n, batch_size)):
             index = order[begin : begin + batch_size]
-            result = self.gradient(x[index], y[index], key=(epoch, step, 0))
-            if not np.isfinite(result.loss_sum):
-                raise NonFiniteLossError(f"{self.name}.fit: the loss became {result.loss_sum} "
-                                         f"at epoch {epoch}, step {step}; lower the learning "
-                                         f"rate or check the inputs for NaN/inf", epoch, step)
-            self.apply_gradients(result.mean_grads(), result.state)
+            result = self.train_step(x[index], y[index], key=(epoch, step, 0))
             loss_sum, n_correct, seen = (loss_sum + result.loss_sum,
                                          n_correct + result.n_correct, seen + result.n_samples)
             logs = self._logs(loss_sum, n_correct, seen)
