@@ -1,4 +1,6 @@
 """Dense, Flatten, Dropout and the stand-alone activation layers."""
+import math
+
 import numpy as np
 
 from cnnx import ops
@@ -48,7 +50,7 @@ class Flatten(Layer):
     """(N, d1, d2, ...) -> (N, d1 * d2 * ...), C-order like Keras channels-last."""
 
     def build(self, input_shape, rng):
-        return (int(np.prod(input_shape)),)
+        return (math.prod(input_shape),)          # np.prod would wrap around at 2**63
 
     def forward(self, x, training=False, rng=None):
         return x.reshape(len(x), -1)

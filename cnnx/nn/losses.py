@@ -20,6 +20,14 @@ class Loss:
     def check_labels(self, y, n_outputs, who):
         raise NotImplementedError
 
+    def _numeric_labels(self, y, who):
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise TypeError(f"{who}: {self.name} expects numeric labels (integer class "
+                            f"indices), got an array of dtype {y.dtype}; convert them, e.g. "
+                            f"y.astype(np.int64), or map class names to indices")
+        return y
+
     def n_correct(self, outputs, y):
         raise NotImplementedError
 
@@ -33,7 +41,7 @@ class SparseCategoricalCrossentropy(Loss):
     fuses_with = activations.Softmax
 
     def check_labels(self, y, n_outputs, who):
-        y = np.asarray(y)
+        y = self._numeric_labels(y, who)
         if y.ndim != 1:
             raise ValueError(f"{who}: sparse_categorical_crossentropy expects labels of shape "
                              f"(N,), got {y.shape}")
@@ -70,7 +78,7 @@ class BinaryCrossentropy(Loss):
     fuses_with = activations.Sigmoid
 
     def check_labels(self, y, n_outputs, who):
-        y = np.asarray(y)
+        y = self._numeric_labels(y, who)
         if n_outputs != 1:
             raise ValueError(f"{who}: binary_crossentropy expects a model with 1 output unit, "
                              f"got {n_outputs}")

@@ -3,11 +3,14 @@
 fit is a loop over gradient() and apply_gradients(), the same two calls a distributed
 driver makes, so summing shard gradients and applying them reproduces fit.
 """
+import math
+import os
 import time
 
 import numpy as np
 
 from cnnx import optim
+from cnnx.nn import archive
 from cnnx.nn import callbacks as callbacks_module
 from cnnx.nn import losses
 from cnnx.nn.gradient_sum import GradientSum
@@ -22,6 +25,10 @@ _KERAS_NAMES = {"Conv2D": "conv2d", "MaxPool2D": "max_pooling2d", "AvgPool2D": "
 # Separate random streams of one seed: (seed, _INIT, layer index), (seed, _SHUFFLE, epoch);
 # dropout draws from (seed, epoch, step, shard), a 4-tuple, so it never meets these.
 _INIT, _SHUFFLE = 0, 1
+
+# The kernels index arrays with 32-bit ints (cnnx/_kernels.pyx refuses anything larger), so a
+# sample (one image, one layer output) can hold at most this many values.
+MAX_SAMPLE_SIZE = 2**31 - 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,6 +59,7 @@ class Sequential:
 
     def _build(self):
         counts, shape = {}, self.input_shape
+        self._check_sample_size(shape, "its input_shape")
         for index, layer in enumerate(self.layers):
             if layer.name is None:
                 base = _KERAS_NAMES.get(type(layer).__name__, type(layer).__name__.lower())
@@ -62,12 +70,24 @@ class Sequential:
             layer.output_shape = tuple(layer.build(shape, np.random.default_rng(
                 (self.seed, _INIT, index))))
             shape = layer.output_shape
+            self._check_sample_size(shape, f"layer {layer.name!r} ({type(layer).__name__})")
         names = [layer.name for layer in self.layers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"Sequential: layer names must be unique, got {duplicates} twice")
         self.layers[0].need_input_grad = False      # nobody needs the image gradient
         self.output_shape = shape
+
+    def _check_sample_size(self, shape, who):
+        # before the next layer builds: a Dense after a 2**40-value Flatten must not allocate
+        if any(d < 1 for d in shape):
+            raise ValueError(f"{self.name}: {who} has shape {(None, *shape)}; every "
+                             f"dimension must be at least 1")
+        size = math.prod(shape)                       # a Python int: no int64 overflow
+        if size > MAX_SAMPLE_SIZE:
+            raise ValueError(f"{self.name}: {who} has shape {(None, *shape)}, {size} values "
+                             f"per sample; the kernels take at most 2**31 - 1 "
+                             f"({MAX_SAMPLE_SIZE}); use smaller images or more pooling")
 
     # ------------------------------------------------------------------ flat parameter dicts
 
@@ -226,9 +246,7 @@ class Sequential:
         if len(x) == 0:
             raise ValueError(f"{self.name}.fit: no training samples")
         for name, value in (("batch_size", batch_size), ("epochs", epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{self.name}.fit: {name} must be a positive integer, "
-                                 f"got {value!r}")
+            self._check_positive(name, value, "fit")
         steps = -(-len(x) // batch_size)
         history = callbacks_module.History()
         every = [history, *(callbacks or [])]
@@ -285,6 +303,7 @@ class Sequential:
 
     def predict(self, x, batch_size=256, verbose=0):
         """Outputs in inference mode (moving BatchNorm statistics, no dropout)."""
+        self._check_positive("batch_size", batch_size, "predict")
         x = self._as_input(x, "predict")
         return np.concatenate([self.forward(x[i : i + batch_size])
                                for i in range(0, len(x), batch_size)])
@@ -292,6 +311,7 @@ class Sequential:
     def evaluate(self, x, y, batch_size=256, verbose=0, return_dict=False):
         """[loss, accuracy] (or the loss alone without metrics), loss including regularization."""
         self._require_compiled("evaluate")
+        self._check_positive("batch_size", batch_size, "evaluate")
         x = self._as_input(x, "evaluate")
         y = self._as_labels(y, len(x), "evaluate")
         loss_sum, n_correct = 0.0, 0
@@ -319,10 +339,16 @@ class Sequential:
             raise ValueError(f"{self.name}.{who}: got no samples (x has shape {x.shape})")
         return np.ascontiguousarray(x, dtype=np.float32)
 
+    def _check_positive(self, name, value, who):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{self.name}.{who}: {name} must be a positive integer, "
+                             f"got {value!r}")
+
     def _as_labels(self, y, n, who):
         y = np.asarray(y)
-        if len(y) != n:
-            raise ValueError(f"{self.name}.{who}: x has {n} samples but y has {len(y)}")
+        if y.ndim == 0 or len(y) != n:
+            raise ValueError(f"{self.name}.{who}: x has {n} samples but y has "
+                             f"{len(y) if y.ndim else 'a single value'}")
         return self.loss.check_labels(y, self.output_shape[-1], f"{self.name}.{who}")
 
     # ----------------------------------------------------------------- summary, saving
@@ -340,5 +366,16 @@ class Sequential:
                            for layer in self.layers]}
 
     def save(self, path, include_optimizer=True):
-        from cnnx.nn.serialization import save_model
-        save_model(self, path, include_optimizer)
+        """Write the architecture, weights and (if compiled) optimizer to `path` (".npz"
+        appended if missing, as numpy does), atomically; nn.load_model reads it back.
+        Returns the path written."""
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
+        documents, optimizer_state = {"architecture": self.get_config()}, {}
+        if include_optimizer and self.optimizer is not None:
+            documents["compile"] = {"optimizer": self.optimizer.get_config(),
+                                    "loss": self.loss.get_config(), "metrics": self.metrics}
+            optimizer_state = self.optimizer.state_dict()
+        return archive.write_archive(path, {**self.params, **self.state}, optimizer_state,
+                                     documents)

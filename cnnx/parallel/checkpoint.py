@@ -1,17 +1,16 @@
-"""Atomic, pickle-free training checkpoints: weights, optimizer state and the data position.
+"""Training checkpoints: weights, optimizer state and the data position, in one cnnx archive.
 
-A checkpoint is one `.npz`: arrays under "weights/<layer/param>" and "optimizer/<name>",
-and "meta", a JSON string (epoch, step, seed, shards, batch size, history). It is written
-to a temporary file in the same folder, fsynced, renamed over the old one, and the folder
-is fsynced: a crash leaves either the old checkpoint or the new one, never half of one.
-All randomness is keyed by (seed, epoch, step, shard), so (seed, epoch, step) is the whole
-RNG state and data position.
+A checkpoint is `<directory>/checkpoint.npz`, a cnnx.nn.archive file: arrays under
+"weights/<layer/param>" and "optimizer/<name>", and "meta", a JSON document (epoch, step,
+seed, shards, batch size, history, and whatever else the trainer records). The archive
+module writes it atomically (temporary file, fsync, rename, fsync of the folder): a crash
+leaves either the old checkpoint or the new one, never half of one.  All randomness is keyed
+by (seed, epoch, step, shard), so (seed, epoch, step) is the whole RNG state and data position.
 """
-import json
 import os
-import tempfile
 
-import numpy as np
+from cnnx.nn import archive as archive_format
+from cnnx.nn.archive import OPTIMIZER, WEIGHTS
 
 FILENAME = "checkpoint.npz"
 
@@ -21,44 +20,35 @@ def checkpoint_path(directory):
 
 
 def save_checkpoint(directory, weights, optimizer_state, meta):
-    """Write the checkpoint atomically; returns its path."""
+    """Write the checkpoint atomically; returns its path.  `meta` is any JSON-able dict
+    (NumPy scalars are stored as Python numbers); TypeError, and the old checkpoint kept,
+    when it is not."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"save_checkpoint: meta must be a dict, got {type(meta).__name__}")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    arrays = {f"weights/{name}": np.asarray(a) for name, a in weights.items()}
-    arrays.update({f"optimizer/{name}": np.asarray(a) for name, a in optimizer_state.items()})
-    arrays["meta"] = np.array(json.dumps(meta))
-    descriptor, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz", dir=directory)
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        final = checkpoint_path(directory)
-        os.replace(temporary, final)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    folder = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return final
+    return archive_format.write_archive(checkpoint_path(directory), weights, optimizer_state,
+                                        {"meta": meta})
 
 
-def load_checkpoint(directory):
-    """(weights, optimizer_state, meta) from the checkpoint in `directory`, or None if none."""
+def load_checkpoint(directory, expected_weights=None):
+    """(weights, optimizer_state, meta) from the checkpoint in `directory`, or None if none.
+
+    expected_weights: optional {name: array} (e.g. {**model.params, **model.state}); the
+    checkpoint's weights must have exactly those names, shapes and dtypes, checked before
+    any of them is read.  A malformed file raises cnnx.nn.ArchiveError (a ValueError).
+    """
     path = checkpoint_path(directory)
     if not os.path.exists(path):
         return None
-    weights, optimizer_state = {}, {}
-    with np.load(path, allow_pickle=False) as archive:
-        meta = json.loads(str(archive["meta"]))
-        for key in archive.files:
-            group, _, name = key.partition("/")
-            if group == "weights":
-                weights[name] = archive[key]
-            elif group == "optimizer":
-                optimizer_state[name] = archive[key]
+    with archive_format.open_archive(path) as archive:
+        archive.check_documents(required=["meta"])
+        meta = archive.document("meta")
+        if not isinstance(meta, dict):
+            raise archive.error(f"its meta is a {type(meta).__name__}, not a dict")
+        if expected_weights is not None:
+            archive.check_group(WEIGHTS, {key: (value.shape, value.dtype) for key, value
+                                          in expected_weights.items()}, "the model")
+        weights = {key: archive.read(WEIGHTS, key) for key in archive.weights}
+        optimizer_state = {key: archive.read(OPTIMIZER, key) for key in archive.optimizer}
     return weights, optimizer_state, meta
