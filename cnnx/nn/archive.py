@@ -26,7 +26,7 @@ _GROUPS = (WEIGHTS, OPTIMIZER)
 _ARRAY_KINDS = "biuf"                 # bool, int, uint, float: nothing that can hold objects
 DOCUMENT_LIMIT = 64 * 2**20           # stored bytes of one JSON document (4 bytes a character)
 _HEADER_LIMIT = 10000                 # numpy's own bound on a .npy header
-_READ_BLOCK = 16 * 2**20
+_READ_BLOCK = 2**20                  # zipfile's readinto reads into a temporary first
 
 
 class ArchiveError(ValueError):
@@ -153,8 +153,9 @@ class Archive:
             getattr(self, group)[key] = header
         else:
             if header.dtype.kind != "U" or header.shape != ():
-                raise self.error(f"entry {name!r} is not a JSON document (a 0-d str array), "
-                                 f"got dtype {header.dtype}, shape {header.shape}")
+                raise self.error(f"not a cnnx archive: entry {name!r} ({header.dtype}, shape "
+                                 f"{header.shape}) is neither under weights/ or optimizer/ "
+                                 f"nor a JSON document")
             if header.nbytes > DOCUMENT_LIMIT:
                 raise self.error(f"document {name!r} declares {header.nbytes} bytes, more "
                                  f"than the {DOCUMENT_LIMIT} allowed")

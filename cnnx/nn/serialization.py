@@ -129,16 +129,23 @@ def _layer(entry):
 # ------------------------------------------------------------------- checks before reading
 
 def _compile_settings(archive, settings):
+    if not isinstance(settings, dict) or not {"optimizer", "loss"} <= set(settings):
+        raise archive.error(f"its 'compile' settings must be a dict with 'optimizer' and "
+                            f"'loss', got {settings!r:.200}")
+    metrics = settings.get("metrics") or []
+    if not isinstance(metrics, list) or not all(m in ("accuracy", "acc") for m in metrics):
+        raise archive.error(f"its 'compile' metrics must be a list of 'accuracy', got "
+                            f"{metrics!r:.200}")
     try:
-        if not isinstance(settings, dict):
-            raise ValueError(f"expected a dict, got {type(settings).__name__}")
-        metrics = settings.get("metrics") or []
-        if not isinstance(metrics, list) or not set(metrics) <= {"accuracy", "acc"}:
-            raise ValueError(f"metrics must be a list of 'accuracy', got {metrics!r}")
-        return optim.get(settings["optimizer"]), losses.get(settings["loss"])
+        optimizer = optim.get(settings["optimizer"])
     except (KeyError, TypeError, ValueError) as error:
-        message = f"missing key {error}" if isinstance(error, KeyError) else str(error)
-        raise archive.error(f"its 'compile' settings are unusable: {message}") from None
+        raise archive.error(f"its optimizer {settings['optimizer']!r:.200} cannot be made "
+                            f"({type(error).__name__}: {error})") from None
+    try:
+        return optimizer, losses.get(settings["loss"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise archive.error(f"its loss {settings['loss']!r:.200} cannot be made "
+                            f"({type(error).__name__}: {error})") from None
 
 
 def _check_optimizer_state(archive, optimizer, expected):
