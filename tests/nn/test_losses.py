@@ -1,5 +1,6 @@
 """Losses return sums; fused (logits) and unfused (probabilities) paths agree and are stable."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -82,3 +83,14 @@ def test_binary_crossentropy_refuses_bad_labels_and_outputs():
         loss.check_labels(np.array([0, 2]), 1, "test")
     with pytest.raises(ValueError, match="1 output unit, got 2"):
         loss.check_labels(np.array([0, 1]), 2, "test")
+
+
+@pytest.mark.parametrize("loss", [nn.SparseCategoricalCrossentropy(), nn.BinaryCrossentropy()],
+                         ids=lambda loss: loss.name)
+@pytest.mark.parametrize("labels", [np.array([0, 1], dtype=object), np.array(["0", "1"]),
+                                    np.array([b"0", b"1"])], ids=["object", "str", "bytes"])
+def test_non_numeric_labels_get_a_type_error_naming_their_dtype(loss, labels):
+    # object labels used to end in "TypeError: ufunc 'isfinite' not supported"
+    with pytest.raises(TypeError, match=f"test: {loss.name} expects numeric labels .*got an "
+                                        f"array of dtype {re.escape(str(labels.dtype))}"):
+        loss.check_labels(labels, 3 if loss.name.startswith("sparse") else 1, "test")

@@ -1,5 +1,7 @@
 """Sequential: Keras shape arithmetic, naming, the gradient()/apply_gradients contract,
 save/load, determinism and the messages bad input gets."""
+import re
+
 import numpy as np
 import pytest
 
@@ -335,3 +337,57 @@ def test_set_weights_checks_keys_and_shapes():
     del weights["dense/kernel"]
     with pytest.raises(ValueError, match=r"missing \['dense/kernel'\]"):
         model.set_weights(weights)
+
+
+@pytest.mark.parametrize("call", ["predict", "evaluate"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_predict_and_evaluate_refuse_bad_batch_size_like_fit(rng, call, value):
+    model = small_cnn()
+    model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = toy_data(rng, n=8)
+    arguments = (x,) if call == "predict" else (x, y)
+    with pytest.raises(ValueError, match=f"sequential.{call}: batch_size must be a positive "
+                                         f"integer, got {value}"):
+        getattr(model, call)(*arguments, batch_size=value)
+
+
+def test_object_labels_get_a_type_error_naming_their_dtype(rng):
+    model = small_cnn()
+    model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy")
+    x, _ = toy_data(rng, n=4)
+    for labels in (np.array([0, 1, 2, 0], dtype=object), np.array(["cat", "dog", "cat", "ox"])):
+        with pytest.raises(TypeError, match=f"sequential.fit: sparse_categorical_crossentropy "
+                                            f"expects numeric labels .* dtype {labels.dtype}"):
+            model.fit(x, labels, verbose=0)
+
+
+@pytest.mark.parametrize("input_shape, who", [
+    ((2**32, 2**32, 1), "its input_shape"),                   # 2**64 wraps int64 to 0
+    ((2**16, 2**16, 1), "its input_shape"),
+    ((2**15, 2**15, 1), None)])
+def test_layer_outputs_too_large_for_the_kernels_are_refused(input_shape, who):
+    layers = [nn.Flatten(), nn.Dense(2)]
+    if who is None:                       # the input fits; the conv's output does not
+        layers, who = [nn.Conv2D(4, 1), *layers], "layer 'conv2d' (Conv2D)"
+    with pytest.raises(ValueError, match=rf"sequential: {re.escape(who)} has shape .* values "
+                                         r"per sample; the kernels take at most 2\*\*31 - 1"):
+        nn.Sequential(layers, input_shape=input_shape)
+
+
+def test_flatten_counts_its_features_without_overflow():
+    assert nn.Flatten().build((2**32, 2**32, 1), rng=None) == (2**64,)
+
+
+def test_a_zero_sized_input_is_refused():
+    with pytest.raises(ValueError, match=r"input_shape has shape \(None, 0, 4\); every "
+                                         r"dimension must be at least 1"):
+        nn.Sequential([nn.Flatten(), nn.Dense(2)], input_shape=(0, 4))
+
+
+def test_model_and_loading_do_not_import_each_other():
+    import ast
+    import inspect
+    from cnnx.nn import model as model_module
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(model_module)))
+                if isinstance(node, ast.ImportFrom)}
+    assert "cnnx.nn.serialization" not in imported
