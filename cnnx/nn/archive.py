@@ -16,6 +16,7 @@ import json
 import math
 import os
 import secrets
+import struct
 import zipfile
 import zlib
 
@@ -26,6 +27,10 @@ _GROUPS = (WEIGHTS, OPTIMIZER)
 _ARRAY_KINDS = "biuf"                 # bool, int, uint, float: nothing that can hold objects
 DOCUMENT_LIMIT = 64 * 2**20           # stored bytes of one JSON document (4 bytes a character)
 _HEADER_LIMIT = 10000                 # numpy's own bound on a .npy header
+# what zipfile and numpy raise on a damaged or foreign file (an unsupported compression or
+# zip version, encryption, bad offsets, short reads, broken deflate streams, bad headers)
+_DAMAGED = (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
+            OSError, struct.error, zlib.error, OverflowError)
 _READ_BLOCK = 2**20                  # zipfile's readinto reads into a temporary first
 
 
@@ -121,18 +126,20 @@ class Archive:
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        self._file = open(self.path, "rb")          # not found, no permission: not damage
         try:
-            self._zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, EOFError) as error:
+            self._zip = zipfile.ZipFile(self._file)
+        except _DAMAGED as error:
+            self._file.close()
             raise ArchiveError(self.path, f"not a zip archive: truncated, or not a file cnnx "
-                                          f"wrote ({error})") from None
+                                          f"wrote ({type(error).__name__}: {error})") from None
         try:
             self.weights, self.optimizer, self._documents = {}, {}, {}
             self._members = {}
             for member in self._zip.infolist():
                 self._add(member)
         except BaseException:
-            self._zip.close()
+            self.close()
             raise
 
     def _add(self, member):
@@ -174,8 +181,9 @@ class Archive:
                 else:
                     raise ValueError(f"unsupported .npy format version {version}")
                 offset = stream.tell()
-        except (ValueError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
-            raise self.error(f"entry {name!r} has no valid .npy header ({error})") from None
+        except _DAMAGED as error:
+            raise self.error(f"entry {name!r} has no valid .npy header "
+                             f"({type(error).__name__}: {error})") from None
         shape, fortran_order, dtype = header
         if dtype.hasobject:
             raise self.error(f"entry {name!r} holds Python objects (dtype {dtype}); cnnx "
@@ -265,11 +273,13 @@ class Archive:
                         raise EOFError(f"data ends after {done} of {len(view)} bytes")
                     done += count
                 stream.read(1)                # reach the end: zipfile checks the CRC there
-        except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
-            raise self.error(f"entry {name!r} is corrupt ({error})") from None
+        except _DAMAGED as error:
+            raise self.error(f"entry {name!r} is corrupt ({type(error).__name__}: "
+                             f"{error})") from None
 
     def close(self):
         self._zip.close()
+        self._file.close()
 
     def __enter__(self):
         return self

@@ -209,6 +209,35 @@ def test_the_errors_say_what_is_wrong(tmp_path):
             nn.load_model(tmp_path / f"{case}.npz")
 
 
+def test_damaged_copies_load_identically_or_raise_archive_error(tmp_path):
+    """Cut short or with a few bytes changed anywhere (zip headers, .npy headers, data):
+    either the damage was harmless (a zip field cnnx does not use) or one ArchiveError."""
+    model = small_model()
+    model.save(tmp_path / "good.npz")
+    original = (tmp_path / "good.npz").read_bytes()
+    rng = np.random.default_rng(11)
+    path, outcomes = tmp_path / "damaged.npz", set()
+    for attempt in range(300):
+        damaged = bytearray(original)
+        if attempt % 3 == 0:
+            damaged = damaged[: rng.integers(0, len(damaged))]
+        else:
+            for position in rng.integers(0, len(damaged), rng.integers(1, 4)):
+                damaged[position] = rng.integers(0, 256)
+        path.write_bytes(damaged)
+        try:
+            loaded = nn.load_model(path)
+        except nn.ArchiveError:
+            outcomes.add("refused")
+            continue
+        outcomes.add("loaded")
+        for key, value in model.get_weights().items():
+            np.testing.assert_array_equal(loaded.get_weights()[key], value)
+        for key, value in model.optimizer.state_dict().items():
+            np.testing.assert_array_equal(loaded.optimizer.state_dict()[key], value)
+    assert outcomes == {"refused", "loaded"}
+
+
 def test_a_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model file at"):
         nn.load_model(tmp_path / "nothing.npz")
