@@ -40,7 +40,7 @@ def load_model(path, compile=True):
         path += ".npz"                            # save_model appends it, as numpy does
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_model: no model file at {path!r}")
-    with archive_format.Archive(path) as archive:
+    with archive_format.open_archive(path) as archive:
         archive.check_documents(required=["architecture"], optional=["compile"])
         config = archive.document("architecture")
         expected = expected_weights(config, archive)
