@@ -42,6 +42,9 @@ class ArchiveError(ValueError):
         self.path, self.reason = path, " ".join(str(reason).split())   # always one line
         super().__init__(f"cannot load {path!r}: {self.reason}")
 
+    def __reduce__(self):                     # Dask pickles errors raised on its workers
+        return type(self), (self.path, self.reason)
+
 
 class Header:
     """What an entry's .npy header declares, read before any of its data."""

@@ -3,6 +3,7 @@ before data, and one clear ArchiveError for every malformed file load_model meet
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -187,6 +188,7 @@ def test_every_malformed_file_gets_one_archive_error_naming_the_path(case, tmp_p
     message = str(caught.value)
     assert str(path) in message and "\n" not in message
     assert isinstance(caught.value, ValueError) and caught.value.path == str(path)
+    assert str(pickle.loads(pickle.dumps(caught.value))) == message     # crosses Dask intact
 
 
 def test_the_errors_say_what_is_wrong(tmp_path):
