@@ -131,6 +131,9 @@ def load_cnnx_model(path):
     if head != ZIP_SIGNATURE:
         raise UserError(f"{path!r} is not a model file cnnx wrote (not an .npz archive); "
                         f"give the model.npz of a `cnnx train` run")
+    if not zipfile.is_zipfile(path):      # the archive's directory, at its end, is missing
+        raise UserError(f"{path!r} is truncated or damaged (an .npz archive without its "
+                        f"end); train again or copy the file again")
     try:
         return nn.load_model(path)
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:

@@ -299,7 +299,8 @@ def test_help_shows_defaults_and_explains_the_modes():
     for default in ["(default: 12)", "(default: 32)", "(default: 0.001)", "(default: adam)",
                     "(default: sync)", "(default: 0)"]:
         assert default in text, default
-    assert "--shards SHARDS virtual shards per step" in text and "default: the number of workers" in text
+    assert "--shards SHARDS virtual shards per step" in text
+    assert "default: the number of workers, fewer if the data is too small" in text
     for mode in ["sync", "downpour", "dynsgd", "adag", "easgd"]:
         assert f"\n  {mode} " in result.stdout, mode
     assert "--seed SEED seed of the initial weights" in text
