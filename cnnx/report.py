@@ -50,26 +50,36 @@ def _cell(value):
 
 
 def plot_history(history, path, title="Training curves"):
-    """Loss and accuracy per epoch, train and validation, side by side."""
+    """Loss and accuracy per epoch, train and validation, side by side, as a PNG."""
+    save_figure(history_figure(history, title), path)
+
+
+def history_figure(history, title="Training curves"):
+    """The figure plot_history saves; epochs are numbered from 1 and ticked at integers."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    n_epochs = 0
     for key, ax, label in [("loss", ax_loss, "train"), ("val_loss", ax_loss, "validation"),
                            ("accuracy", ax_acc, "train"), ("val_accuracy", ax_acc, "validation")]:
         if history.get(key):
             epochs = np.arange(1, len(history[key]) + 1)
+            n_epochs = max(n_epochs, len(epochs))
             ax.plot(epochs, history[key], marker="o", label=label)
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy (mean per image)")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # half an epoch of margin: with one epoch matplotlib's own limits (0.945-1.055)
+        # leave no integer but 1 and its locator falls back to fractions
+        ax.set_xlim(0.5, max(n_epochs, 1) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
 def plot_confusion(counts, class_names, path, title="Confusion matrix (test set)"):

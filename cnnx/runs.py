@@ -9,12 +9,18 @@ A run folder holds:
   report.md         configuration, timings, throughput, traffic, final metrics
   checkpoints/      atomic checkpoints for --resume
 """
+import contextlib
 import csv
 import datetime
 import json
 import os
 import platform
+import shutil
+import signal
+import threading
 import time
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -22,10 +28,20 @@ from cnnx import architectures, optim, report
 
 SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}
 BUNDLED = ("faces", "fashion-mnist")
+# what `cnnx train` writes into its folder (data/ is a cache of a bundled set, kept)
+RUN_FILES = ("run.json", "model.npz", "architecture.json", "history.csv", "curves.png",
+             "confusion.png", "report.md")
+CHECKPOINTS = "checkpoints"
+WORKER_TIMEOUT = 60.0                          # s to wait for a remote scheduler's workers
+ZIP_SIGNATURE = b"PK\x03\x04"                 # an .npz is a zip archive
 
 
 class UserError(Exception):
     """A problem the user can fix (the CLI prints it as one line)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what can be resumed."""
 
 
 # ------------------------------------------------------------------------------- data
@@ -103,16 +119,29 @@ def make_model(arch, image_shape, n_classes, seed):
 
 
 def load_cnnx_model(path):
-    """nn.load_model, with a clear message for a file cnnx did not write."""
+    """nn.load_model, with one clear line naming the file for anything cnnx cannot load."""
     from cnnx import nn
 
     if not os.path.exists(path):
         raise UserError(f"no model file at {path!r}")
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a folder, not a model file; give the model.npz in it")
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_SIGNATURE))
+    if head != ZIP_SIGNATURE:
+        raise UserError(f"{path!r} is not a model file cnnx wrote (not an .npz archive); "
+                        f"give the model.npz of a `cnnx train` run")
+    if not zipfile.is_zipfile(path):      # the archive's directory, at its end, is missing
+        raise UserError(f"{path!r} is truncated or damaged (an .npz archive without its "
+                        f"end); train again or copy the file again")
     try:
         return nn.load_model(path)
-    except (KeyError, ValueError, OSError, EOFError) as error:
-        raise UserError(f"{path!r} is not a model saved by cnnx ({type(error).__name__}: "
-                        f"{error})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise UserError(f"{path!r} is truncated or damaged ({error}); train again or copy "
+                        f"the file again") from None
+    except (KeyError, ValueError, TypeError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise UserError(f"{path!r} is not a model saved by cnnx ({reason})") from None
 
 
 # -------------------------------------------------------------------------------- run
@@ -122,44 +151,190 @@ def default_out():
     return os.path.join("cnnx-runs", stamp)
 
 
+def checkpoint_dir(out):
+    return os.path.join(out, CHECKPOINTS)
+
+
+def has_checkpoint(out):
+    from cnnx.parallel import checkpoint
+
+    return os.path.exists(checkpoint.checkpoint_path(checkpoint_dir(out)))
+
+
+def claim_run_folder(out, resume=False, overwrite=False):
+    """Refuse to train over the run in `out` unless resumed or replaced (--overwrite clears it)."""
+    finished = os.path.exists(os.path.join(out, "model.npz"))
+    if resume or not (finished or has_checkpoint(out)):
+        return
+    if not overwrite:
+        state = "a finished run" if finished else "an interrupted run (a checkpoint)"
+        raise UserError(f"{out!r} already holds {state}; --resume continues it, --overwrite "
+                        f"replaces it, or choose another --out")
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out, name))
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+def training_split_problem(n_train, n_images, batch_size):
+    """Why no shard count fits: the training split is smaller than one batch (or None)."""
+    if n_train >= batch_size:
+        return None
+    return (f"the training split holds {n_train} of the {n_images} images "
+            f"({SPLIT['train']:.0%}), fewer than one batch of --batch-size {batch_size}; "
+            f"use --batch-size {max(1, n_train)} or less, or more images")
+
+
+def shards_problem(indices, chunk_size, batch_size, shards):
+    """Why `shards` virtual shards cannot fill a step of `batch_size` (or None)."""
+    from cnnx.parallel import plan
+
+    per_shard = batch_size // shards
+    smallest = min(len(owned) for owned in plan.shard_indices(indices, chunk_size, shards))
+    if smallest >= per_shard:
+        return None
+    return (f"--shards {shards} leaves one shard {smallest} of the {len(indices)} training "
+            f"images (whole chunks of {chunk_size} images go to each shard), fewer than its "
+            f"{per_shard} per step (--batch-size {batch_size} / --shards {shards}); use fewer "
+            f"--shards or a smaller --batch-size (or `cnnx ingest --chunk-size` smaller)")
+
+
+def fitting_shards(indices, chunk_size, batch_size, most):
+    """The most virtual shards, up to `most`, that divide the batch and all fill a step."""
+    for shards in range(max(1, most), 0, -1):
+        if batch_size % shards == 0 and not shards_problem(indices, chunk_size, batch_size,
+                                                           shards):
+            return shards
+    return 1     # one shard holds the whole split: training_split_problem has said it fits
+
+
+def _first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (None if it all exists):
+    for the default out, cnnx-runs/ itself on a first run."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+@contextlib.contextmanager
+def ctrl_c_for_the_driver_only():
+    """Start processes that ignore Ctrl-C; the driver still gets it, once they are started.
+
+    A terminal sends Ctrl-C to the whole process group: Dask's worker processes, started
+    from here, would each die with pages of tracebacks (during start-up, "Nanny failed to
+    start"). An ignored signal stays ignored across exec (Python then installs no
+    KeyboardInterrupt handler, nor does asyncio), so processes started in this block never
+    see it; the driver closes them. The driver's main thread blocks SIGINT meanwhile, so a
+    Ctrl-C pressed during the start stays pending (Linux never discards a blocked signal)
+    and interrupts the driver once the handler is back, unless another thread of the
+    driver (zarr's I/O threads, started by opening the data) took it while it was ignored:
+    then it is lost, and the next Ctrl-C stops the run. (A worker that a nanny restarts
+    later sees Ctrl-C again.)"""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not \
+            threading.main_thread():                # Windows, or not the main thread
+        yield
+        return
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+
+
 class TrainingRun:
-    """One dataset, one cluster and one output folder; trains one model or a grid of them."""
+    """One dataset, one cluster and one output folder; trains one model or a grid of them.
+
+    Everything the user can get wrong (architecture, optimizer, data, batch sizes against
+    the data) is checked before the cluster starts. A run that fails before its first
+    checkpoint removes the folder it created (closing it with `with`)."""
 
     def __init__(self, data, out, arch=None, scheduler=None, workers=None, mode="sync",
                  shards=None, optimizer="adam", augment=(), normalize="standardize",
-                 wire="float32", seed=0, progress=True, echo=print):
+                 wire="float32", seed=0, batch_sizes=(), progress=True, echo=print):
         self.out, self.arch, self.mode, self.shards = out, arch, mode, shards
         self.optimizer_name, self.augment_kinds = optimizer, tuple(augment or ())
         self.normalize, self.wire, self.seed = normalize, wire, seed
         self.progress, self.echo = progress, echo
+        self.client = self._cluster = None
         check_architecture(arch)                  # refuse typos before anything starts
         optim.get(optimizer)
+        self._made_folder = _first_missing_folder(out)       # removed if this run fails
         os.makedirs(out, exist_ok=True)
-        self.dataset = open_data(data, os.path.join(out, "data"))
-        self.data_name = data
-        self.split = dict(SPLIT, seed=seed)
-        self.train_idx, self.val_idx, self.test_idx = split_indices(self.dataset, self.split)
-        self.timings = {}
-        started = time.perf_counter()
-        from cnnx.parallel import cluster
+        try:
+            self.dataset = open_data(data, os.path.join(out, "data"))
+            self.data_name = data
+            self.split = dict(SPLIT, seed=seed)
+            self.train_idx, self.val_idx, self.test_idx = split_indices(self.dataset,
+                                                                        self.split)
+            for batch_size in batch_sizes:
+                self._check_batch_fits(batch_size)
+            self.timings = {}
+            started = time.perf_counter()
+            from cnnx.parallel import cluster
 
-        self.client, self._cluster = cluster.connect(scheduler, n_workers=workers, echo=echo)
-        self.timings["cluster start (s)"] = time.perf_counter() - started
+            with ctrl_c_for_the_driver_only():
+                self.client, self._cluster = cluster.connect(scheduler, n_workers=workers,
+                                                             echo=echo)
+            self.timings["cluster start (s)"] = time.perf_counter() - started
+        except BaseException:
+            self.close(failed=True)
+            raise
         self.model = None
         self.history = []
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args, batch_sizes=()):
         return cls(data=args.data, out=args.out or default_out(), arch=args.arch,
                    scheduler=args.scheduler, workers=args.workers, mode=args.mode,
                    shards=args.shards, optimizer=args.optimizer, augment=args.augment,
                    normalize=args.normalize, wire=args.wire, seed=args.seed,
-                   progress=not args.quiet)
+                   batch_sizes=batch_sizes, progress=not args.quiet)
 
-    def close(self):
-        self.client.close()
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        self.close(failed=error_type is not None)
+
+    def close(self, failed=False):
+        """Close the cluster; after a failure, remove the folder this run created unless
+        it holds a checkpoint to resume."""
+        if self.client is not None:
+            self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+        self.client = self._cluster = None
+        if failed and self._made_folder and not has_checkpoint(self.out):
+            shutil.rmtree(self._made_folder, ignore_errors=True)
+
+    def resume_hint(self, out_given=True):
+        """What the user can do after Ctrl-C: resume from the checkpoint, when there is one."""
+        if not has_checkpoint(self.out):
+            return "no checkpoint was written yet, so there is nothing to resume"
+        how = "--resume" if out_given else f"--out {self.out} --resume"
+        return (f"the last checkpoint is in {checkpoint_dir(self.out)}; run the same command "
+                f"with {how} to continue from it")
+
+    def _check_batch_fits(self, batch_size):
+        """Refuse a batch size the training split (or the --shards given) cannot fill."""
+        problem = training_split_problem(len(self.train_idx), len(self.dataset), batch_size)
+        if problem is None and self.shards:
+            problem = shards_problem(self.train_idx, self.dataset.chunk_size, batch_size,
+                                     self.shards)
+        if problem:
+            raise UserError(problem)
+
+    def _shards_for(self, batch_size):
+        """--shards when given; else as many as there are workers, fewer if the data is small."""
+        from cnnx.parallel import cluster
+
+        if self.shards:
+            return self.shards
+        workers = cluster.wait_for_workers(self.client, WORKER_TIMEOUT, self.echo)
+        return fitting_shards(self.train_idx, self.dataset.chunk_size, batch_size, len(workers))
 
     def _augmenter(self):
         if not self.augment_kinds:
@@ -168,10 +343,10 @@ class TrainingRun:
 
         return data.Augment.from_names(self.augment_kinds)
 
-    def _trainer(self, model):
+    def _trainer(self, model, shards):
         from cnnx.parallel import DaskTrainer
 
-        return DaskTrainer(model, self.client, mode=self.mode, shards=self.shards,
+        return DaskTrainer(model, self.client, mode=self.mode, shards=shards,
                            seed=self.seed, wire_dtype=self.wire, normalize=self.normalize,
                            augment=self._augmenter(), progress=self.progress, echo=self.echo)
 
@@ -184,14 +359,16 @@ class TrainingRun:
 
     def train(self, epochs, batch_size, lr, resume=False):
         """Train one model on the train split, validating on the validation split."""
+        self._check_batch_fits(batch_size)
         self.model = self._compiled_model(lr)
+        shards = self._shards_for(batch_size)
         self.settings = {"data": self.data_name, "store": str(self.dataset.store),
                          "images": len(self.dataset), "image shape": self.dataset.image_shape,
                          "classes": list(self.dataset.class_names),
                          "architecture": self.arch or architectures.default_for(
                              self.dataset.image_shape),
                          "parameters": self.model.count_params(), "mode": self.mode,
-                         "shards": self.shards, "optimizer": self.optimizer_name,
+                         "shards": shards, "optimizer": self.optimizer_name,
                          "learning rate": lr, "epochs": epochs, "batch size": batch_size,
                          "normalize": self.normalize, "augment": list(self.augment_kinds),
                          "wire format": self.wire, "seed": self.seed,
@@ -199,11 +376,10 @@ class TrainingRun:
         self.model.summary(print_fn=self.echo)
         self._write_run_json()
         started = time.perf_counter()
-        trainer = self._trainer(self.model)
+        trainer = self._trainer(self.model, shards)
         self.history = trainer.fit(self.dataset, epochs=epochs, batch_size=batch_size,
                                    indices=self.train_idx, validation=self.val_idx,
-                                   checkpoint_dir=os.path.join(self.out, "checkpoints"),
-                                   resume=resume)
+                                   checkpoint_dir=checkpoint_dir(self.out), resume=resume)
         self.timings["training (s)"] = time.perf_counter() - started
         return self.history
 
@@ -226,7 +402,7 @@ class TrainingRun:
         return result
 
     def _write_run_json(self):
-        info = {"data": self.data_name, "store": str(self.dataset.store),
+        info = {"data": self.data_name, "store": _resolved(str(self.dataset.store)),
                 "image_shape": list(self.dataset.image_shape),
                 "class_names": list(self.dataset.class_names), "normalize": self.normalize,
                 "mean": np.asarray(self.dataset.mean).tolist(),
@@ -271,7 +447,7 @@ class TrainingRun:
             for batch_size in batch_sizes:
                 self.echo(f"cnnx: grid cell lr={lr:g}, batch={batch_size}")
                 model = self._compiled_model(lr)
-                trainer = self._trainer(model)
+                trainer = self._trainer(model, self._shards_for(batch_size))
                 trainer.fit(self.dataset, epochs=epochs, batch_size=batch_size,
                             indices=self.train_idx)
                 train = trainer.evaluate(self.train_idx)
@@ -345,6 +521,31 @@ def _run_info(model_path):
         return json.load(f)
 
 
+def _resolved(store):
+    """A store named the same way whatever the working folder: local paths made absolute."""
+    return store if "://" in store else os.path.realpath(store)
+
+
+def _is_runs_store(dataset, data_name, info):
+    """True when `dataset` is the store the run was trained on, so its test split applies."""
+    if data_name in BUNDLED:          # a bundled set is written into each run folder
+        return info.get("data") == data_name
+    # run.json of older runs holds the path as given, relative to where training ran
+    return _resolved(str(dataset.store)) == _resolved(info["store"])
+
+
+def _check_classes(model, model_path, dataset, data_name, info):
+    """The store's classes must be the ones the model was trained on, in the same order."""
+    trained = list(info["class_names"])
+    n_outputs = model.output_shape[-1]
+    store_classes = list(dataset.class_names)
+    if store_classes != trained or n_outputs != len(store_classes):
+        raise UserError(f"{model_path!r} tells {n_outputs} classes apart "
+                        f"({', '.join(trained)}), {data_name!r} has {len(store_classes)} "
+                        f"({', '.join(store_classes)}); evaluate it on data with the classes "
+                        f"it was trained on")
+
+
 def evaluate_model(model_path, data_name, split="test"):
     model = load_cnnx_model(model_path)
     info = _run_info(model_path)
@@ -353,8 +554,9 @@ def evaluate_model(model_path, data_name, split="test"):
     if tuple(dataset.image_shape) != tuple(model.input_shape):
         raise UserError(f"the model takes images of {tuple(model.input_shape)}, "
                         f"{data_name!r} has {tuple(dataset.image_shape)}")
+    _check_classes(model, model_path, dataset, data_name, info)
     if split == "test":
-        if str(dataset.store) != info["store"]:
+        if not _is_runs_store(dataset, data_name, info):
             raise UserError(f"the run's test split belongs to {info['store']!r}, not "
                             f"{str(dataset.store)!r}; use --split all to evaluate on every "
                             f"image of another store")
@@ -366,23 +568,30 @@ def evaluate_model(model_path, data_name, split="test"):
 
 
 def predict_files(model_path, paths):
-    """One dict per image: path, class, probability, and every class's probability."""
+    """One dict per image, in order: path, class, probability and every class's
+    probability; or path and error for a file that cannot be read (the others still are)."""
     from cnnx import data
 
     model = load_cnnx_model(model_path)
     info = _run_info(model_path)
     height, width, channels = info["image_shape"]
-    images = []
+    rows, images = [], []
     for path in paths:
         try:
             images.append(data.load_image(path, (height, width), grayscale=channels == 1))
-        except (data.BadImage, FileNotFoundError) as error:
-            raise UserError(f"cannot read image {path!r}: {error}") from None
-    images = np.stack(images)
-    x = data.normalize(images, info["normalize"], mean=np.asarray(info["mean"]),
+            rows.append({"path": path})
+        except (data.BadImage, OSError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            rows.append({"path": path, "error": f"cannot read image: {reason}"})
+    if not images:
+        return rows
+    x = data.normalize(np.stack(images), info["normalize"], mean=np.asarray(info["mean"]),
                        std=np.asarray(info["std"]))
-    probabilities = model.predict(x)
+    probabilities = iter(model.predict(x))
     names = info["class_names"]
-    return [{"path": path, "class": names[int(p.argmax())], "probability": float(p.max()),
-             "probabilities": dict(zip(names, map(float, p)))}
-            for path, p in zip(paths, probabilities)]
+    for row in rows:
+        if "error" not in row:
+            p = next(probabilities)
+            row.update({"class": names[int(p.argmax())], "probability": float(p.max()),
+                        "probabilities": dict(zip(names, map(float, p)))})
+    return rows

@@ -1,36 +1,17 @@
 """The `cnnx` command end to end, through subprocesses, on a tiny store of real image files."""
 import json
 import os
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from skimage import io
 
-CNNX = os.path.join(os.path.dirname(sys.executable), "cnnx")
+sys.path.insert(0, str(Path(__file__).resolve().parent))        # tests/cli/commandline.py
+from commandline import CNNX, cnnx, write_image_folder  # noqa: E402
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def cnnx(*args, cwd=None, timeout=240):
-    """Run the installed `cnnx` script; returns the CompletedProcess (never raises on failure)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    return subprocess.run([CNNX, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
-
-
-def write_image_folder(root, n_per_class=24, size=16, seed=0):
-    """Two classes told apart by brightness of the left half, with noise: easy but not trivial."""
-    rng = np.random.default_rng(seed)
-    for label, name in enumerate(["dark_left", "bright_left"]):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(n_per_class):
-            image = rng.integers(0, 80, (size, size, 3)).astype(np.uint8)
-            if label:
-                image[:, : size // 2] += 150
-            io.imsave(folder / f"{i:03d}.png", image, check_contrast=False)
-    return root
 
 
 @pytest.fixture(scope="module")
