@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 import zipfile
-import zlib
 
 import numpy as np
 
@@ -136,12 +135,8 @@ def load_cnnx_model(path):
                         f"end); train again or copy the file again")
     try:
         return nn.load_model(path)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-        raise UserError(f"{path!r} is truncated or damaged ({error}); train again or copy "
-                        f"the file again") from None
-    except (KeyError, ValueError, TypeError, OSError) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise UserError(f"{path!r} is not a model saved by cnnx ({reason})") from None
+    except nn.ArchiveError as error:       # every other damage or mismatch the loader finds
+        raise UserError(f"{path!r} is not a model saved by cnnx ({error.reason})") from None
 
 
 # -------------------------------------------------------------------------------- run
