@@ -100,8 +100,9 @@ def batch_order(n, seed, epoch):
 
 
 def train_step(model, x, y, index, key):
-    """One optimizer step on the images `index`, summed over micro-batches (identical
-    maths to one big batch). Returns the step's mean training loss."""
+    """One optimizer step on the images `index`: the gradient summed over micro-batches
+    (identical maths to one big batch, in bounded memory), then the model's own update.
+    Returns the step's mean training loss; a non-finite one leaves the weights alone."""
     total = None
     for part, begin in enumerate(range(0, len(index), MICRO_BATCH)):
         micro = index[begin : begin + MICRO_BATCH]
@@ -109,7 +110,7 @@ def train_step(model, x, y, index, key):
         total = result if total is None else total + result
     loss = total.loss_sum / total.n_samples
     if np.isfinite(loss):
-        model.apply_gradients(total.mean_grads(), total.state)
+        model.apply_gradient_sum(total)
     return loss
 
 
