@@ -376,13 +376,14 @@ def main(argv=None):
     if args.threads:
         cnnx.set_num_threads(args.threads)
     clock, size = common.Clock(), sizes(args.quick)
-    study_data = common.fashion_mnist(n_train=size["study_train"], n_test=size["test"],
+    source = common.fashion_mnist_source(args.quick)
+    study_data = common.fashion_mnist(source, n_train=size["study_train"], n_test=size["test"],
                                       seed=args.seed)[:4]
     print(f"part 1: {len(STUDY)} optimizers, {len(study_data[0])} training images, "
           f"{size['study_epochs']} epochs", flush=True)
     study = run_study(study_data, size, args.seed)
     study_seconds = clock.lap()
-    large_data = common.fashion_mnist(n_train=size["large_train"], n_test=size["test"],
+    large_data = common.fashion_mnist(source, n_train=size["large_train"], n_test=size["test"],
                                       seed=args.seed)[:4]
     print(f"part 2: batch sizes {size['batch_sizes']}, {len(large_data[0])} training images, "
           f"{size['large_epochs']} epochs", flush=True)
@@ -398,7 +399,8 @@ def main(argv=None):
     figures = {"loss": plot_study_losses(args, study, size),
                "accuracy": plot_study_accuracy(args, study),
                "large": plot_large_batch(args, large)}
-    settings = {"part 1 training images": len(study_data[0]),
+    settings = {"Fashion-MNIST files": source.description,
+                "part 1 training images": len(study_data[0]),
                 "part 1 epochs": size["study_epochs"], "part 1 batch size": size["study_batch"],
                 "part 2 training images": len(large_data[0]),
                 "part 2 epochs": size["large_epochs"], "part 2 batch sizes": size["batch_sizes"],

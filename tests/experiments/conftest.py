@@ -6,6 +6,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FASHION_MNIST_SAMPLE = os.path.join(REPO, "experiments", "fashion_mnist_sample")
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +20,11 @@ def run_quick(tmp_path_factory):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return out, done.stdout
     return run
+
+
+@pytest.fixture(scope="session")
+def sample_expected():
+    """True where the full Fashion-MNIST is missing: --quick runs then read the sample."""
+    from cnnx.data.datasets import FASHION_MNIST_DIR
+
+    return not os.path.isdir(FASHION_MNIST_DIR)

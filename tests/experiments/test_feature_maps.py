@@ -16,12 +16,17 @@ def outputs(run_quick):
         return out, json.load(f), stdout
 
 
-def test_accuracy_and_channel_statistics(outputs):
+def test_accuracy_and_channel_statistics(outputs, sample_expected):
     _, results, _ = outputs
     r = results["results"]
-    # one quick epoch on 2000 images: well above chance on this hard pair, below perfect
+    # one quick epoch on 2000 images (1150 from the sample): well above chance on this hard
+    # pair, below perfect
     assert 0.6 < r["test accuracy"] <= 1 and math.isfinite(r["test loss"])
-    assert r["train images"] == 2000 and r["test images"] == 400
+    files = results["settings"]["Fashion-MNIST files"]
+    assert ("experiments/fashion_mnist_sample" in files) == sample_expected, files
+    # the sample holds 1150 T-shirts and shirts for training and 204 for testing: all used
+    expected = (1150, 204) if sample_expected else (2000, 400)
+    assert (r["train images"], r["test images"]) == expected
     layers = [s["layer"] for s in r["channels"]]
     assert layers == ["conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1"]
     for s in r["channels"]:
@@ -30,6 +35,12 @@ def test_accuracy_and_channel_statistics(outputs):
         assert math.isfinite(s["separation (std units)"]) and s["separation (std units)"] >= 0
     assert [shown["class"] for shown in r["images shown"]] == list(CLASSES)
     assert all(0.5 < shown["probability"] <= 1 for shown in r["images shown"])
+
+
+def test_the_run_says_when_it_reads_the_sample(outputs, sample_expected):
+    _, _, stdout = outputs
+    said = "this --quick run reads the sample in experiments/fashion_mnist_sample" in stdout
+    assert said == sample_expected, stdout[:500]
 
 
 def test_the_command_wrote_one_figure_per_class(outputs):
