@@ -138,7 +138,7 @@ def reader_folder(tmp_path):
     for label, name in enumerate(faces.class_names):
         folder = tmp_path / "photos" / name
         folder.mkdir(parents=True)
-        for i, index in enumerate(np.flatnonzero(faces.labels == label)[:40]):
+        for i, index in enumerate(np.flatnonzero(faces.labels == label)):
             suffix = ".png" if i % 2 else ".jpg"
             io.imsave(folder / f"{i:03d}{suffix}", faces.images[index, ..., 0],
                       check_contrast=False)
