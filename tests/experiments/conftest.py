@@ -6,7 +6,6 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FASHION_MNIST_SAMPLE = os.path.join(REPO, "experiments", "fashion_mnist_sample")
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +27,9 @@ def sample_expected():
     from cnnx.data.datasets import FASHION_MNIST_DIR
 
     return not os.path.isdir(FASHION_MNIST_DIR)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_sample():
+    """The folder of the Fashion-MNIST sample that ships with the experiments."""
+    return os.path.join(REPO, "experiments", "fashion_mnist_sample")
