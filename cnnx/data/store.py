@@ -31,6 +31,7 @@ FORMAT = 1
 DEFAULT_CHUNK_SIZE = 256
 # zarr skips writing a chunk that holds only the fill value; a complete store keeps them all
 STORE_EVERY_CHUNK = {"write_empty_chunks": True}
+REWRITE = "write it again (`cnnx ingest` or `cnnx synth` with --overwrite)"
 
 
 class DamagedStoreError(ValueError):
@@ -193,7 +194,7 @@ class Dataset:
             raise DamagedStoreError(
                 f"open_dataset: store {self.store!r} holds {len(self)} images in chunks of "
                 f"{self.chunk_size} but labels of shape {self._labels.shape} in chunks of "
-                f"{self._labels.chunks}; they must match: write the store again")
+                f"{self._labels.chunks}; they must match: {REWRITE}")
         self.n_chunks = math.ceil(len(self) / self.chunk_size)
         self.class_names = tuple(attrs["class_names"])
         self.counts = tuple(attrs["counts"])
@@ -226,29 +227,25 @@ class Dataset:
         return self._read_within_chunk(index, start, stop)
 
     def _read_within_chunk(self, chunk, low, high, names=("images", "labels")):
-        """Arrays `names` over [low, high), all in chunk `chunk`; a missing or undecodable
-        chunk file raises DamagedStoreError naming it."""
-        arrays = {"images": (self._images, (chunk, 0, 0, 0)), "labels": (self._labels, (chunk,))}
-        keys = {name: arrays[name][0].metadata.encode_chunk_key(arrays[name][1])
-                for name in names}
-        exists = sync(_all_exist([arrays[name][0].store_path / key
-                                  for name, key in keys.items()]))
-        missing = [f"{name}/{key}" for (name, key), found in zip(keys.items(), exists)
-                   if not found]
+        """Arrays `names` over [low, high), all inside chunk `chunk`; a missing or
+        undecodable chunk file raises DamagedStoreError naming it."""
+        arrays = [{"images": self._images, "labels": self._labels}[name] for name in names]
+        keys = [array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+                for array in arrays]
+        found = sync(_all_exist([array.store_path / key for array, key in zip(arrays, keys)]))
+        missing = [f"{name}/{key}" for name, key, ok in zip(names, keys, found) if not ok]
         if missing:
             raise DamagedStoreError(
                 f"Dataset {self.store!r}: chunk {chunk} is missing {' and '.join(missing)}; "
-                "the store is damaged: write it again (the ingest or synth command with "
-                "--overwrite)")
+                f"the store is damaged: {REWRITE}")
         read = []
-        for name in names:
+        for name, key, array in zip(names, keys, arrays):
             try:
-                read.append(arrays[name][0][low:high])
+                read.append(array[low:high])
             except (RuntimeError, ValueError, TypeError) as error:   # zarr's codec errors
                 raise DamagedStoreError(
-                    f"Dataset {self.store!r}: chunk file {name}/{keys[name]} (chunk {chunk}) "
-                    f"is corrupt and cannot be decoded ({error}); write the store again "
-                    "(the ingest or synth command with --overwrite)") from error
+                    f"Dataset {self.store!r}: chunk file {name}/{key} (chunk {chunk}) is "
+                    f"corrupt and cannot be decoded ({error}); {REWRITE}") from error
         return tuple(read)
 
     def read(self, indices):
@@ -282,7 +279,7 @@ class Dataset:
             if (labels < 0).any():                         # -1: zarr's fill for a lost chunk
                 self._check_label_chunks()
                 raise DamagedStoreError(f"Dataset {self.store!r}: negative labels; labels "
-                                        "must be class indices: write the store again")
+                                        f"must be class indices: {REWRITE}")
             self._all_labels = labels
         return self._all_labels
 
