@@ -78,10 +78,10 @@ def build_model(conv_layers, dropout, batchnorm, extra_dense, seed):
                          name=f"conv{conv_layers}")
 
 
-def load_data(sizes, seed):
+def load_data(source, sizes, seed):
     """Train / validation (held out of the official train set at random) / official test."""
     x, y, x_test, y_test, class_names = common.fashion_mnist(
-        classes=CLASSES, n_train=sizes["n_train"], n_test=sizes["n_test"], seed=seed)
+        source, classes=CLASSES, n_train=sizes["n_train"], n_test=sizes["n_test"], seed=seed)
     order = np.random.default_rng((seed, 3)).permutation(len(y))
     held, kept = np.sort(order[:sizes["validation"]]), np.sort(order[sizes["validation"]:])
     return (x[kept], y[kept]), (x[held], y[held]), (x_test, y_test), class_names
@@ -280,7 +280,8 @@ def main(argv=None):
     args = common.parse_args(NAME, __doc__.splitlines()[0], argv=argv)
     clock = common.Clock()
     sizes = dict(QUICK if args.quick else FULL)
-    data = load_data(sizes, args.seed)
+    source = common.fashion_mnist_source(args.quick)
+    data = load_data(source, sizes, args.seed)
     (x, _), (x_val, _), (x_test, _), class_names = data
     sizes.update(train=len(x), val=len(x_val), test=len(x_test))
     print(f"{NAME}: {sizes['train']} train, {sizes['val']} validation, {sizes['test']} test "
@@ -342,6 +343,7 @@ def main(argv=None):
         *[f"![Training curves, {k} conv layers]({f})" for k, f in zip(CONV_LAYERS, curve_files)],
     ]
     settings = {"data": f"Fashion-MNIST classes {CLASSES} ({' vs '.join(class_names)})",
+                "Fashion-MNIST files": source.description,
                 "train / validation / test images":
                     f"{sizes['train']} / {sizes['val']} / {sizes['test']}",
                 "optimizer": f"{OPTIMIZER}, learning rate {LEARNING_RATE:g}",

@@ -12,11 +12,13 @@ scratch folder for --quick) files named after itself:
 import argparse
 import csv
 import datetime
+import functools
 import json
 import os
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PUBLISHED = os.path.join(REPO, "docs", "experiments")
 QUICK_DEFAULT = os.path.join("cnnx-runs", "experiments-quick")
+FASHION_MNIST_SAMPLE = os.path.join(HERE, "fashion_mnist_sample")
 
 
 def parse_args(name, description, add_arguments=None, argv=None):
@@ -158,18 +161,45 @@ def save_figure(fig, args, suffix):
 
 # -------------------------------------------------------------------------------- data
 
-def fashion_mnist(classes=None, n_train=None, n_test=None, seed=0):
+class FashionSource(NamedTuple):
+    """The folder of Fashion-MNIST IDX files a run reads, and how its tables name them."""
+    directory: str
+    description: str
+
+
+@functools.lru_cache(maxsize=None)         # decided (and said) once per run
+def fashion_mnist_source(quick):
+    """Debian's full Fashion-MNIST when installed. Without it a --quick run reads the
+    sample shipped in experiments/fashion_mnist_sample (and says so); a full run stops
+    with how to install the full set."""
+    from cnnx.data.datasets import FASHION_MNIST_DIR
+
+    if os.path.isdir(FASHION_MNIST_DIR):
+        return FashionSource(FASHION_MNIST_DIR, f"Fashion-MNIST ({FASHION_MNIST_DIR})")
+    if not quick:
+        sys.exit(f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR} is missing): install "
+                 "it with `sudo apt-get install dataset-fashion-mnist`, or run with --quick "
+                 "to use the sample in experiments/fashion_mnist_sample")
+    sample = ("the sample in experiments/fashion_mnist_sample (the first 6000 training and "
+              "1000 test images)")
+    print(f"Fashion-MNIST is not installed ({FASHION_MNIST_DIR}); this --quick run reads "
+          f"{sample}", flush=True)
+    return FashionSource(FASHION_MNIST_SAMPLE, f"Fashion-MNIST, {sample}")
+
+
+def fashion_mnist(source, classes=None, n_train=None, n_test=None, seed=0):
     """Fashion-MNIST's official train/test split as standardised float32 NHWC arrays.
 
-    classes: keep only these labels, renumbered 0..k-1 in the order given (e.g. (0, 6):
-        T-shirt/top vs Shirt, the hardest pair). n_train/n_test: a stratified-by-chance
-        subset of that size, drawn with `seed` (None: all). Standardised with the training
-        subset's per-channel mean and std.
+    source: a FashionSource (fashion_mnist_source(args.quick)). classes: keep only these
+        labels, renumbered 0..k-1 in the order given (e.g. (0, 6): T-shirt/top vs Shirt,
+        the hardest pair). n_train/n_test: a stratified-by-chance subset of that size,
+        drawn with `seed` (None, or more than there are: all). Standardised with the
+        training subset's per-channel mean and std.
     Returns (x_train, y_train, x_test, y_test, class_names).
     """
     from cnnx import data
 
-    train, test = data.load_fashion_mnist()
+    train, test = data.load_fashion_mnist(source.directory)
     names = list(train.class_names)
     parts = []
     for part, n, salt in ((train, n_train, 1), (test, n_test, 2)):

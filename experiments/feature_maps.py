@@ -187,8 +187,9 @@ def main(argv=None):
                              "`cnnx visualize`", argv=argv)
     clock = common.Clock()
     settings = settings_for(args)
+    source = common.fashion_mnist_source(args.quick)
     x_train, y_train, x_test, y_test, class_names = common.fashion_mnist(
-        CLASSES, settings["train images"], settings["test images"], seed=args.seed)
+        source, CLASSES, settings["train images"], settings["test images"], seed=args.seed)
     mean, std = recover_standardisation(x_train)
     model, loss, accuracy = train(x_train, y_train, x_test, y_test, settings, args.seed)
     print(f"{NAME}: test accuracy {accuracy:.4f} ({clock.lap():.0f} s)", flush=True)
@@ -224,6 +225,7 @@ def main(argv=None):
          "test images": len(y_test), "images shown": shown, "channels": stats,
          "figures": figures, "inputs": inputs},
         clock, {**settings, "train images": len(y_train), "test images": len(y_test),
+                "Fashion-MNIST files": source.description,
                 "classes": class_names, "max maps": MAX_MAPS})
 
 

@@ -100,8 +100,9 @@ def batch_order(n, seed, epoch):
 
 
 def train_step(model, x, y, index, key):
-    """One optimizer step on the images `index`, summed over micro-batches (identical
-    maths to one big batch). Returns the step's mean training loss."""
+    """One optimizer step on the images `index`: the gradient summed over micro-batches
+    (identical maths to one big batch, in bounded memory), then the model's own update.
+    Returns the step's mean training loss; a non-finite one leaves the weights alone."""
     total = None
     for part, begin in enumerate(range(0, len(index), MICRO_BATCH)):
         micro = index[begin : begin + MICRO_BATCH]
@@ -109,7 +110,7 @@ def train_step(model, x, y, index, key):
         total = result if total is None else total + result
     loss = total.loss_sum / total.n_samples
     if np.isfinite(loss):
-        model.apply_gradients(total.mean_grads(), total.state)
+        model.apply_gradient_sum(total)
     return loss
 
 
@@ -375,13 +376,14 @@ def main(argv=None):
     if args.threads:
         cnnx.set_num_threads(args.threads)
     clock, size = common.Clock(), sizes(args.quick)
-    study_data = common.fashion_mnist(n_train=size["study_train"], n_test=size["test"],
+    source = common.fashion_mnist_source(args.quick)
+    study_data = common.fashion_mnist(source, n_train=size["study_train"], n_test=size["test"],
                                       seed=args.seed)[:4]
     print(f"part 1: {len(STUDY)} optimizers, {len(study_data[0])} training images, "
           f"{size['study_epochs']} epochs", flush=True)
     study = run_study(study_data, size, args.seed)
     study_seconds = clock.lap()
-    large_data = common.fashion_mnist(n_train=size["large_train"], n_test=size["test"],
+    large_data = common.fashion_mnist(source, n_train=size["large_train"], n_test=size["test"],
                                       seed=args.seed)[:4]
     print(f"part 2: batch sizes {size['batch_sizes']}, {len(large_data[0])} training images, "
           f"{size['large_epochs']} epochs", flush=True)
@@ -397,7 +399,8 @@ def main(argv=None):
     figures = {"loss": plot_study_losses(args, study, size),
                "accuracy": plot_study_accuracy(args, study),
                "large": plot_large_batch(args, large)}
-    settings = {"part 1 training images": len(study_data[0]),
+    settings = {"Fashion-MNIST files": source.description,
+                "part 1 training images": len(study_data[0]),
                 "part 1 epochs": size["study_epochs"], "part 1 batch size": size["study_batch"],
                 "part 2 training images": len(large_data[0]),
                 "part 2 epochs": size["large_epochs"], "part 2 batch sizes": size["batch_sizes"],

@@ -51,7 +51,6 @@ LEARNING_RATE = 0.05        # plain SGD, every trainer
 TAU = 4                     # ADAG / EASGD local steps per commit
 ALPHA = 0.5                 # EASGD elastic strength
 CHUNK_SIZE = 256            # store chunk: k * 2 * 256 images split evenly over 2 shards
-N_TRAIN = 60000             # the store holds train (first 60000) then the official test set
 
 FULL = {"batch_sizes": (16, 32, 64, 128, 256), "grid_images": 6144, "test_images": 10000,
         "budget_batch": 64, "budget_epochs": 4}
@@ -61,18 +60,20 @@ QUICK = {"batch_sizes": (16, 64), "grid_images": 512, "test_images": 1024,
 
 # ------------------------------------------------------------------------------ data
 
-def fashion_store(folder):
-    """Fashion-MNIST (train then test) as a cnnx Zarr store in `folder`, written once."""
+def fashion_store(folder, source):
+    """Fashion-MNIST (the training images, then the official test set) as a cnnx Zarr store
+    in `folder`, written once. Returns (dataset, number of training images)."""
     from cnnx import data
 
-    store = os.path.join(folder, f"fashion-mnist-all-c{CHUNK_SIZE}.zarr")
+    n_train = len(data.read_idx(os.path.join(source.directory, "train-labels-idx1-ubyte.gz")))
+    store = os.path.join(folder, f"fashion-mnist-{n_train}-and-test-c{CHUNK_SIZE}.zarr")
     try:
-        return data.open_dataset(store)
+        return data.open_dataset(store), n_train
     except (FileNotFoundError, ValueError):
-        images, labels, names = data.load_fashion_mnist(subset="all")
+        images, labels, names = data.load_fashion_mnist(source.directory, subset="all")
         data.ingest_arrays(images, labels, store, class_names=names, chunk_size=CHUNK_SIZE,
                            overwrite=True)
-        return data.open_dataset(store)
+        return data.open_dataset(store), n_train
 
 
 def standardised(dataset, indices):
@@ -414,11 +415,12 @@ def main():
     folder = args.out if args.quick else os.path.join(common.REPO, "cnnx-runs",
                                                       "experiment-data")
     os.makedirs(folder, exist_ok=True)
-    dataset = fashion_store(folder)
+    source = common.fashion_mnist_source(args.quick)
+    dataset, n_train = fashion_store(folder, source)
     subset = np.arange(size["grid_images"])
     if len(subset) % (WORKERS * dataset.chunk_size):
         raise ValueError("the training subset must fill whole chunks on each shard")
-    test_indices = np.arange(N_TRAIN, N_TRAIN + size["test_images"])
+    test_indices = np.arange(n_train, min(n_train + size["test_images"], len(dataset)))
     data_seconds = clock.lap()
     local, client = start_cluster()
     try:
@@ -469,7 +471,7 @@ def main():
                              "_accuracy.png")
     budget_png = plot_budget(args, curves, size["budget_epochs"], size["budget_batch"])
 
-    n_images, n_test = size["grid_images"], size["test_images"]
+    n_images, n_test = size["grid_images"], len(test_indices)
     sections = [
         f"Fashion-MNIST, an MLP (Flatten -> Dense 256 relu -> Dense 10 softmax) and the CNN "
         f"`cnnx.architectures.fashion` (Conv 32 -> pool -> Conv 64 -> pool -> Dense 128 -> 10), "
@@ -511,7 +513,8 @@ def main():
         "arrives first depends on timing), so small accuracy differences between them are "
         "within run-to-run variation.",
     ]
-    settings = {"workers": WORKERS, "kernel threads per worker": worker_threads,
+    settings = {"Fashion-MNIST files": source.description,
+                "workers": WORKERS, "kernel threads per worker": worker_threads,
                 "single-trainer kernel threads": 1, "optimizer": f"SGD lr {LEARNING_RATE}",
                 "tau (ADAG, EASGD)": TAU, "alpha (EASGD)": ALPHA,
                 "images per epoch": n_images, "test images": n_test,

@@ -140,6 +140,25 @@ def read_idx(path):
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+IDX_CODES = {np.dtype(code): number for number, code in IDX_DTYPES.items()}
+
+
+def write_idx(path, array):
+    """Write `array` as an IDX file (gzip-compressed when `path` ends in .gz, with no
+    timestamp, so the same array always gives the same bytes)."""
+    array = np.asarray(array)
+    stored = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+    if stored not in IDX_CODES:
+        raise TypeError(f"write_idx: IDX holds {sorted(str(d) for d in IDX_CODES)}, "
+                        f"got dtype {array.dtype}")
+    header = bytes([0, 0, IDX_CODES[stored], array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    payload = header + array.astype(stored).tobytes()
+    if str(path).endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=9, mtime=0)
+    with open(path, "wb") as f:
+        f.write(payload)
+
+
 def _find_idx(directory, stem):
     for name in (stem + ".gz", stem):
         path = os.path.join(directory, name)

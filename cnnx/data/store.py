@@ -10,18 +10,32 @@ Images and labels share one chunking so that one writer owns image chunk i and l
 i together (zarr 3.1 loses data when two processes write parts of one chunk or shard).
 A store is written with `complete: false` and flipped to `complete: true` by one final
 attribute write, so a reader never mistakes a half-written store for a finished one.
+
+Every chunk of a complete store exists on disk, even an all-black one (writers store empty
+chunks): zarr reads a missing chunk as its fill value, so a deleted file would otherwise
+read as black images labelled -1. Readers check each chunk they read (one metadata lookup
+for its images and labels together) and refuse a missing or undecodable one by name.
 """
+import asyncio
 import math
 import os
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from cnnx.data.normalize import normalize as _normalize
 from cnnx.data.split import stratified_split
 
 FORMAT = 1
 DEFAULT_CHUNK_SIZE = 256
+# zarr skips writing a chunk that holds only the fill value; a complete store keeps them all
+STORE_EVERY_CHUNK = {"write_empty_chunks": True}
+REWRITE = "write it again (`cnnx ingest` or `cnnx synth` with --overwrite)"
+
+
+class DamagedStoreError(ValueError):
+    """A chunk of a complete store is missing or cannot be decoded."""
 
 
 def store_url(store):
@@ -100,8 +114,8 @@ def write_chunk(group, index, images, labels):
     if len(images) != stop - start or len(labels) != stop - start:
         raise ValueError(f"write_chunk: chunk {index} holds {stop - start} images, "
                          f"got {len(images)} images and {len(labels)} labels")
-    group["images"][start:stop] = images
-    group["labels"][start:stop] = labels
+    group["images"].with_config(STORE_EVERY_CHUNK)[start:stop] = images
+    group["labels"].with_config(STORE_EVERY_CHUNK)[start:stop] = labels
 
 
 def pixel_sums(images):
@@ -176,6 +190,11 @@ class Dataset:
         self._all_labels = None
         self.image_shape = tuple(int(s) for s in self._images.shape[1:])
         self.chunk_size = int(self._images.chunks[0])
+        if self._labels.shape != (len(self),) or self._labels.chunks != (self.chunk_size,):
+            raise DamagedStoreError(
+                f"open_dataset: store {self.store!r} holds {len(self)} images in chunks of "
+                f"{self.chunk_size} but labels of shape {self._labels.shape} in chunks of "
+                f"{self._labels.chunks}; they must match: {REWRITE}")
         self.n_chunks = math.ceil(len(self) / self.chunk_size)
         self.class_names = tuple(attrs["class_names"])
         self.counts = tuple(attrs["counts"])
@@ -205,7 +224,29 @@ class Dataset:
     def read_chunk(self, index):
         """Images uint8 (n, H, W, C) and labels int64 (n,) of chunk `index`."""
         start, stop = self.chunk_bounds(index)
-        return self._images[start:stop], self._labels[start:stop]
+        return self._read_within_chunk(index, start, stop)
+
+    def _read_within_chunk(self, chunk, low, high, names=("images", "labels")):
+        """Arrays `names` over [low, high), all inside chunk `chunk`; a missing or
+        undecodable chunk file raises DamagedStoreError naming it."""
+        arrays = [{"images": self._images, "labels": self._labels}[name] for name in names]
+        keys = [array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+                for array in arrays]
+        found = sync(_all_exist([array.store_path / key for array, key in zip(arrays, keys)]))
+        missing = [f"{name}/{key}" for name, key, ok in zip(names, keys, found) if not ok]
+        if missing:
+            raise DamagedStoreError(
+                f"Dataset {self.store!r}: chunk {chunk} is missing {' and '.join(missing)}; "
+                f"the store is damaged: {REWRITE}")
+        read = []
+        for name, key, array in zip(names, keys, arrays):
+            try:
+                read.append(array[low:high])
+            except (RuntimeError, ValueError, TypeError) as error:   # zarr's codec errors
+                raise DamagedStoreError(
+                    f"Dataset {self.store!r}: chunk file {name}/{key} (chunk {chunk}) is "
+                    f"corrupt and cannot be decoded ({error}); {REWRITE}") from error
+        return tuple(read)
 
     def read(self, indices):
         """Images and labels at `indices` (any order, repeats allowed), in that order."""
@@ -221,16 +262,30 @@ class Dataset:
             wanted = indices[where]
             # one contiguous read per chunk: zarr decodes the whole chunk either way
             low, high = int(wanted.min()), int(wanted.max()) + 1
-            images[where] = self._images[low:high][wanted - low]
-            labels[where] = self._labels[low:high][wanted - low]
+            chunk_images, chunk_labels = self._read_within_chunk(int(chunk), low, high)
+            images[where] = chunk_images[wanted - low]
+            labels[where] = chunk_labels[wanted - low]
         return images, labels
 
     @property
     def labels(self):
         """All labels, int64 (N,) (read once, then cached)."""
         if self._all_labels is None:
-            self._all_labels = self._labels[:]
+            try:
+                labels = self._labels[:]
+            except (RuntimeError, ValueError, TypeError):
+                self._check_label_chunks()                 # raises, naming the bad chunk
+                raise
+            if (labels < 0).any():                         # -1: zarr's fill for a lost chunk
+                self._check_label_chunks()
+                raise DamagedStoreError(f"Dataset {self.store!r}: negative labels; labels "
+                                        f"must be class indices: {REWRITE}")
+            self._all_labels = labels
         return self._all_labels
+
+    def _check_label_chunks(self):
+        for chunk in range(self.n_chunks):
+            self._read_within_chunk(chunk, *self.chunk_bounds(chunk), names=("labels",))
 
     def normalize(self, images, mode="standardize"):
         """uint8 images -> float32 with this store's per-channel mean and std."""
@@ -239,6 +294,10 @@ class Dataset:
     def split(self, train=0.8, val=0.1, test=0.1, seed=0):
         """Stratified, deterministic (train, val, test) index arrays, each sorted."""
         return stratified_split(self.labels, train, val, test, seed)
+
+
+async def _all_exist(paths):
+    return await asyncio.gather(*(path.exists() for path in paths))
 
 
 def open_dataset(store):

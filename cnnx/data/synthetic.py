@@ -13,9 +13,9 @@ import zarr
 
 from cnnx.data.chunks import ChunkRunner, default_workers
 from cnnx.data.datasets import _progress_bar
-from cnnx.data.store import (DEFAULT_CHUNK_SIZE, FORMAT, add_pixel_sums, chunk_bounds,
-                             finalize, is_shared_store, pixel_sums, resumable_group,
-                             store_url)
+from cnnx.data.store import (DEFAULT_CHUNK_SIZE, FORMAT, add_pixel_sums, finalize,
+                             is_shared_store, pixel_sums, resumable_group, store_url,
+                             write_chunk)
 from cnnx.data.summary import StoreSummary
 
 CLASS_NAMES = ("no_glasses", "glasses")
@@ -116,10 +116,9 @@ def _draw_chunk(store, index, seed, image_size):
     """Worker task: draw chunk `index` and write it; it alone owns this chunk."""
     group = zarr.open_group(store_url(store), mode="r+")
     chunk_size, n = group["images"].chunks[0], group["images"].shape[0]
-    start, stop = chunk_bounds(index, chunk_size, n)
-    images, labels = draw_faces(np.random.default_rng((seed, index)), stop - start, image_size)
-    group["images"][start:stop] = images
-    group["labels"][start:stop] = labels
+    n_images = min(chunk_size, n - index * chunk_size)
+    images, labels = draw_faces(np.random.default_rng((seed, index)), n_images, image_size)
+    write_chunk(group, index, images, labels)
     return {"sums": pixel_sums(images), "counts": np.bincount(labels, minlength=2).tolist()}
 
 
@@ -131,9 +130,13 @@ def make_synthetic(store, n, image_size=(80, 80), seed=0, chunk_size=DEFAULT_CHU
     An interrupted run resumes when re-run with the same arguments.
     """
     started = time.perf_counter()
-    if n <= 0:
-        raise ValueError(f"make_synthetic: n must be positive, got {n}")
-    image_size = tuple(int(s) for s in image_size)
+    # checked before anything is written: a bad argument must leave no folder behind
+    n = _positive_int("n", n)
+    chunk_size = _positive_int("chunk_size", chunk_size)
+    if not isinstance(image_size, (tuple, list, np.ndarray)) or len(image_size) != 2:
+        raise ValueError(f"make_synthetic: image_size must be (height, width), "
+                         f"got {image_size!r}")
+    image_size = tuple(_positive_int("image_size", s) for s in image_size)
     url = store_url(store)
     plan = {"generator": "synthetic-faces-1", "n": int(n), "image_size": list(image_size),
             "seed": int(seed), "chunk_size": int(chunk_size)}
@@ -174,6 +177,15 @@ def make_synthetic(store, n, image_size=(80, 80), seed=0, chunk_size=DEFAULT_CHU
     if verbose:
         print(summary)
     return summary
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"make_synthetic: {name} must be a positive integer, "
+                        f"got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"make_synthetic: {name} must be a positive integer, got {value}")
+    return int(value)
 
 
 def _open_or_create(url, plan, n, image_size, chunk_size, overwrite):

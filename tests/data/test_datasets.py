@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from cnnx import data
-from cnnx.data.datasets import FASHION_MNIST_DIR
+from cnnx.data.datasets import FASHION_MNIST_DIR, write_idx
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLE = os.path.join(REPO, "experiments", "fashion_mnist_sample")
 
 
 def test_load_faces():
@@ -18,15 +21,6 @@ def test_load_faces():
     assert images.max() > 200 and images.min() < 50   # the full uint8 range, not [0, 1]
 
 
-def write_idx(path, array, compress):
-    codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C}
-    header = bytes([0, 0, codes[array.dtype], array.ndim])
-    header += np.array(array.shape, ">u4").tobytes()
-    opener = gzip.open if compress else open
-    with opener(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
 @pytest.mark.parametrize("compress", [True, False], ids=["gz", "raw"])
 def test_fashion_mnist_reads_idx_files(tmp_path, rng, compress):
     suffix = ".gz" if compress else ""
@@ -34,8 +28,8 @@ def test_fashion_mnist_reads_idx_files(tmp_path, rng, compress):
     for prefix, n in (("train", 6), ("t10k", 4)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n).astype(np.uint8)
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images, compress)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels, compress)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
         parts[prefix] = images, labels
     train, test = data.load_fashion_mnist(tmp_path)
     np.testing.assert_array_equal(train.images[..., 0], parts["train"][0])
@@ -51,7 +45,7 @@ def test_fashion_mnist_reads_idx_files(tmp_path, rng, compress):
 
 def test_read_idx_other_dtypes_and_truncation(tmp_path):
     values = np.arange(12, dtype=">i4").reshape(3, 4)
-    write_idx(tmp_path / "x.idx", values, compress=False)
+    write_idx(tmp_path / "x.idx", values)
     np.testing.assert_array_equal(data.read_idx(tmp_path / "x.idx"), values)
     raw = (tmp_path / "x.idx").read_bytes()
     (tmp_path / "cut.idx").write_bytes(raw[:-3])
@@ -60,6 +54,39 @@ def test_read_idx_other_dtypes_and_truncation(tmp_path):
     (tmp_path / "junk.idx").write_bytes(b"\x89PNG0000")
     with pytest.raises(ValueError, match="not an IDX file"):
         data.read_idx(tmp_path / "junk.idx")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", ">i2", "<i4", "float32", ">f8"])
+def test_write_idx_round_trips_and_gzip_bytes_are_reproducible(tmp_path, dtype):
+    values = (np.arange(24) - 5).astype(dtype).reshape(2, 3, 4)
+    if dtype == "uint8":
+        values = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", values)
+    np.testing.assert_array_equal(data.read_idx(tmp_path / "a.gz"), values)
+    write_idx(tmp_path / "b.gz", values)
+    assert (tmp_path / "a.gz").read_bytes() == (tmp_path / "b.gz").read_bytes()
+    with gzip.open(tmp_path / "a.gz") as f:
+        assert f.read(4)[2] == {"uint8": 8, "int8": 9, ">i2": 11, "<i4": 12, "float32": 13,
+                                ">f8": 14}[dtype]
+    with pytest.raises(TypeError, match="dtype int64"):
+        write_idx(tmp_path / "c.gz", np.arange(3))
+
+
+def test_the_shipped_sample_reads_as_fashion_mnist_with_its_licence():
+    train, test = data.load_fashion_mnist(SAMPLE)
+    assert train.images.shape == (6000, 28, 28, 1) and test.images.shape == (1000, 28, 28, 1)
+    assert np.bincount(train.labels).min() > 500 and np.bincount(test.labels).min() > 80
+    assert sum(os.path.getsize(os.path.join(SAMPLE, f)) for f in os.listdir(SAMPLE)) < 4e6
+    licence = open(os.path.join(SAMPLE, "LICENSE")).read()
+    assert "Copyright © 2017 Zalando SE" in licence and "The MIT License" in licence
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist absent")
+def test_the_shipped_sample_is_the_first_images_of_the_full_set():
+    sample, full = data.load_fashion_mnist(SAMPLE), data.load_fashion_mnist()
+    for part, whole in zip(sample, full):
+        np.testing.assert_array_equal(part.images, whole.images[:len(part.images)])
+        np.testing.assert_array_equal(part.labels, whole.labels[:len(part.labels)])
 
 
 def test_fashion_mnist_missing_says_how_to_install(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from cnnx import data
-from cnnx.data.store import create_store
+from cnnx.data.store import DamagedStoreError, create_store
 
 
 def random_images(rng, n, shape=(9, 7, 3)):
@@ -145,3 +145,66 @@ def test_ingest_arrays_interrupted_then_rerun_finishes_the_store(tmp_path, rng):
     images, labels = dataset.read(np.arange(40))
     np.testing.assert_array_equal(images, x)
     np.testing.assert_array_equal(labels, y)
+
+
+# ------------------------------------------------------------------------ damaged stores
+
+@pytest.fixture
+def synthetic_store(tmp_path):
+    """A complete make_synthetic store of 3 chunks of 8 images, on disk."""
+    store = tmp_path / "faces.zarr"
+    data.make_synthetic(store, 24, image_size=(10, 10), seed=3, chunk_size=8)
+    return store
+
+
+def test_a_deleted_image_chunk_is_an_error_naming_it_not_black_images(synthetic_store):
+    (synthetic_store / "images" / "c" / "1" / "0" / "0" / "0").unlink()
+    ds = data.open_dataset(synthetic_store)
+    with pytest.raises(DamagedStoreError, match=r"chunk 1 is missing images/c/1/0/0/0"):
+        ds.read_chunk(1)
+    with pytest.raises(DamagedStoreError, match="images/c/1/0/0/0"):
+        ds.read([0, 9])                       # image 9 lies in chunk 1
+    ds.read_chunk(0), ds.read_chunk(2)        # the intact chunks still read
+
+
+def test_a_deleted_label_chunk_is_an_error_naming_it_not_minus_one(synthetic_store):
+    (synthetic_store / "labels" / "c" / "2").unlink()
+    ds = data.open_dataset(synthetic_store)
+    with pytest.raises(DamagedStoreError, match=r"chunk 2 is missing labels/c/2"):
+        ds.read_chunk(2)
+    with pytest.raises(DamagedStoreError, match="labels/c/2"):
+        ds.split(0.5, 0.25, 0.25)             # all labels at once (split, counts)
+
+
+@pytest.mark.parametrize("array, key", [("images", "c/1/0/0/0"), ("labels", "c/1")])
+def test_a_truncated_chunk_is_named_as_corrupt(synthetic_store, array, key):
+    path = synthetic_store / array / key
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    ds = data.open_dataset(synthetic_store)
+    with pytest.raises(DamagedStoreError,
+                       match=rf"chunk file {array}/{key} \(chunk 1\) is corrupt"):
+        ds.read_chunk(1)
+    if array == "labels":
+        with pytest.raises(DamagedStoreError, match=f"{array}/{key}"):
+            ds.labels
+
+
+def test_labels_of_another_length_than_the_images_are_refused_at_open(synthetic_store):
+    group = zarr.open_group(str(synthetic_store), mode="r+")
+    labels = group["labels"][:]
+    del group["labels"]
+    group.create_array("labels", shape=(20,), chunks=(8,), dtype="int64", fill_value=-1)
+    group["labels"][:] = labels[:20]
+    with pytest.raises(ValueError, match=r"24 images in chunks of 8 but labels of shape \(20,\)"):
+        data.open_dataset(synthetic_store)
+
+
+def test_an_all_black_chunk_is_stored_and_reads_back(tmp_path, rng):
+    # zarr skips chunks holding only the fill value (0) unless told; a store keeps them all,
+    # so that a missing file always means damage
+    x = random_images(rng, 12)
+    x[4:8] = 0
+    data.ingest_arrays(x, np.arange(12) % 2, tmp_path / "s.zarr", chunk_size=4)
+    assert (tmp_path / "s.zarr" / "images" / "c" / "1" / "0" / "0" / "0").is_file()
+    np.testing.assert_array_equal(data.open_dataset(tmp_path / "s.zarr").read_chunk(1)[0],
+                                  x[4:8])

@@ -84,3 +84,18 @@ def test_interrupted_synthesis_resumes_in_parallel_to_the_same_store(tmp_path):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(resumed.mean, fresh.mean)
     assert resumed.counts == fresh.counts and "done" not in resumed.attrs
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"chunk_size": 0}, ValueError, "chunk_size must be a positive integer, got 0"),
+    ({"chunk_size": 2.5}, TypeError, "chunk_size must be a positive integer, got float"),
+    ({"n": -3}, ValueError, "n must be a positive integer, got -3"),
+    ({"image_size": (0, 8)}, ValueError, "image_size must be a positive integer, got 0"),
+    ({"image_size": 8}, ValueError, r"image_size must be \(height, width\)"),
+])
+def test_make_synthetic_refuses_bad_sizes_before_writing_anything(tmp_path, arguments, error,
+                                                                   message):
+    call = {"n": 10, "image_size": (8, 8), "chunk_size": 4, **arguments}
+    with pytest.raises(error, match=message):
+        data.make_synthetic(tmp_path / "s.zarr", call.pop("n"), **call)
+    assert not (tmp_path / "s.zarr").exists()

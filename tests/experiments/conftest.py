@@ -19,3 +19,17 @@ def run_quick(tmp_path_factory):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return out, done.stdout
     return run
+
+
+@pytest.fixture(scope="session")
+def sample_expected():
+    """True where the full Fashion-MNIST is missing: --quick runs then read the sample."""
+    from cnnx.data.datasets import FASHION_MNIST_DIR
+
+    return not os.path.isdir(FASHION_MNIST_DIR)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_sample():
+    """The folder of the Fashion-MNIST sample that ships with the experiments."""
+    return os.path.join(REPO, "experiments", "fashion_mnist_sample")

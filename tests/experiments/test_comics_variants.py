@@ -85,3 +85,8 @@ def test_plots_decode_and_are_not_blank(out):
         pixels = image.imread(out / name)
         assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 400
         assert pixels.std() > 0
+
+
+def test_the_record_names_the_fashion_mnist_files_read(record, sample_expected):
+    files = record["settings"]["Fashion-MNIST files"]
+    assert ("experiments/fashion_mnist_sample" in files) == sample_expected, files

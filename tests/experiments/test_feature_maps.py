@@ -3,6 +3,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 NAME = "feature_maps"
@@ -16,12 +17,22 @@ def outputs(run_quick):
         return out, json.load(f), stdout
 
 
-def test_accuracy_and_channel_statistics(outputs):
+def test_accuracy_and_channel_statistics(outputs, sample_expected, fashion_mnist_sample):
     _, results, _ = outputs
     r = results["results"]
-    # one quick epoch on 2000 images: well above chance on this hard pair, below perfect
+    # one quick epoch on 2000 images (1150 from the sample): well above chance on this hard
+    # pair, below perfect
     assert 0.6 < r["test accuracy"] <= 1 and math.isfinite(r["test loss"])
-    assert r["train images"] == 2000 and r["test images"] == 400
+    files = results["settings"]["Fashion-MNIST files"]
+    assert ("experiments/fashion_mnist_sample" in files) == sample_expected, files
+    if sample_expected:          # fewer T-shirts and shirts than asked for: all are used
+        from cnnx import data
+
+        parts = data.load_fashion_mnist(fashion_mnist_sample)
+        expected = tuple(int(np.isin(part.labels, (0, 6)).sum()) for part in parts)
+    else:
+        expected = (2000, 400)
+    assert (r["train images"], r["test images"]) == expected
     layers = [s["layer"] for s in r["channels"]]
     assert layers == ["conv2d", "max_pooling2d", "conv2d_1", "max_pooling2d_1"]
     for s in r["channels"]:
@@ -30,6 +41,12 @@ def test_accuracy_and_channel_statistics(outputs):
         assert math.isfinite(s["separation (std units)"]) and s["separation (std units)"] >= 0
     assert [shown["class"] for shown in r["images shown"]] == list(CLASSES)
     assert all(0.5 < shown["probability"] <= 1 for shown in r["images shown"])
+
+
+def test_the_run_says_when_it_reads_the_sample(outputs, sample_expected):
+    _, _, stdout = outputs
+    said = "this --quick run reads the sample in experiments/fashion_mnist_sample" in stdout
+    assert said == sample_expected, stdout[:500]
 
 
 def test_the_command_wrote_one_figure_per_class(outputs):

@@ -90,3 +90,9 @@ def test_markdown_has_tables_findings_and_working_links(run):
     for csv_name in ("optimizers.csv", "optimizers_large_batch.csv", "optimizers_curves.csv"):
         lines = (out / csv_name).read_text().splitlines()
         assert len(lines) > 1, csv_name
+
+
+def test_the_record_names_the_fashion_mnist_files_read(run, sample_expected):
+    _, record = run
+    files = record["settings"]["Fashion-MNIST files"]
+    assert ("experiments/fashion_mnist_sample" in files) == sample_expected, files

@@ -111,3 +111,10 @@ def test_plots_decode_and_links_resolve(run):
         pixels = image.imread(out / name)
         assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 400
         assert pixels.std() > 0
+
+
+def test_the_record_names_the_fashion_mnist_files_read(run, sample_expected):
+    _, record = run
+    files = record["settings"]["Fashion-MNIST files"]
+    assert ("experiments/fashion_mnist_sample" in files) == sample_expected, files
+    assert record["settings"]["test images"] == (1000 if sample_expected else 1024)
