@@ -29,9 +29,10 @@ def default_workers(n_tasks):
     return max(1, min(os.cpu_count() or 1, n_tasks))
 
 
-def chunk_runner(workers=1, client=None):
-    """The runner for a Dask `client` when given, else for `workers` local processes."""
-    return DaskRunner(client) if client is not None else ChunkRunner(workers)
+def chunk_runner(workers=1, client=None, who="cnnx"):
+    """The runner for a Dask `client` when given, else for `workers` local processes;
+    `who` (e.g. "data.ingest") opens its error messages."""
+    return DaskRunner(client) if client is not None else ChunkRunner(workers, who)
 
 
 def main_guard_message(who):
@@ -50,7 +51,7 @@ def check_not_bootstrapping(who):
 class ChunkRunner:
     """Serial for workers=1, else a pool of spawn processes that exit with their parent."""
 
-    def __init__(self, workers=1, who="ingest"):
+    def __init__(self, workers=1, who="cnnx"):
         self.workers = int(workers)
         self.who = who
         self._pool = None

@@ -156,7 +156,7 @@ def ingest(source, store, image_size=(80, 80), grayscale=False, chunk_size=DEFAU
 
         bar = _progress_bar(progress, n_chunks, "ingest")
         bar(len(done))
-        with chunk_runner(workers, client) as runner:
+        with chunk_runner(workers, client, "data.ingest") as runner:
             _decode_all(runner, staging, done, target, source, candidates, chunk_size,
                         (image_size, grayscale, max_pixels), bar, verbose)
             good, sums, skipped = _gather(done, len(candidates), chunk_size, skipped_at_scan)
