@@ -34,7 +34,10 @@ def store_lock(url, who):
         try:
             yield
         finally:
-            os.unlink(path)                  # while still holding it: see _acquire
+            try:
+                os.unlink(path)              # while still holding it: see _acquire
+            except FileNotFoundError:        # someone removed the folder; nothing to undo
+                pass
             os.close(fd)
 
 
