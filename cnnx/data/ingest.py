@@ -121,6 +121,9 @@ def ingest(source, store, image_size=(80, 80), grayscale=False, chunk_size=DEFAU
     its summary. `progress`: True for a tqdm bar, or a callable(done_chunks, total_chunks).
     """
     check_not_bootstrapping("data.ingest")
+    if client is not None and workers is not None:
+        raise ValueError(f"ingest: workers={workers} counts local processes, but client= "
+                         "decodes on the Dask cluster's workers; pass one of them")
     started = time.perf_counter()
     source = ImageSource(source)
     image_size = tuple(int(s) for s in image_size)

@@ -135,6 +135,11 @@ def test_driver_killed_then_resumed_on_the_cluster(photos, local_store, client, 
     assert_same_store(store, local_store)
 
 
+def test_local_processes_and_a_cluster_together_are_refused(photos, client, tmp_path):
+    with pytest.raises(ValueError, match="workers=2 counts local processes"):
+        data.ingest(photos, tmp_path / "s.zarr", workers=2, client=client, **SETTINGS)
+
+
 def test_store_the_workers_cannot_reach_is_named(photos, client):
     with pytest.raises(ValueError, match="Dask worker .* cannot open the store "
                                          "'memory://unreachable'.*reachable from every worker"):
