@@ -12,7 +12,8 @@ arrive in completion order. Leaving the block early (an exception, Ctrl-C) cance
 not yet started; started ones finish their own chunk and are dropped.
 
 Local processes are started with spawn, not fork: libgomp (used by cnnx's kernels) hangs in
-a forked child. Spawn re-runs the caller's script in each child, hence MAIN_GUARD.
+a forked child. Spawn re-runs the caller's script in each child: a script without
+`if __name__ == "__main__":` gets main_guard_message instead of a BrokenProcessPool.
 """
 import multiprocessing
 import os
