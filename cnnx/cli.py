@@ -89,13 +89,22 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     ingest = commands.add_parser("ingest", help="image folders (one per class) -> Zarr store")
-    ingest.add_argument("source", help="folder with one sub-folder of images per class")
+    ingest.add_argument("source", help="folder with one sub-folder of images per class (a "
+                        "path or fsspec URL)")
     ingest.add_argument("store", help="Zarr store to write (a path or fsspec URL)")
-    ingest.add_argument("--size", nargs=2, type=int, default=(80, 80), metavar=("H", "W"))
+    ingest.add_argument("--size", nargs=2, type=int, default=(80, 80), metavar=("H", "W"),
+                        help="resize every image to H x W (default: 80 80)")
     ingest.add_argument("--grayscale", action="store_true", help="store one grey channel")
     ingest.add_argument("--chunk-size", type=int, default=None, help="images per chunk")
-    ingest.add_argument("--processes", type=int, default=None,
-                        help="decoding processes (default: one per core for 512+ files)")
+    where = ingest.add_mutually_exclusive_group()
+    where.add_argument("--processes", type=int, default=None,
+                       help="decoding processes on this machine (default: one per core for "
+                            "512+ files)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="decode on a running Dask cluster, e.g. tcp://10.0.0.5:8786 (its "
+                            "workers must reach SOURCE and STORE)")
+    where.add_argument("--workers", type=int, default=None,
+                       help="decode on a local Dask cluster of this many workers")
     ingest.add_argument("--overwrite", action="store_true",
                         help="replace a store made from other files or settings")
     ingest.set_defaults(run=run_ingest)
@@ -328,10 +337,23 @@ def _is_user_facing(error):
 
 def run_ingest(args):
     from cnnx import data
+    from cnnx.parallel.cluster import connect
 
-    summary = data.ingest(args.source, args.store, image_size=tuple(args.size),
-                          grayscale=args.grayscale, workers=args.processes,
-                          overwrite=args.overwrite, progress=True, **_chunking(args))
+    for flag, value in (("--processes", args.processes), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise UserError(f"ingest: {flag} must be at least 1, got {value}")
+    client = owned = None
+    if args.scheduler or args.workers:
+        client, owned = connect(args.scheduler, n_workers=args.workers)
+    try:
+        summary = data.ingest(args.source, args.store, image_size=tuple(args.size),
+                              grayscale=args.grayscale, workers=args.processes, client=client,
+                              overwrite=args.overwrite, progress=True, **_chunking(args))
+    finally:
+        if client is not None:
+            client.close()
+        if owned is not None:
+            owned.close()
     print(summary)
 
 

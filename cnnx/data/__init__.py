@@ -2,7 +2,8 @@
 from cnnx.data.augment import Augment
 from cnnx.data.datasets import (ArrayDataset, ingest_arrays, load_fashion_mnist, load_faces,
                                 read_idx)
-from cnnx.data.ingest import BadImage, ingest, load_image
+from cnnx.data.decode import BadImage, decode_image, load_image
+from cnnx.data.ingest import ingest
 from cnnx.data.normalize import normalize
 from cnnx.data.split import stratified_split
 from cnnx.data.store import Dataset, channel_stats, open_dataset
@@ -10,6 +11,6 @@ from cnnx.data.summary import StoreSummary
 from cnnx.data.synthetic import draw_faces, make_synthetic
 
 __all__ = ["ArrayDataset", "Augment", "BadImage", "Dataset", "StoreSummary", "channel_stats",
-           "draw_faces",
+           "decode_image", "draw_faces",
            "ingest", "ingest_arrays", "load_faces", "load_fashion_mnist", "load_image",
            "make_synthetic", "normalize", "open_dataset", "read_idx", "stratified_split"]
