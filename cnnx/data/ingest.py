@@ -29,7 +29,7 @@ from cnnx.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, load_im
 from cnnx.data.lock import store_lock
 from cnnx.data.sources import IMAGE_EXTENSIONS, ImageSource, is_in_process
 from cnnx.data.store import (DEFAULT_CHUNK_SIZE, FORMAT, add_pixel_sums, chunk_bounds,
-                             finalize, pixel_sums, resumable_group, store_url)
+                             finalize, pixel_sums, resumable_group, store_url, write_chunk)
 from cnnx.data.summary import StoreSummary
 
 __all__ = ["BadImage", "IMAGE_EXTENSIONS", "ingest", "load_image"]
@@ -72,10 +72,8 @@ def _compact_chunk(store, index, positions, labels):
     group = zarr.open_group(store, mode="r+")
     low, high = int(positions[0]), int(positions[-1]) + 1
     images = group["_staging/images"][low:high][positions - low]
-    start, stop = chunk_bounds(index, group["images"].chunks[0], group["images"].shape[0])
-    group["images"][start:stop] = images
-    group["labels"][start:stop] = labels
-    return stop - start
+    write_chunk(group, index, images, labels)      # stored even when every pixel is black
+    return len(images)
 
 
 def _probe_worker(store, plan, source, relative):

@@ -247,3 +247,17 @@ def test_load_image_palette_grey_alpha_and_cmyk(tmp_path):
         image = load_image(tmp_path / name, (4, 4))
         assert image.shape == (4, 4, 3)
         np.testing.assert_allclose(image[0, 0], colour, atol=2, err_msg=name)
+
+
+def test_a_chunk_of_black_photos_is_stored_and_reads_back(tmp_path):
+    # zarr skips chunks equal to the fill value; a reader takes a missing chunk for damage
+    for label in ("dark", "night"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(4):
+            save(tmp_path / "photos" / label / f"{i}.png", np.zeros((12, 12), np.uint8))
+    data.ingest(tmp_path / "photos", tmp_path / "black.zarr", image_size=(8, 8),
+                grayscale=True, chunk_size=4, workers=1)
+    images, labels = data.open_dataset(tmp_path / "black.zarr").read_chunk(1)
+    assert images.shape == (4, 8, 8, 1) and not images.any()
+    assert sorted(labels.tolist() + data.open_dataset(tmp_path / "black.zarr")
+                  .read_chunk(0)[1].tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
