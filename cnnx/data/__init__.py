@@ -10,7 +10,7 @@ from cnnx.data.store import DamagedStoreError, Dataset, channel_stats, open_data
 from cnnx.data.summary import StoreSummary
 from cnnx.data.synthetic import draw_faces, make_synthetic
 
-__all__ = ["ArrayDataset", "Augment", "BadImage", "DamagedStoreError", "Dataset", "StoreSummary", "channel_stats",
-           "decode_image", "draw_faces",
-           "ingest", "ingest_arrays", "load_faces", "load_fashion_mnist", "load_image",
-           "make_synthetic", "normalize", "open_dataset", "read_idx", "stratified_split"]
+__all__ = ["ArrayDataset", "Augment", "BadImage", "DamagedStoreError", "Dataset",
+           "StoreSummary", "channel_stats", "decode_image", "draw_faces", "ingest",
+           "ingest_arrays", "load_faces", "load_fashion_mnist", "load_image", "make_synthetic",
+           "normalize", "open_dataset", "read_idx", "stratified_split"]
