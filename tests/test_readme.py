@@ -179,7 +179,8 @@ LOCAL_VALUES = {
     "HEAD": "127.0.0.1",
     "PORT": free_port,                      # not 8786: other clusters may run here
     "CORES": "2",
-    "STORE": "faces",                       # the bundled set, written on first use
+    "SOURCE": "photos",                     # the reader's folder the fixture makes
+    "STORE": "photos-cluster.zarr",         # written by the template's own `cnnx ingest`
 }
 
 
