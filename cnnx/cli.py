@@ -93,7 +93,8 @@ def build_parser():
                         "path or fsspec URL)")
     ingest.add_argument("store", help="Zarr store to write (a path or fsspec URL)")
     ingest.add_argument("--size", nargs=2, type=int, default=(80, 80), metavar=("H", "W"),
-                        help="resize every image to H x W (default: 80 80)")
+                        help="height and width in pixels every image is resized to "
+                             "(default: 80 80)")
     ingest.add_argument("--grayscale", action="store_true", help="store one grey channel")
     ingest.add_argument("--chunk-size", type=int, default=None, help="images per chunk")
     where = ingest.add_mutually_exclusive_group()
@@ -339,9 +340,6 @@ def run_ingest(args):
     from cnnx import data
     from cnnx.parallel.cluster import connect
 
-    for flag, value in (("--processes", args.processes), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            raise UserError(f"ingest: {flag} must be at least 1, got {value}")
     client = owned = None
     if args.scheduler or args.workers:
         client, owned = connect(args.scheduler, n_workers=args.workers)

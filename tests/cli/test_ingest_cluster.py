@@ -87,5 +87,4 @@ def test_help_names_both_paths_and_bad_counts_are_one_line():
     for flag in ("--workers", "--processes"):
         run = cnnx("ingest", "a", "b.zarr", flag, 0)
         assert run.returncode == 2
-        assert run.stderr.strip() == f"cnnx: error: ingest: {flag} must be at least 1, got 0 " \
-                                     "(--traceback shows where)"
+        assert run.stderr.strip() == f"cnnx: error: {flag} must be a positive integer, got 0"
