@@ -170,6 +170,7 @@ def commit(trainer, key, version, result, started_from=None):
         take_snapshot(trainer)
     record = {"epoch": key[0], "step": key[1], "shard": key[2], "version": version,
               "staleness": staleness, "worker": address, "n_samples": int(n),
+              "loss_sum": float(loss_sum), "n_correct": int(n_correct),
               "loss": float(loss_sum) / n, "accuracy": int(n_correct) / n}
     trainer.commits.append(record)
     trainer.staleness.setdefault(address, []).append(staleness)

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 from distributed.comm.core import CommClosedError
 
-from cnnx.parallel import checkpoint, cluster, plan, wire, worker
+from cnnx.parallel import checkpoint, cluster, plan, records, wire, worker
 
 MODES = ("sync", "downpour", "dynsgd", "adag", "easgd")
 # data lost with a worker (FutureCancelledError), or a scatter to a worker that just died
@@ -67,6 +67,8 @@ class DaskTrainer:
         self.opener = opener or _default_opener
         self.scatter_timeout = scatter_timeout
         self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
+        self._owns_client = self.client is not client       # we opened it: we close it
+        self._dataset = None
         self.history, self.steps, self.commits = [], [], []
         self.staleness = {}                       # worker address -> list of staleness values
         self.version, self.applied, self.duplicates = 0, set(), 0   # async commit bookkeeping
@@ -76,9 +78,11 @@ class DaskTrainer:
 
     # ----------------------------------------------------------------- lifecycle
     def close(self):
-        """Close the LocalCluster this trainer started (a given client stays open)."""
-        if self._owned_cluster is not None:
+        """Close the Client and LocalCluster this trainer opened (a given Client stays open)."""
+        if self._owns_client:
             self.client.close()
+            self._owns_client = False
+        if self._owned_cluster is not None:
             self._owned_cluster.close()
             self._owned_cluster = None
 
@@ -109,25 +113,25 @@ class DaskTrainer:
         owned = plan.shard_indices(samples, dataset.chunk_size, n_shards)
         self._meta = {"mode": self.mode, "seed": self.seed, "shards": n_shards,
                       "batch_size": batch_size, "wire_dtype": self.wire_dtype}
-        start_epoch, start_step = 0, 0
+        if checkpoint_dir is not None:            # what a resume must match
+            self._meta.update(architecture=_json_form(self.model.get_config()),
+                              optimizer=_optimizer_config(self.model))
+        start_epoch, start_step, saved_tally = 0, 0, None
         if resume and checkpoint_dir is not None:
-            start_epoch, start_step = self._restore(checkpoint_dir)
+            start_epoch, start_step, saved_tally = self._restore(checkpoint_dir)
         self._scatter_model()
         callbacks = list(callbacks)
         for epoch in range(start_epoch, epochs):
             epoch_plan = plan.epoch_plan(owned, self.seed, epoch, shard_batch)
             first = start_step if epoch == start_epoch else 0
-            started = time.perf_counter()
-            transfers = self._worker_transfer_bytes()
+            self._tally = records.EpochTally(epoch, saved_tally if first else None)
+            self._between_baseline = (self._worker_transfer_bytes(), self._tally.sums["bytes_in"])
             if self.mode == "sync":
-                records = self._sync_epoch(epoch, epoch_plan, first, checkpoint_dir, callbacks)
+                self._sync_epoch(epoch, epoch_plan, first, checkpoint_dir, callbacks)
             else:
-                records = self._async_epoch(epoch, epoch_plan, first, callbacks)
-            summary = self._epoch_summary(epoch, records, time.perf_counter() - started)
-            # Dask's counter also holds what workers sent to the driver: the gathered
-            # gradient sums, already counted in bytes_in
-            transferred = self._worker_transfer_bytes() - transfers
-            summary["bytes_between_workers"] = max(0, transferred - summary["bytes_in"])
+                self._async_epoch(epoch, epoch_plan, first, callbacks)
+            self._count_between_workers()
+            summary = self._tally.summary()
             if validation is not None:
                 summary.update(self.evaluate(validation, prefix="val_"))
             self.history.append(summary)
@@ -139,12 +143,11 @@ class DaskTrainer:
 
     # ----------------------------------------------------------------- sync
     def _sync_epoch(self, epoch, epoch_plan, first_step, checkpoint_dir, callbacks):
-        records = []
         bar = _progress(len(epoch_plan), first_step, f"epoch {epoch}", self.progress)
         try:
             for step in range(first_step, len(epoch_plan)):
                 record = self._sync_step(epoch, step, epoch_plan[step])
-                records.append(record)
+                self._tally.add(record)
                 self.steps.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
@@ -156,7 +159,6 @@ class DaskTrainer:
                     callback(self, record)
         finally:
             bar.close()
-        return records
 
     def _sync_step(self, epoch, step, step_plan):
         """One synchronous step, retried from its inputs if workers die and take data along."""
@@ -231,14 +233,26 @@ class DaskTrainer:
     def _async_epoch(self, epoch, epoch_plan, first_step, callbacks):
         from cnnx.parallel import asynchronous
         if self.replay is None:
-            return asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
-        if not self.snapshots:
-            asynchronous.take_snapshot(self)
-        return asynchronous.replay_epoch(self, epoch, epoch_plan, first_step, callbacks)
+            commits = asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
+        else:
+            if not self.snapshots:
+                asynchronous.take_snapshot(self)
+            commits = asynchronous.replay_epoch(self, epoch, epoch_plan, first_step, callbacks)
+        for record in commits:
+            self._tally.add(record)
 
     # ----------------------------------------------------------------- validation
-    def evaluate(self, indices, prefix=""):
-        """Loss and accuracy of the current weights on `indices`, computed on the workers."""
+    def evaluate(self, indices=None, prefix="", dataset=None):
+        """Loss and accuracy of the current weights on `indices` (default: all samples) of
+        `dataset` (default: the one fit trained on), computed on the workers."""
+        if dataset is not None:
+            self._dataset = self.opener(dataset) if isinstance(dataset, str) else dataset
+            self._store = str(self._dataset.store)
+        if self._dataset is None:
+            raise ValueError("DaskTrainer.evaluate: called before fit() without a dataset; "
+                             "pass dataset= (a cnnx.data Dataset or its store path)")
+        if indices is None:
+            indices = np.arange(len(self._dataset))
         workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
         indices = np.sort(np.asarray(indices, np.int64))
         chunk_of = indices // self._dataset.chunk_size
@@ -265,6 +279,9 @@ class DaskTrainer:
         """Checkpoint the state that resumes at (epoch, step)."""
         meta = dict(self._meta, epoch=epoch, step=step, history=self.history,
                     commits=len(self.commits))
+        if step:                                  # mid-epoch: the steps done so far count too
+            self._count_between_workers()
+            meta["epoch_so_far"] = self._tally.to_meta()
         optimizer = getattr(self.model, "optimizer", None)
         state = optimizer.state_dict() if optimizer is not None else {}
         return checkpoint.save_checkpoint(directory, self.model.get_weights(), state, meta)
@@ -279,12 +296,18 @@ class DaskTrainer:
             if meta[name] != self._meta[name]:
                 raise ValueError(f"DaskTrainer: the checkpoint in {directory} was written with "
                                  f"{name}={meta[name]!r}, this run has {self._meta[name]!r}")
+        for name, what in (("architecture", "model architecture"), ("optimizer", "optimizer")):
+            if name in meta and meta[name] != self._meta[name]:
+                raise ValueError(
+                    f"DaskTrainer: the checkpoint in {directory} was written for another "
+                    f"{what}: {_difference(meta[name], self._meta[name])}; resume with the "
+                    f"{what} it was written with, or train into a new checkpoint directory")
         self.model.set_weights(weights)
         if optimizer_state:
             self.model.optimizer.load_state_dict(optimizer_state)
         self.history = list(meta.get("history", []))
         self.echo(f"cnnx: resuming from {directory} at epoch {meta['epoch']}, step {meta['step']}")
-        return meta["epoch"], meta["step"]
+        return meta["epoch"], meta["step"], meta.get("epoch_so_far")
 
     # ----------------------------------------------------------------- helpers
     def _scatter_model(self, attempt=0):
@@ -322,24 +345,22 @@ class DaskTrainer:
         n = int(total.n_samples)
         compute = stats["compute_s"] / max(1, len(stats["worker"]))
         return dict(phases, epoch=epoch, step=step, n_samples=n,
+                    loss_sum=float(total.loss_sum), n_correct=int(total.n_correct),
                     loss=float(total.loss_sum) / n, accuracy=int(total.n_correct) / n,
                     images_per_s=n / phases["time_s"], compute_s=compute,
                     max_shard_compute_s=stats["max_compute_s"], read_s=stats["read_s"],
                     transfer_s=max(0.0, phases["wait_s"] - compute), workers=len(workers),
                     tasks_per_worker=stats["worker"])
 
-    def _epoch_summary(self, epoch, records, seconds):
-        n = sum(r["n_samples"] for r in records)
-        summary = {"epoch": epoch, "steps": len(records), "time_s": seconds,
-                   "images_per_s": n / seconds if seconds else 0.0}
-        if n:
-            summary["loss"] = sum(r["loss"] * r["n_samples"] for r in records) / n
-            summary["accuracy"] = sum(r["accuracy"] * r["n_samples"] for r in records) / n
-        for phase in ("scatter_s", "wait_s", "optimizer_s", "compute_s", "transfer_s"):
-            summary[phase] = sum(r.get(phase, 0.0) for r in records)
-        summary["bytes_out"] = sum(r.get("bytes_out", 0) for r in records)
-        summary["bytes_in"] = sum(r.get("bytes_in", 0) for r in records)
-        return summary
+    def _count_between_workers(self):
+        """Add what workers sent each other since the last count to the epoch's tally. Dask's
+        counter also holds what workers sent the driver: the gathered gradient sums, already
+        counted in bytes_in."""
+        transferred, bytes_in = self._worker_transfer_bytes(), self._tally.sums["bytes_in"]
+        before, bytes_in_before = self._between_baseline
+        self._tally.sums["bytes_between_workers"] += max(
+            0, transferred - before - (bytes_in - bytes_in_before))
+        self._between_baseline = (transferred, bytes_in)
 
     def _echo_epoch(self, s):
         parts = [f"epoch {s['epoch']}", f"{s['images_per_s']:.0f} img/s"]
@@ -347,6 +368,32 @@ class DaskTrainer:
                   if k in s]
         parts.append(f"{(s['bytes_out'] + s['bytes_in'] + s['bytes_between_workers']) / 1e6:.1f} MB moved")
         self.echo("cnnx: " + ", ".join(parts))
+
+
+def _json_form(value):
+    """value as it reads back from a checkpoint's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _optimizer_config(model):
+    optimizer = getattr(model, "optimizer", None)
+    return None if optimizer is None else _json_form(optimizer.get_config())
+
+
+def _difference(saved, current, path=""):
+    """The first place where two JSON values differ, in words."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        # the kind ("name", "class_name") first: a different kind explains the rest
+        for key in sorted(set(saved) | set(current),
+                          key=lambda k: (k not in ("name", "class_name"), str(k))):
+            if saved.get(key) != current.get(key):
+                where = f"{path}.{key}" if path else str(key)
+                return _difference(saved.get(key), current.get(key), where)
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for i, (a, b) in enumerate(zip(saved, current)):
+            if a != b:
+                return _difference(a, b, f"{path}[{i}]")
+    return f"{path or 'it'} was {saved!r}, this run has {current!r}"
 
 
 def _read_replay_log(path):

@@ -120,6 +120,40 @@ def test_resumed_run_ends_bit_identical(reference, cluster, store, tmp_path):
     expected_optimizer = reference[1].model.optimizer.state_dict()
     assert_same_weights(resumed.optimizer.state_dict(), expected_optimizer)
     assert [h["epoch"] for h in trainer.history] == [0, 1]
+    assert_same_history(trainer.history, reference[1].history)
+
+
+def assert_same_history(resumed, uninterrupted):
+    """The resumed epoch's entry covers the steps before the crash too: equal to the
+    uninterrupted run's (times aside)."""
+    for got, expected in zip(resumed, uninterrupted, strict=True):
+        for name in ("epoch", "steps", "loss", "accuracy", "bytes_out", "bytes_in"):
+            assert got[name] == expected[name], (got["epoch"], name)
+
+
+def test_resume_refuses_another_architecture_or_optimizer(cluster, store, tmp_path):
+    from cnnx import nn, optim
+    trainer = DaskTrainer(tiny_model(), cluster, shards=SHARDS, progress=False,
+                          echo=lambda *a: None)
+    trainer.fit(store, epochs=1, batch_size=BATCH, checkpoint_dir=tmp_path)
+    wider = nn.Sequential([nn.Conv2D(8, 3, padding="same", activation="relu"),
+                           nn.MaxPool2D(2), nn.Flatten(),
+                           nn.Dense(16, activation="relu"), nn.Dropout(0.25),
+                           nn.Dense(2, activation="softmax")], input_shape=(8, 8, 1), seed=0)
+    wider.compile(optimizer=optim.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match=r"another model architecture: layers\[0\]\.config"
+                                         r"\.filters was 4, this run has 8"):
+        DaskTrainer(wider, cluster, shards=SHARDS, progress=False, echo=lambda *a: None).fit(
+            store, epochs=2, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"another optimizer: name was 'Adam', this run has 'SGD'"):
+        DaskTrainer(tiny_model(optimizer=optim.SGD(1e-2)), cluster, shards=SHARDS,
+                    progress=False, echo=lambda *a: None).fit(
+            store, epochs=2, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"another optimizer: learning_rate\.learning_rate was "
+                                         r"0\.01, this run has 0\.001"):
+        DaskTrainer(tiny_model(optimizer=optim.Adam(1e-3)), cluster, shards=SHARDS,
+                    progress=False, echo=lambda *a: None).fit(
+            store, epochs=2, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
 
 
 DRIVER = """
@@ -168,6 +202,7 @@ def test_driver_killed_with_sigkill_then_resumed_ends_bit_identical(reference, c
     assert_same_weights(resumed.get_weights(), reference[0])
     assert_same_weights(resumed.optimizer.state_dict(),
                         reference[1].model.optimizer.state_dict())
+    assert_same_history(trainer.history, reference[1].history)
 
 
 def test_bfloat16_wire_halves_the_traffic_and_still_learns(cluster, store):
