@@ -8,15 +8,14 @@ many times Dask ran the task or delivered its result. Staleness = versions commi
 the unit started; it is recorded per worker, and the replay log lists commits in order.
 """
 import collections
-import copy
 import json
 import time
 
 import numpy as np
 from distributed import as_completed
 
-from cnnx.parallel import cluster, wire, worker
-from cnnx.parallel.trainer import LOST, preferred_worker
+from cnnx.parallel import cluster, transport, wire, worker
+from cnnx.parallel.transport import LOST, preferred_worker
 
 
 def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
@@ -125,9 +124,8 @@ def _submit(trainer, unit, workers, started_from=None, version=None):
         started_from = trainer.local_weights.get(shard) or trainer.model.get_weights()
     else:
         started_from = trainer.model.get_weights()
-    weights_future = trainer.client.sync(
-        trainer.client._scatter, [wire.encode(started_from, trainer.wire_dtype)],
-        workers=[preferred], hash=False, callback_timeout=trainer.scatter_timeout)[0]
+    weights_future = transport.place(trainer.client, wire.encode(started_from, trainer.wire_dtype),
+                                     trainer.scatter_timeout, [preferred])
     task_key = f"cnnx-{trainer._run}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
     options = dict(key=task_key, workers=[preferred], allow_other_workers=True, pure=False)
     if trainer.mode in ("downpour", "dynsgd"):
@@ -182,12 +180,12 @@ def commit(trainer, key, version, result, started_from=None):
 
 
 def _apply_gradient(trainer, total, scale):
-    total = copy.copy(total)
-    total.grads = wire.decode(total.grads)
-    grads = total.mean_grads()
-    if scale != 1.0:
-        grads = {name: g * np.float32(scale) for name, g in grads.items()}
-    trainer.model.apply_gradients(grads, total.state)
+    total = wire.decoded(total)
+    if scale != 1.0:          # DynSGD: the same as a gradient sum scaled by 1/(staleness+1)
+        grads = {name: g * np.float32(scale) for name, g in total.mean_grads().items()}
+        trainer.model.apply_gradients(grads, total.state)
+    else:
+        trainer.model.apply_gradient_sum(total)
 
 
 def _apply_change(trainer, params, started_from, scale):

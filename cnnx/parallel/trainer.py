@@ -6,20 +6,17 @@ named methods: which shard runs where, how a step is reduced and applied, what i
 when a checkpoint is written, and how to ride out workers leaving and joining.
 """
 import collections
-import concurrent.futures
-import copy
 import json
 import time
 import uuid
 
 import numpy as np
-from distributed.comm.core import CommClosedError
 
-from cnnx.parallel import checkpoint, cluster, plan, records, wire, worker
+from cnnx.parallel import checkpoint, cluster, plan, records, synchronous, transport, wire, worker
+from cnnx.parallel.transport import LOST, preferred_worker  # noqa: F401  (older imports)
 
 MODES = ("sync", "downpour", "dynsgd", "adag", "easgd")
-# data lost with a worker (FutureCancelledError), or a scatter to a worker that just died
-LOST = (concurrent.futures.CancelledError, CommClosedError)
+SYNC_WEIGHTS = ("replicated", "broadcast")
 
 
 def _default_opener(store):
@@ -39,6 +36,10 @@ class DaskTrainer:
     shards: G, the number of virtual shards a step's batch is split into (default: the number
         of workers at the start). Same seed and G give the same weights on any worker count.
     wire_dtype: "float32" or "bfloat16" for weights and gradients on the wire.
+    sync_weights: "replicated" (sync mode: every worker keeps a replica of the model and its
+        optimizer and applies each step's gradient sum itself; no weights travel per step) or
+        "broadcast" (the driver sends the weights every step: the papers' protocol, 2·N·P
+        per step, kept for comparison).
     replay_log: a path; asynchronous modes append each applied commit to it (JSON lines).
     replay: a replay log of an earlier asynchronous run: re-run its commits in that order,
         each on the weights it saw, to reproduce the run bit for bit (one unit at a time).
@@ -49,9 +50,14 @@ class DaskTrainer:
                  cache_bytes=512 * 2**20, checkpoint_every=None, worker_timeout=60.0,
                  connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, learning_rate=0.01, tau=4,
                  alpha=0.5, max_in_flight=None, replay_log=None, replay=None, max_step_retries=3,
-                 scatter_timeout=20.0, progress=True, opener=None, echo=print):
+                 scatter_timeout=20.0, progress=True, opener=None, echo=print,
+                 sync_weights="replicated"):
         if mode not in MODES:
             raise ValueError(f"DaskTrainer: mode must be one of {MODES}, got {mode!r}")
+        if sync_weights not in SYNC_WEIGHTS:
+            raise ValueError(f"DaskTrainer: sync_weights must be one of {SYNC_WEIGHTS}, "
+                             f"got {sync_weights!r}")
+        self.sync_weights = sync_weights
         if shards is not None and (not isinstance(shards, int) or shards < 1):
             raise ValueError(f"DaskTrainer: shards must be a positive integer, got {shards!r}")
         self.model, self.mode, self.shards, self.seed = model, mode, shards, seed
@@ -119,8 +125,25 @@ class DaskTrainer:
         start_epoch, start_step, saved_tally = 0, 0, None
         if resume and checkpoint_dir is not None:
             start_epoch, start_step, saved_tally = self._restore(checkpoint_dir)
-        self._scatter_model()
-        callbacks = list(callbacks)
+        self._sync_driver = None
+        if self.mode == "sync" and self.sync_weights == "replicated":
+            self._sync_driver = synchronous.ReplicatedSync(
+                self.client, self.model, self._spec, n_shards, self.wire_dtype,
+                self.max_step_retries, self.worker_timeout, self.echo)
+            self._sync_driver.start()
+        else:
+            self._scatter_model()
+        try:
+            self._fit_epochs(epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
+                             validation, checkpoint_dir, list(callbacks))
+        finally:
+            if self._sync_driver is not None:
+                self._sync_driver.close()
+            self._model_future = None             # release the workers' copies
+        return self.history
+
+    def _fit_epochs(self, epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
+                    validation, checkpoint_dir, callbacks):
         for epoch in range(start_epoch, epochs):
             epoch_plan = plan.epoch_plan(owned, self.seed, epoch, shard_batch)
             first = start_step if epoch == start_epoch else 0
@@ -138,15 +161,18 @@ class DaskTrainer:
             self._echo_epoch(summary)
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir, epoch + 1, 0)
-        self._model_future = None                 # release the workers' copies
-        return self.history
 
     # ----------------------------------------------------------------- sync
     def _sync_epoch(self, epoch, epoch_plan, first_step, checkpoint_dir, callbacks):
         bar = _progress(len(epoch_plan), first_step, f"epoch {epoch}", self.progress)
+        if self._sync_driver is not None:
+            steps = self._sync_driver.run_epoch(epoch, epoch_plan, first_step)
+        else:
+            steps = (self._sync_step(epoch, step, epoch_plan[step])
+                     for step in range(first_step, len(epoch_plan)))
         try:
-            for step in range(first_step, len(epoch_plan)):
-                record = self._sync_step(epoch, step, epoch_plan[step])
+            for record in steps:
+                step = record["step"]
                 self._tally.add(record)
                 self.steps.append(record)
                 bar.update(1)
@@ -158,6 +184,7 @@ class DaskTrainer:
                 for callback in callbacks:
                     callback(self, record)
         finally:
+            steps.close()
             bar.close()
 
     def _sync_step(self, epoch, step, step_plan):
@@ -220,9 +247,7 @@ class DaskTrainer:
 
     def _apply_sum(self, total):
         """Mean gradient -> regulariser + optimizer step: what Sequential.fit does per batch."""
-        total = copy.copy(total)
-        total.grads = wire.decode(total.grads)
-        self.model.apply_gradients(total.mean_grads(), total.state)
+        self.model.apply_gradient_sum(wire.decoded(total))
 
     def _set_state(self, state):
         own = self.model.state
@@ -260,7 +285,7 @@ class DaskTrainer:
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
         weights_future = self._place(weights)
         # after fit() the workers' model copies were released; evaluate() must work then too
-        model_future = self._model_future or self._place(_worker_copy(self.model),
+        model_future = self._model_future or self._place(transport.worker_copy(self.model),
                                                          broadcast=True)
         futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
                                       self._spec(group), workers=[address],
@@ -311,22 +336,15 @@ class DaskTrainer:
 
     # ----------------------------------------------------------------- helpers
     def _scatter_model(self, attempt=0):
-        self._model_future = self._place(_worker_copy(self.model), attempt,
+        self._model_future = self._place(transport.worker_copy(self.model), attempt,
                                          broadcast=attempt == 0)
 
     def _place(self, value, attempt=0, broadcast=False):
-        """Put `value` on the workers: on every one (broadcast), or on one that the others
-        fetch from once. A worker SIGKILLed a moment ago can stall a scatter to it for
-        Dask's connect timeout (30 s; scatter's own timeout covers only the wait for
-        workers), so it is bounded here and a retry picks the next worker."""
-        if broadcast:
-            where = {"broadcast": True}
-        else:
-            workers = cluster.worker_addresses(self.client)
-            where = {"workers": [workers[attempt % len(workers)]]} if workers else {}
-        futures = self.client.sync(self.client._scatter, [value], hash=False,
-                                   callback_timeout=self.scatter_timeout, **where)
-        return futures[0]
+        """`value` on every worker (broadcast) or on one the others fetch from; a retry
+        (attempt) picks the next worker, in case the first just died."""
+        workers = cluster.worker_addresses(self.client)
+        workers = workers[attempt % len(workers):] if workers else None
+        return transport.place(self.client, value, self.scatter_timeout, workers, broadcast)
 
     def _spec(self, indices):
         return {"store": self._store, "opener": self.opener, "indices": np.asarray(indices),
@@ -336,7 +354,7 @@ class DaskTrainer:
     def _worker_transfer_bytes(self):
         """Bytes workers have sent to each other so far (Dask's own counter)."""
         try:
-            counts = self.client.run(_transfer_bytes)
+            counts = self.client.run(transport.transfer_bytes)
         except Exception:                         # a worker leaving mid-call; not worth failing
             return 0
         return int(sum(counts.values()))
@@ -399,23 +417,6 @@ def _difference(saved, current, path=""):
 def _read_replay_log(path):
     with open(path) as log:
         return [json.loads(line) for line in log if line.strip()]
-
-
-def _worker_copy(model):
-    """The model as workers need it: layers and loss, without the optimizer's state (the
-    driver steps; Adam's moments would triple every copy Dask moves)."""
-    shipped = copy.copy(model)
-    shipped.optimizer = None
-    return shipped
-
-
-def preferred_worker(shard, n_shards, n_workers):
-    """Contiguous blocks of shards per worker: the tree's first sums then stay on one worker."""
-    return shard * n_workers // n_shards
-
-
-def _transfer_bytes(dask_worker):
-    return dask_worker.transfer_outgoing_bytes_total
 
 
 class _NoBar:

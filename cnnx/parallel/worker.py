@@ -7,7 +7,6 @@ generators keyed by (seed, epoch, step, shard): a shard computes the same bits o
 which is what makes a synchronous run independent of the worker count.
 """
 import collections
-import copy
 import threading
 import time
 
@@ -143,25 +142,26 @@ def shard_gradient(model, weights, spec, key, wire_dtype="float32"):
     check_finite(result, key)
     # encode copies: a layer's backward overwrites its grads, and this result outlives the task
     result.grads = wire.encode(result.grads, wire_dtype)
-    if result.state:
-        result.state = {name: np.array(value) for name, value in result.state.items()}
-    return result, {"compute_s": compute_s, "read_s": read_s, "max_compute_s": compute_s,
-                    "tasks": 1, "worker": {worker_name(): 1}}
+    return result, leaf_stats(compute_s, read_s)
+
+
+def leaf_stats(compute_s, read_s, apply_s=0.0):
+    """What one shard task reports; sum_pair combines them up the tree."""
+    return {"compute_s": compute_s, "read_s": read_s, "max_compute_s": compute_s,
+            "max_apply_s": apply_s, "tasks": 1, "worker": {worker_name(): 1}}
 
 
 def sum_pair(left, right):
     """left + right in that order: the reduction tree fixes the order, hence the bits."""
     (a, stats_a), (b, stats_b) = left, right
-    dtype = wire.dtype_of(a.grads)
-    # Inputs stay untouched in worker memory: a rerun of this task must see the same bits.
-    a, b = copy.copy(a), copy.copy(b)
-    a.grads, b.grads = wire.decode(a.grads), wire.decode(b.grads)
-    total = a + b
-    total.grads = wire.encode(total.grads, dtype)
+    # the inputs stay untouched in worker memory: a rerun of this task must see the same bits
+    total = wire.decoded(a) + wire.decoded(b)
+    total.grads = wire.encode(total.grads, wire.dtype_of(a.grads), copy=False)   # fresh sums
     workers = collections.Counter(stats_a["worker"]) + collections.Counter(stats_b["worker"])
     stats = {"compute_s": stats_a["compute_s"] + stats_b["compute_s"],
              "read_s": stats_a["read_s"] + stats_b["read_s"],
              "max_compute_s": max(stats_a["max_compute_s"], stats_b["max_compute_s"]),
+             "max_apply_s": max(stats_a.get("max_apply_s", 0.0), stats_b.get("max_apply_s", 0.0)),
              "tasks": stats_a["tasks"] + stats_b["tasks"], "worker": dict(workers)}
     return total, stats
 

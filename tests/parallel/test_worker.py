@@ -121,7 +121,7 @@ def test_workers_get_the_model_without_the_optimizer_state(rng):
     import pickle
 
     from cnnx import nn
-    from cnnx.parallel.trainer import _worker_copy
+    from cnnx.parallel.transport import worker_copy
 
     model = nn.Sequential([nn.Flatten(), nn.Dense(512, activation="relu"),
                            nn.Dense(2, activation="softmax")], input_shape=(16, 16, 1))
@@ -130,7 +130,7 @@ def test_workers_get_the_model_without_the_optimizer_state(rng):
     model.apply_gradients(model.gradient(x, np.arange(8) % 2).mean_grads())
     weights = sum(a.nbytes for a in model.get_weights().values())
     assert len(pickle.dumps(model)) > 2.5 * weights          # the moments are there
-    shipped = _worker_copy(model)
+    shipped = worker_copy(model)
     assert len(pickle.dumps(shipped)) < weights + 10_000
     assert model.optimizer is not None                       # the driver keeps its own
     np.testing.assert_array_equal(shipped.predict(x), model.predict(x))
