@@ -77,6 +77,28 @@ def replica_gradient(run, version, previous, spec, key, wire_dtype="float32"):
     return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start)
 
 
+def summary(root):
+    """What the driver needs of a step's gradient sum to record it: the counts, not the sum."""
+    total, stats = root
+    return int(total.n_samples), float(total.loss_sum), int(total.n_correct), stats
+
+
+def state_at(run, version, previous):
+    """(weights, optimizer state) of this worker's replica at `version` (see _at_version)."""
+    with worker._lock:
+        model = _at_version(run, version, previous).model
+        return model.get_weights(), model.optimizer.state_dict()
+
+
+def state_if_at(run, version):
+    """(weights, optimizer state) if this worker's replica is at `version`, else None."""
+    with worker._lock:
+        replica = _replicas.get(run)
+        if replica is None or replica.version != version:
+            return None
+        return replica.model.get_weights(), replica.model.optimizer.state_dict()
+
+
 def relay(value):
     """The value itself, held by one more worker: the nodes of a broadcast tree."""
     return value

@@ -5,15 +5,19 @@ Design (all-reduce style, the driver stays the authority):
 - Step v: one task per virtual shard computes its gradient sum on its worker's replica at
   version v; a fixed pair-sum tree (plan.tree_pairs, G only) reduces them; the root sum goes
   to every worker (through a binary relay tree beyond two workers: each node sends at most
-  twice what it receives) and to the driver. Each replica applies it inside its first task
-  of step v + 1; the driver applies it to its own model, which checkpoints are written from.
-  Same code, same sum, same order: every copy holds the same bits, on any worker count.
+  twice what it receives). Each replica applies it inside its first task of step v + 1 with
+  Sequential.apply_gradient_sum. Same code, same sum, same order: every replica holds the
+  same bits, on any worker count. The driver receives only the step's counts and loss.
+- The driver's model is brought to the replicas' version (`pull`: weights and optimizer
+  state from one replica, 3·P once) every `pull_every` steps, for checkpoints, at epoch
+  ends and at the end of fit: checkpoints are written from it. Until then it keeps the
+  root sums of the steps since (held on the workers), so anything lost can be rebuilt.
 - Pipelined: step v + 1's tasks are queued behind step v's root before the driver waits for
-  it, so Dask's round trips to the driver and the driver's own optimizer step overlap the
-  workers' work instead of adding to it.
+  it, so Dask's round trips to the driver overlap the workers' work instead of adding to it.
 - Weights never travel per step. Anything lost (a worker killed, a worker that joined
-  without a replica) fails the step; the driver then re-installs its model where replicas
-  are missing or behind and runs the step again from its inputs: the same bits.
+  without a replica) fails the step; the driver then brings its model up to date, re-installs
+  it where replicas are missing or behind, and runs the step again from its inputs: the
+  same bits.
 """
 import collections
 import time
@@ -24,15 +28,16 @@ from distributed import KilledWorker
 from cnnx.parallel import cluster, plan, replica, transport, wire, worker
 
 PIPELINE_DEPTH = 2                        # steps queued on the workers at a time
+PULL_EVERY = 8                            # steps between pulls: bounds the sums kept
 RECOVERABLE = (*transport.LOST, TimeoutError, replica.ReplicaMissing, KilledWorker)
 
 
 class _Step:
     """The futures of one submitted step."""
 
-    def __init__(self, epoch, step, version, root, submitted):
+    def __init__(self, epoch, step, version, root, summary, submitted):
         self.epoch, self.step, self.version = epoch, step, version
-        self.root, self.submitted = root, submitted
+        self.root, self.summary, self.submitted = root, summary, submitted
 
 
 class ReplicatedSync:
@@ -44,11 +49,14 @@ class ReplicatedSync:
         self.wire_dtype, self.max_step_retries = wire_dtype, max_step_retries
         self.worker_timeout, self.echo = worker_timeout, echo
         self.run = f"cnnx-{uuid.uuid4().hex[:8]}"
-        self.version = 0                  # steps applied to the driver's model so far
+        self.version = 0                  # steps whose sums are known (replicas reach it)
+        self.model_version = 0            # steps the driver's own model has taken
+        self.roots = []                   # root futures of the steps model_version..version-1
         self.attempt = 0                  # bumps on every recovery: fresh task keys
         self.previous = None              # the root future of step version - 1, if queued
         self.workers = []
         self.last_arrival = None
+        self.pulled_bytes = 0             # weights and optimizer state the driver received
 
     # ------------------------------------------------------------------ replicas
     def start(self):
@@ -63,7 +71,7 @@ class ReplicatedSync:
             pass
 
     def _install(self, addresses):
-        model = transport.worker_copy(self.model, with_optimizer=True)
+        model = transport.worker_copy(self.pull(), with_optimizer=True)
         self.client.run(replica.install, self.run, model, self.version, workers=addresses,
                         on_error="return")
         self.previous = None
@@ -76,6 +84,48 @@ class ReplicatedSync:
         if stale:
             self._install(stale)
         self.previous = None
+
+    # ------------------------------------------------------------------ the driver's model
+    def pull(self):
+        """Bring the driver's model (weights and optimizer state) to the replicas' version:
+        from a replica when one is there, else by applying the kept sums itself."""
+        if self.model_version == self.version:
+            return self.model
+        state = None
+        if self.roots:
+            try:
+                state = self.client.submit(
+                    replica.state_at, self.run, self.version, self.roots[-1],
+                    key=f"{self.run}-a{self.attempt}-state-{self.version}",
+                    workers=self.workers[:1], allow_other_workers=True, pure=False).result()
+            except RECOVERABLE:
+                state = None
+        if state is None:
+            found = self.client.run(replica.state_if_at, self.run, self.version,
+                                    on_error="return")
+            state = next((s for s in found.values() if isinstance(s, tuple)), None)
+        if state is not None:
+            weights, optimizer_state = state
+            self.pulled_bytes += wire.nbytes(weights) + wire.nbytes(optimizer_state)
+            self.model.set_weights(weights)
+            self.model.optimizer.load_state_dict(optimizer_state)
+        else:
+            self._apply_kept_sums()
+        self.model_version, self.roots = self.version, []
+        return self.model
+
+    def _apply_kept_sums(self):
+        """No replica is at the version: take the kept sums in order, as the replicas did."""
+        try:
+            sums = self.client.gather(self.roots)
+        except Exception as error:
+            raise RuntimeError(
+                f"DaskTrainer: the gradient sums of steps {self.model_version}..{self.version - 1} "
+                f"of this fit were lost with the workers that held them ({error}); resume from "
+                f"the last checkpoint") from error
+        for total, _ in sums:
+            self.pulled_bytes += wire.nbytes(total.grads)
+            self.model.apply_gradient_sum(wire.decoded(total))
 
     def _welcome_new_workers(self, queued):
         """Give workers that joined a replica at the driver's version; the next step's tasks
@@ -106,8 +156,10 @@ class ReplicatedSync:
                     following += 1
                 head = queue[0]
                 try:
-                    total, stats = head.root.result()
+                    summary = head.summary.result()
                 except worker.NonFiniteGradientError as error:
+                    self._cancel(queue)
+                    self.pull()
                     raise worker.NonFiniteGradientError(
                         f"{error}; training stopped before applying step {head.step} of epoch "
                         f"{epoch}: the model holds the weights after the previous step") from None
@@ -125,14 +177,18 @@ class ReplicatedSync:
                     continue
                 retries = 0
                 queue.popleft()
-                record = self._take(head, total, stats)
+                record = self._take(head, summary)
+                if len(self.roots) >= PULL_EVERY:
+                    before = self.pulled_bytes
+                    self.pull()
+                    record["bytes_in"] = self.pulled_bytes - before
                 self._welcome_new_workers(len(queue))
                 yield record
         finally:
             self._cancel(queue)
 
     def _cancel(self, queue):
-        futures = [step.root for step in queue]
+        futures = [future for step in queue for future in (step.root, step.summary)]
         queue.clear()
         if futures:
             self.client.cancel(futures)
@@ -151,8 +207,11 @@ class ReplicatedSync:
                 key=f"{prefix}-grad-{shard}", workers=[where], allow_other_workers=True,
                 pure=False))
         root = self._reduce(leaves, prefix, step_plan)
+        summary = self.client.submit(replica.summary, root, key=f"{prefix}-summary",
+                                     workers=self.workers[:1], allow_other_workers=True,
+                                     pure=False)
         self.previous = root
-        return _Step(epoch, step, version, root, started)
+        return _Step(epoch, step, version, root, summary, started)
 
     def _broadcast(self, root, prefix):
         """{worker address: a future of `root` held there}: Dask fetches the root sum for the
@@ -189,27 +248,25 @@ class ReplicatedSync:
             homes = [homes[pair[0]] for pair in level]
         return nodes[0]
 
-    def _take(self, head, total, stats):
-        """The driver's own optimizer step from the root sum, and the step's record."""
-        received = time.perf_counter()
-        self.model.apply_gradient_sum(wire.decoded(total))
+    def _take(self, head, summary):
+        """The step's record; its sum stays on the workers (kept for pull)."""
+        n, loss_sum, n_correct, stats = summary
         self.version += 1
-        applied = time.perf_counter()
+        self.roots.append(head.root)
+        received = time.perf_counter()
         # pipelined: a step takes the time between two sums arriving (or since submission)
         since = head.submitted if self.last_arrival is None else max(self.last_arrival,
                                                                      head.submitted)
-        self.last_arrival = applied
-        n = int(total.n_samples)
-        seconds = applied - since
+        self.last_arrival = received
+        seconds = received - since
         compute = stats["compute_s"] / max(1, len(stats["worker"]))
-        return {"epoch": head.epoch, "step": head.step, "n_samples": n,
-                "loss_sum": float(total.loss_sum), "n_correct": int(total.n_correct),
-                "loss": float(total.loss_sum) / n, "accuracy": int(total.n_correct) / n,
+        return {"epoch": head.epoch, "step": head.step, "n_samples": n, "loss_sum": loss_sum,
+                "n_correct": n_correct, "loss": loss_sum / n, "accuracy": n_correct / n,
                 "time_s": seconds, "images_per_s": n / seconds,
-                "scatter_s": 0.0, "wait_s": received - since, "optimizer_s": applied - received,
+                "scatter_s": 0.0, "wait_s": seconds, "optimizer_s": 0.0,
                 "compute_s": compute, "max_shard_compute_s": stats["max_compute_s"],
                 "replica_apply_s": stats.get("max_apply_s", 0.0), "read_s": stats["read_s"],
-                "transfer_s": max(0.0, received - since - stats["max_compute_s"]
+                "transfer_s": max(0.0, seconds - stats["max_compute_s"]
                                   - stats.get("max_apply_s", 0.0)),
-                "bytes_out": 0, "bytes_in": wire.nbytes(total.grads),
+                "bytes_out": 0, "bytes_in": 0,
                 "workers": len(self.workers), "tasks_per_worker": stats["worker"]}

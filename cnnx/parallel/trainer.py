@@ -75,6 +75,7 @@ class DaskTrainer:
         self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
         self._owns_client = self.client is not client       # we opened it: we close it
         self._dataset = None
+        self._sync_driver = self._tally = None
         self.history, self.steps, self.commits = [], [], []
         self.staleness = {}                       # worker address -> list of staleness values
         self.version, self.applied, self.duplicates = 0, set(), 0   # async commit bookkeeping
@@ -136,11 +137,35 @@ class DaskTrainer:
         try:
             self._fit_epochs(epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
                              validation, checkpoint_dir, list(callbacks))
+            self.pull()
+        except BaseException:
+            self._pull_if_possible()
+            raise
         finally:
             if self._sync_driver is not None:
                 self._sync_driver.close()
             self._model_future = None             # release the workers' copies
         return self.history
+
+    def pull(self):
+        """The model, brought up to date with the workers' replicas (sync mode keeps the
+        weights on the workers during fit and updates the driver's model at checkpoints,
+        epoch ends, every few steps and at the end; a callback that needs the weights of
+        the step it sees calls this)."""
+        if self._sync_driver is not None:
+            before = self._sync_driver.pulled_bytes
+            self._sync_driver.pull()
+            if self._tally is not None:           # what the driver received counts as bytes_in
+                self._tally.sums["bytes_in"] += self._sync_driver.pulled_bytes - before
+        return self.model
+
+    def _pull_if_possible(self):
+        """On the way out of a failed fit: the model takes the last completed step if the
+        cluster can still tell it (the error that stopped fit matters more than this one)."""
+        try:
+            self.pull()
+        except Exception as error:
+            self.echo(f"cnnx: the model keeps the weights of an earlier step ({error})")
 
     def _fit_epochs(self, epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
                     validation, checkpoint_dir, callbacks):
@@ -153,6 +178,7 @@ class DaskTrainer:
                 self._sync_epoch(epoch, epoch_plan, first, checkpoint_dir, callbacks)
             else:
                 self._async_epoch(epoch, epoch_plan, first, callbacks)
+            self.pull()
             self._count_between_workers()
             summary = self._tally.summary()
             if validation is not None:
@@ -302,6 +328,7 @@ class DaskTrainer:
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory, epoch, step):
         """Checkpoint the state that resumes at (epoch, step)."""
+        self.pull()
         meta = dict(self._meta, epoch=epoch, step=step, history=self.history,
                     commits=len(self.commits))
         if step:                                  # mid-epoch: the steps done so far count too
