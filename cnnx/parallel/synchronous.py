@@ -53,7 +53,8 @@ class ReplicatedSync:
         self.model_version = 0            # steps the driver's own model has taken
         self.roots = []                   # root futures of the steps model_version..version-1
         self.attempt = 0                  # bumps on every recovery: fresh task keys
-        self.previous = None              # the root future of step version - 1, if queued
+        self.previous = None              # the root the next submitted step's replicas apply
+        self.last_root = None             # the root future of step version - 1
         self.workers = []
         self.last_arrival = None
         self.pulled_bytes = 0             # weights and optimizer state the driver received
@@ -188,10 +189,11 @@ class ReplicatedSync:
             self._cancel(queue)
 
     def _cancel(self, queue):
-        futures = [future for step in queue for future in (step.root, step.summary)]
+        """Release the queued steps (they fail or finish unseen). Not client.cancel: this
+        Dask's scheduler asserts on cancelling a task whose input erred and drops the
+        client's connection with every future of the fit."""
         queue.clear()
-        if futures:
-            self.client.cancel(futures)
+        self.previous = self.last_root
 
     def _submit(self, epoch, step, step_plan, version):
         started = time.perf_counter()
@@ -253,6 +255,7 @@ class ReplicatedSync:
         n, loss_sum, n_correct, stats = summary
         self.version += 1
         self.roots.append(head.root)
+        self.last_root = head.root
         received = time.perf_counter()
         # pipelined: a step takes the time between two sums arriving (or since submission)
         since = head.submitted if self.last_arrival is None else max(self.last_arrival,

@@ -13,10 +13,10 @@ from parallel_helpers import assert_same_weights, tiny_model
 SHARDS, BATCH, EPOCHS = 4, 32, 2
 
 
-def train(client, store, callbacks=(), **options):
+def train(client, store, callbacks=(), echo=lambda *a: None, **options):
     model = tiny_model()
     trainer = DaskTrainer(model, client, shards=options.pop("shards", SHARDS), progress=False,
-                          echo=lambda *a: None, **options)
+                          echo=echo, **options)
     trainer.fit(store, epochs=EPOCHS, batch_size=BATCH, callbacks=callbacks)
     return model, trainer
 
@@ -78,9 +78,29 @@ def test_a_worker_killed_mid_epoch_changes_no_bit(reference, store):
             if (record["epoch"], record["step"]) == (0, 2):
                 threading.Timer(0.01, os.kill, (victim, signal.SIGKILL)).start()
 
+        said = []
         model, trainer = train(client, store, callbacks=[kill_during_next_step],
-                               scatter_timeout=5)
+                               scatter_timeout=5, echo=said.append)
         assert victim not in client.run(os.getpid).values()
+    assert_same_weights(model.get_weights(), reference[0])
+
+
+@pytest.mark.parametrize("lost_on", ["one worker", "every worker"])
+def test_lost_replicas_are_rebuilt_and_change_no_bit(reference, cluster, store, lost_on):
+    """A worker that lost its replica (restarted, joined) fails its task; the driver brings
+    its own model up to date (from another replica, or from the gradient sums it kept when
+    none is left) and re-installs it there."""
+    from cnnx.parallel import cluster as cluster_module, replica
+
+    def lose_replicas(trainer, record):
+        if (record["epoch"], record["step"]) in ((0, 2), (1, 5)):
+            workers = cluster_module.worker_addresses(cluster)
+            chosen = workers[:1] if lost_on == "one worker" else workers
+            cluster.run(replica.drop, trainer._sync_driver.run, workers=chosen)
+
+    said = []
+    model, _ = train(cluster, store, callbacks=[lose_replicas], echo=said.append)
+    assert sum("lost data or a model replica" in line for line in said) >= 2
     assert_same_weights(model.get_weights(), reference[0])
 
 
