@@ -32,7 +32,7 @@ from distributed import Client, LocalCluster
 import cnnx
 from cnnx import architectures, data, optim
 from cnnx.nn import callbacks as callbacks_module
-from cnnx.parallel import DaskTrainer
+from cnnx.parallel import DaskTrainer, Sync
 
 # net: (input shape, classes)
 NETS = {"glasses": ((80, 80, 3), 2), "fashion": ((28, 28, 1), 10)}
@@ -68,7 +68,7 @@ def build(net, dataset):
 def local_cluster(n_workers):
     saved = dict(os.environ)
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           host="127.0.0.1", dashboard_address=None)
+                           host="127.0.0.1", dashboard_address="127.0.0.1:0")
     os.environ.clear()
     os.environ.update(saved)           # the nanny writes OMP_NUM_THREADS=1 into ours
     return cluster
@@ -105,9 +105,9 @@ def time_fit(net, dataset, batch):
     return statistics.median(timer.times)
 
 
-def time_dask(client, net, dataset, batch, sync_weights):
+def time_dask(client, net, dataset, batch, weights):
     model = build(net, dataset)
-    trainer = DaskTrainer(model, client, shards=2, sync_weights=sync_weights, progress=False,
+    trainer = DaskTrainer(model, client, mode=Sync(weights=weights), shards=2, progress=False,
                           echo=lambda *a: None)
     trainer.fit(dataset, epochs=2, batch_size=batch)
     timed = [s for s in trainer.steps if s["epoch"] == 1]

@@ -21,10 +21,10 @@ from cnnx.parallel.transport import LOST, preferred_worker
 def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
     """Run the units of one epoch with a bounded number in flight; returns commit records."""
     client = trainer.client
-    window = 1 if trainer.mode in ("downpour", "dynsgd") else trainer.tau
+    window = trainer.mode_options.window
     pending = collections.deque(_units(epoch, epoch_plan, first_step, window))
     workers = cluster.wait_for_workers(client, trainer.worker_timeout, trainer.echo)
-    slots = trainer.max_in_flight or len(workers)
+    slots = trainer.mode_options.max_in_flight or len(workers)
     in_flight, records = {}, []
     futures = as_completed()
 
@@ -75,7 +75,7 @@ def replay_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
     """Re-run one epoch's commits in the order of trainer.replay (a replay log), each unit on
     the weights of the version it saw then: the run is reproduced bit for bit, one unit at
     a time."""
-    window = 1 if trainer.mode in ("downpour", "dynsgd") else trainer.tau
+    window = trainer.mode_options.window
     units = {unit["key"]: unit for unit in _units(epoch, epoch_plan, first_step, window)}
     records = []
     for entry in [e for e in trainer.replay if e["epoch"] == epoch]:
@@ -136,7 +136,8 @@ def _submit(trainer, unit, workers, started_from=None, version=None):
         keys = [(epoch, s, shard) for s in unit["steps"]]
         future = trainer.client.submit(worker.local_sgd, trainer._model_future, weights_future,
                                        [trainer._spec(i) for i in unit["indices"]], keys,
-                                       trainer.learning_rate, trainer.wire_dtype,
+                                       trainer.mode_options.local_learning_rate,
+                                       trainer.wire_dtype,
                                        **options)
     return future, started_from
 
@@ -198,6 +199,7 @@ def _apply_change(trainer, params, started_from, scale):
 def _elastic_exchange(trainer, shard, params):
     """EASGD: d = alpha (local - centre); the local copy moves back by d, the centre by +d."""
     centre = trainer.model.get_weights()
-    difference = {name: trainer.alpha * (params[name] - centre[name]) for name in centre}
+    alpha = trainer.mode_options.alpha
+    difference = {name: alpha * (params[name] - centre[name]) for name in centre}
     trainer.local_weights[shard] = {name: params[name] - difference[name] for name in centre}
     trainer.model.set_weights({name: centre[name] + difference[name] for name in centre})

@@ -9,7 +9,7 @@ restarted, or new) raises ReplicaMissing, and the driver re-installs it from its
 """
 import time
 
-from cnnx.parallel import wire, worker
+from cnnx.parallel import factors, wire, worker
 
 _replicas = {}                            # run id -> _Replica
 
@@ -24,10 +24,28 @@ class _Replica:
 
 
 def install(run, model, version):
-    """Keep `model` (compiled, optimizer state included) as this worker's replica of `run`."""
+    """Keep `model` (compiled, optimizer state included) as this worker's replica of `run`;
+    its large Dense layers keep their kernel gradients' factors (factors.py)."""
+    for layer in model.layers:
+        kernel = layer.params.get("kernel")
+        if type(layer).__name__ == "Dense" and factors.smaller_as_factors(8, *kernel.shape):
+            factors.capture(layer)
     with worker._lock:
         _replicas[run] = _Replica(model, version)
     return version
+
+
+def _factored(model, result, wire_dtype):
+    """result.grads with each captured Dense kernel as its factors where they are smaller."""
+    rows = result.n_samples
+    for layer in model.layers:
+        captured = getattr(layer, "kernel_factors", None)
+        if captured is None:
+            continue
+        if wire_dtype == "float32" and factors.smaller_as_factors(rows, *captured.shape):
+            result.grads[f"{layer.name}/kernel"] = captured
+        layer.kernel_factors = None
+    return result
 
 
 def version_of(run):
@@ -47,8 +65,7 @@ def _at_version(run, version, previous):
     replica = _replicas.get(run)
     if replica is not None and previous is not None and replica.version == version - 1:
         total, _ = previous
-        total = wire.decoded(total)
-        replica.model.apply_gradient_sum(total)
+        replica.model.apply_gradient_sum(wire.materialised(total))
         replica.version = version
     if replica is None or replica.version != version:
         have = "none" if replica is None else f"version {replica.version}"
@@ -69,7 +86,7 @@ def replica_gradient(run, version, previous, spec, key, wire_dtype="float32"):
         start = time.perf_counter()
         model = _at_version(run, version, previous).model
         applied = time.perf_counter()
-        result = model.gradient(x, y, key=tuple(key))
+        result = _factored(model, model.gradient(x, y, key=tuple(key)), wire_dtype)
         computed = time.perf_counter()
     worker.check_finite(result, key)
     # encode copies: a layer's backward overwrites its grads, and this result outlives the task

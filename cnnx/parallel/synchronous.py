@@ -126,7 +126,7 @@ class ReplicatedSync:
                 f"the last checkpoint") from error
         for total, _ in sums:
             self.pulled_bytes += wire.nbytes(total.grads)
-            self.model.apply_gradient_sum(wire.decoded(total))
+            self.model.apply_gradient_sum(wire.materialised(total))
 
     def _welcome_new_workers(self, queued):
         """Give workers that joined a replica at the driver's version; the next step's tasks

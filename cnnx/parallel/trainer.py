@@ -12,11 +12,12 @@ import uuid
 
 import numpy as np
 
-from cnnx.parallel import checkpoint, cluster, plan, records, synchronous, transport, wire, worker
+from cnnx.parallel import (checkpoint, cluster, modes, plan, records, synchronous, transport,
+                           wire, worker)
 from cnnx.parallel.transport import LOST, preferred_worker  # noqa: F401  (older imports)
 
-MODES = ("sync", "downpour", "dynsgd", "adag", "easgd")
-SYNC_WEIGHTS = ("replicated", "broadcast")
+MODES = tuple(modes.MODES)
+OLDER_MODE_KEYWORDS = ("learning_rate", "tau", "alpha", "max_in_flight", "sync_weights")
 
 
 def _default_opener(store):
@@ -29,17 +30,17 @@ class DaskTrainer:
 
     client: a distributed.Client, a scheduler address ("tcp://host:8786"), or None for a
         LocalCluster on 127.0.0.1 with one single-threaded worker per core (closed by close()).
-    mode: "sync" (G virtual shards per step, a fixed pair-sum tree, bit-reproducible),
-        "downpour", "dynsgd" (gradients applied on arrival, dynsgd scaled by 1/(staleness+1)),
-        "adag" (tau local SGD steps, the change scaled by 1/(staleness+1)), "easgd" (tau local
-        steps, elastic exchange with the centre, strength alpha).
+    mode: a mode object from cnnx.parallel.modes, holding its own options: Sync() (the
+        default: G virtual shards per step, a fixed pair-sum tree, bit-reproducible; model
+        replicas on the workers), Downpour(), DynSGD() (gradients applied on arrival, DynSGD
+        scaled by 1/(staleness+1)), ADAG(tau, local_learning_rate) (tau local SGD steps, the
+        change scaled by 1/(staleness+1)), EASGD(tau, alpha, local_learning_rate) (tau local
+        steps, elastic exchange with the centre). The older form, a name ("sync", "downpour",
+        "dynsgd", "adag", "easgd") with learning_rate=, tau=, alpha=, max_in_flight=,
+        sync_weights= keywords, still works and builds the same objects.
     shards: G, the number of virtual shards a step's batch is split into (default: the number
         of workers at the start). Same seed and G give the same weights on any worker count.
     wire_dtype: "float32" or "bfloat16" for weights and gradients on the wire.
-    sync_weights: "replicated" (sync mode: every worker keeps a replica of the model and its
-        optimizer and applies each step's gradient sum itself; no weights travel per step) or
-        "broadcast" (the driver sends the weights every step: the papers' protocol, 2·N·P
-        per step, kept for comparison).
     replay_log: a path; asynchronous modes append each applied commit to it (JSON lines).
     replay: a replay log of an earlier asynchronous run: re-run its commits in that order,
         each on the weights it saw, to reproduce the run bit for bit (one unit at a time).
@@ -48,24 +49,18 @@ class DaskTrainer:
     def __init__(self, model, client=None, mode="sync", shards=None, *, seed=0,
                  wire_dtype="float32", normalize="standardize", augment=None,
                  cache_bytes=512 * 2**20, checkpoint_every=None, worker_timeout=60.0,
-                 connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, learning_rate=0.01, tau=4,
-                 alpha=0.5, max_in_flight=None, replay_log=None, replay=None, max_step_retries=3,
-                 scatter_timeout=20.0, progress=True, opener=None, echo=print,
-                 sync_weights="replicated"):
-        if mode not in MODES:
-            raise ValueError(f"DaskTrainer: mode must be one of {MODES}, got {mode!r}")
-        if sync_weights not in SYNC_WEIGHTS:
-            raise ValueError(f"DaskTrainer: sync_weights must be one of {SYNC_WEIGHTS}, "
-                             f"got {sync_weights!r}")
-        self.sync_weights = sync_weights
+                 connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, replay_log=None, replay=None,
+                 max_step_retries=3, scatter_timeout=20.0, progress=True, opener=None,
+                 echo=print, **mode_options):
+        self.mode_options = _mode_object(mode, mode_options)
+        mode = self.mode_options.name
         if shards is not None and (not isinstance(shards, int) or shards < 1):
             raise ValueError(f"DaskTrainer: shards must be a positive integer, got {shards!r}")
         self.model, self.mode, self.shards, self.seed = model, mode, shards, seed
         self.wire_dtype = wire.check_format(wire_dtype)
         self.normalize, self.augment, self.cache_bytes = normalize, augment, cache_bytes
         self.checkpoint_every, self.worker_timeout = checkpoint_every, worker_timeout
-        self.learning_rate, self.tau, self.alpha = learning_rate, tau, alpha
-        self.max_in_flight, self.replay_log = max_in_flight, replay_log
+        self.replay_log = replay_log
         self.replay = None if replay is None else _read_replay_log(replay)
         self.replay_needs = collections.Counter(e["version"] for e in self.replay or [])
         self.snapshots = {}                       # replay: version -> (weights, easgd locals)
@@ -127,7 +122,7 @@ class DaskTrainer:
         if resume and checkpoint_dir is not None:
             start_epoch, start_step, saved_tally = self._restore(checkpoint_dir)
         self._sync_driver = None
-        if self.mode == "sync" and self.sync_weights == "replicated":
+        if self.mode == "sync" and self.mode_options.weights == "replicated":
             self._sync_driver = synchronous.ReplicatedSync(
                 self.client, self.model, self._spec, n_shards, self.wire_dtype,
                 self.max_step_retries, self.worker_timeout, self.echo)
@@ -413,6 +408,22 @@ class DaskTrainer:
                   if k in s]
         parts.append(f"{(s['bytes_out'] + s['bytes_in'] + s['bytes_between_workers']) / 1e6:.1f} MB moved")
         self.echo("cnnx: " + ", ".join(parts))
+
+
+def _mode_object(mode, options):
+    """A mode object from DaskTrainer's mode argument and its older keywords."""
+    unknown = sorted(set(options) - set(OLDER_MODE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"DaskTrainer: unexpected keyword arguments {unknown}")
+    if isinstance(mode, str):
+        return modes.from_name(mode, **options)
+    if not isinstance(mode, tuple(modes.MODES.values())):
+        raise TypeError(f"DaskTrainer: mode must be a mode object (cnnx.parallel.Sync(), "
+                        f"ADAG(tau=4), ...) or its name, got {type(mode).__name__}")
+    if options:
+        raise TypeError(f"DaskTrainer: {sorted(options)} belong inside the mode object; "
+                        f"got mode={mode!r} and them as keywords")
+    return mode
 
 
 def _json_form(value):

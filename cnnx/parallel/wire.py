@@ -15,6 +15,8 @@ import numpy as np
 from dask.sizeof import sizeof
 
 from cnnx.nn.gradient_sum import GradientSum
+from cnnx.parallel.factors import KernelFactors
+from cnnx.parallel.factors import materialised as materialised_array
 
 FORMATS = ("float32", "bfloat16")
 
@@ -61,7 +63,8 @@ def encode(arrays, wire_dtype="float32", copy=True):
     if check_format(wire_dtype) == "bfloat16":
         return WireArrays({name: to_bfloat16(a) if a.dtype == np.float32 else np.array(a)
                            for name, a in arrays.items()})
-    return WireArrays({name: np.array(a, copy=copy) for name, a in arrays.items()})
+    return WireArrays({name: a if isinstance(a, KernelFactors) else np.array(a, copy=copy)
+                       for name, a in arrays.items()})
 
 
 def decode(arrays):
@@ -70,9 +73,15 @@ def decode(arrays):
 
 
 def decoded(total):
-    """A GradientSum like `total` with float32 grads; `total` itself stays as it was (Dask
-    may hand the same object to another task)."""
+    """A GradientSum like `total` with float32 grads (Dense kernels may stay factored);
+    `total` itself stays as it was (Dask may hand the same object to another task)."""
     return dataclasses.replace(total, grads=decode(total.grads))
+
+
+def materialised(total):
+    """A GradientSum like `total` with every gradient a float32 array, ready to apply."""
+    return dataclasses.replace(total, grads={name: materialised_array(a)
+                                             for name, a in decode(total.grads).items()})
 
 
 def dtype_of(arrays):

@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from cnnx.parallel import wire
+from cnnx.parallel.factors import KernelFactors
 
 _lock = threading.Lock()                  # one model per worker process: one task uses it at a time
 _datasets = {}                            # store -> opened dataset
@@ -121,7 +122,8 @@ def _load_weights(model, weights):
 
 def check_finite(gradient_sum, key):
     epoch, step, shard = key
-    bad = [name for name, g in gradient_sum.grads.items() if not np.isfinite(g).all()]
+    bad = [name for name, g in gradient_sum.grads.items()
+           if not (g.all_finite() if isinstance(g, KernelFactors) else np.isfinite(g).all())]
     if bad or not np.isfinite(gradient_sum.loss_sum):
         what = f"gradients of {', '.join(bad[:3])}" if bad else "the loss"
         raise NonFiniteGradientError(
