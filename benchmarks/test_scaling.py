@@ -7,10 +7,11 @@ Every figure is a ratio measured in one run (the machine is shared; absolute tim
 comparable between runs).
 - test_dask_against_fit: `Sequential.fit` with 2 kernel threads vs sync DaskTrainer on a
   LocalCluster of 2 single-thread workers (G = 2), same synthetic store and net, same global
-  batch, caches warm (the second epoch is timed, median step). Both protocols: "replicated"
+  batch, caches warm (the second epoch is timed, mean step), the best of two interleaved
+  rounds each. Both protocols: "replicated"
   (workers keep model replicas, the default) and "broadcast" (weights sent every step).
 - test_per_node_cost: N = 1, 2, 4, 8 workers (G = N, fixed images per shard): the per-step
-  overhead (median step time minus the slowest shard's compute) and the bytes each process
+  overhead (mean step time minus the slowest shard's compute) and the bytes each process
   (driver, every worker) sends and receives per step, counted on the TCP connections
   themselves, in units of P·b (the size of the weights).
 PyTorch DDP beside it: benchmarks/torch_ddp.py (run where torch is installed).
@@ -39,6 +40,7 @@ NETS = {"glasses": ((80, 80, 3), 2), "fashion": ((28, 28, 1), 10)}
 AGAINST_FIT = [("glasses", 64), ("glasses", 32), ("fashion", 256)]
 SHARD_BATCH = {"glasses": 32, "fashion": 64}         # images per shard in the per-node sweep
 STEPS = 6                                            # per epoch; epoch 0 warms, epoch 1 is timed
+ROUNDS = 2                                           # interleaved fit / Dask rounds
 SWEEP_STEPS = 4
 WORKER_COUNTS = [int(n) for n in os.environ.get("CNNX_SCALING_WORKERS", "1,2,4,8").split(",")]
 PHASES = ("time_s", "wait_s", "optimizer_s", "compute_s", "max_shard_compute_s",
@@ -74,11 +76,12 @@ def local_cluster(n_workers):
     return cluster
 
 
-def median_phases(steps):
-    medians = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in PHASES}
-    medians["overhead_s"] = statistics.median(s["time_s"] - s["max_shard_compute_s"]
-                                              for s in steps)
-    return medians
+def mean_phases(steps):
+    """Per-step means: pipelined steps are timed between two sums arriving, so one step can
+    look short when the one before it was long; the mean is the window's time per step."""
+    means = {k: statistics.fmean(s.get(k, 0.0) for s in steps) for k in PHASES}
+    means["overhead_s"] = means["time_s"] - means["max_shard_compute_s"]
+    return means
 
 
 # ---------------------------------------------------------------- fit vs Dask on 2 cores
@@ -102,7 +105,7 @@ def time_fit(net, dataset, batch):
     timer = StepTimes()
     with cnnx.num_threads(2):
         model.fit(x, labels, batch_size=batch, epochs=2, verbose=0, callbacks=[timer])
-    return statistics.median(timer.times)
+    return statistics.fmean(timer.times)
 
 
 def time_dask(client, net, dataset, batch, weights):
@@ -111,19 +114,29 @@ def time_dask(client, net, dataset, batch, weights):
                           echo=lambda *a: None)
     trainer.fit(dataset, epochs=2, batch_size=batch)
     timed = [s for s in trainer.steps if s["epoch"] == 1]
-    return dict(median_phases(timed), bytes_in=timed[-1]["bytes_in"],
+    return dict(mean_phases(timed), bytes_in=timed[-1]["bytes_in"],
                 bytes_out=timed[-1]["bytes_out"])
+
+
+def best_of_rounds(net, dataset, batch):
+    """Interleaved rounds of fit, broadcast and replicated, the fastest of each kept: other
+    engineers' jobs share these 2 cores and come and go."""
+    fits, broadcasts, replicas = [], [], []
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        for _ in range(ROUNDS):
+            fits.append(time_fit(net, dataset, batch))
+            broadcasts.append(time_dask(client, net, dataset, batch, "broadcast"))
+            replicas.append(time_dask(client, net, dataset, batch, "replicated"))
+    fastest = lambda runs: min(runs, key=lambda phases: phases["time_s"])  # noqa: E731
+    return min(fits), fastest(broadcasts), fastest(replicas)
 
 
 @pytest.mark.parametrize("net,batch", AGAINST_FIT, ids=[f"{n}-{b}" for n, b in AGAINST_FIT])
 def test_dask_against_fit(benchmark, tmp_path_factory, net, batch):
     folder = tmp_path_factory.getbasetemp()
     dataset = make_store(folder, net, batch * STEPS, chunk_size=batch // 4)
-    fit_step = time_fit(net, dataset, batch)
-    with local_cluster(2) as cluster, Client(cluster) as client:
-        broadcast = time_dask(client, net, dataset, batch, "broadcast")
-        replicated = benchmark.pedantic(time_dask, args=(client, net, dataset, batch,
-                                                         "replicated"), rounds=1, iterations=1)
+    fit_step, broadcast, replicated = benchmark.pedantic(
+        best_of_rounds, args=(net, dataset, batch), rounds=1, iterations=1)
     info = {"net": net, "batch": batch, "fit_step_s": fit_step,
             "fit_images_per_s": batch / fit_step,
             "dask_images_per_s": batch / replicated["time_s"],
@@ -209,7 +222,7 @@ def measure_nodes(net, n_workers, folder):
     per_step = {p: (s / len(timed), r / len(timed))
                 for p, (s, r) in bytes_per_process(*marks).items()}
     workers = [v for p, v in per_step.items() if p != "driver"]
-    return dict(median_phases(timed), workers=n_workers, params_bytes=params_bytes,
+    return dict(mean_phases(timed), workers=n_workers, params_bytes=params_bytes,
                 driver_sent=per_step["driver"][0], driver_received=per_step["driver"][1],
                 max_worker_sent=max(s for s, _ in workers),
                 max_worker_received=max(r for _, r in workers),
@@ -297,9 +310,80 @@ def test_bfloat16_wire_accuracy_on_fashion_mnist(benchmark, tmp_path):
     assert abs(results["bfloat16"]["val_accuracy"] - results["float32"]["val_accuracy"]) < 0.03
 
 
-def test_write_results(tmp_path_factory):
-    """Everything this run measured, as one JSON (for docs/scaling.md)."""
+# ---------------------------------------------------------------- projection, curve, record
+
+LOOPBACK_BYTES_PER_S = 1.2e9     # driver<->worker over loopback here (shared/PITFALLS.md)
+TEN_GBE_BYTES_PER_S = 1.25e9
+# gloo all-reduce between two processes here: 0.9 MB in ~2.7 ms, 26 MB in ~33 ms
+# (shared/DESIGN.md) -> ~0.84 GB/s and ~0.8 ms per message
+GLOO_BYTES_PER_S, GLOO_HOP_S = 0.84e9, 0.8e-3
+
+
+def project(rows, n_workers=64):
+    """Weak-scaling efficiency at n_workers (one worker per host, 10 GbE) from the measured
+    1- and 2-worker steps: compute and the replica's optimizer step stay; the tree adds
+    log2(N) reduce hops and log2(N) broadcast hops, each costing the measured per-hop fixed
+    time (2-worker overhead minus 1-worker overhead, optimizer step excluded, minus the
+    bytes at loopback speed) plus its bytes at 10 GbE. PyTorch DDP beside it: the same
+    compute and optimizer step plus a ring all-reduce, 2(N-1)/N·P bytes and 2(N-1) messages
+    at gloo's measured per-message cost."""
+    one, two = (next(r for r in rows if r["workers"] == n) for n in (1, 2))
+    local = one["max_shard_compute_s"] + one["overhead_s"]
+    hop_bytes = max(two["max_worker_received"], 1.0)
+    extra = ((two["overhead_s"] - two["replica_apply_s"])
+             - (one["overhead_s"] - one["replica_apply_s"]))
+    hop_fixed = max(0.0, extra / 2 - hop_bytes / LOOPBACK_BYTES_PER_S)
+    hop = hop_fixed + hop_bytes / TEN_GBE_BYTES_PER_S
+    depth = int(np.ceil(np.log2(n_workers)))
+    cnnx_step = local + 2 * depth * hop
+    weights = one["params_bytes"]
+    ring = (2 * (n_workers - 1) / n_workers * weights / TEN_GBE_BYTES_PER_S
+            + 2 * (n_workers - 1) * GLOO_HOP_S)
+    return {"workers": n_workers, "hop_fixed_s": hop_fixed, "hop_bytes": hop_bytes,
+            "cnnx_step_s": cnnx_step, "cnnx_efficiency": local / cnnx_step,
+            "ddp_step_s": local + ring, "ddp_efficiency": local / (local + ring)}
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (ax_time, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    for net in NETS:
+        rows = results.get(f"nodes-{net}")
+        if not rows:
+            continue
+        n = [r["workers"] for r in rows]
+        line, = ax_time.plot(n, [r["overhead_s"] * 1e3 for r in rows], "o-",
+                             label=f"{net}: overhead")
+        ax_time.plot(n, [r["replica_apply_s"] * 1e3 for r in rows], "o--",
+                     color=line.get_color(), alpha=0.6, label=f"{net}: of it, optimizer step")
+        ax_bytes.plot(n, [r["max_sent_per_P"] for r in rows], "o-", label=f"{net}: sent")
+        ax_bytes.plot(n, [r["max_received_per_P"] for r in rows], "s--",
+                      label=f"{net}: received")
+    ax_time.set(xlabel="workers (1 thread each, on 2 shared cores)",
+                ylabel="ms per step", title="Step time minus slowest shard", xscale="log")
+    ax_bytes.axhline(4, color="grey", lw=0.8)
+    ax_bytes.set(xlabel="workers", ylabel="bytes per step / P·b",
+                 title="Busiest node's traffic per step", xscale="log")
+    for ax in (ax_time, ax_bytes):
+        ax.set_xticks(n, [str(k) for k in n])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def test_write_results():
+    """Everything this run measured, the 64-worker projection and the curve (for
+    docs/scaling.md), when CNNX_SCALING_JSON names where."""
     path = os.environ.get("CNNX_SCALING_JSON")
-    if path and RESULTS:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=1, default=float)
+    if not (path and RESULTS):
+        pytest.skip("set CNNX_SCALING_JSON to keep this run's figures")
+    for net in NETS:
+        if f"nodes-{net}" in RESULTS and len(RESULTS[f"nodes-{net}"]) > 1:
+            RESULTS[f"projection-{net}"] = project(RESULTS[f"nodes-{net}"])
+    with open(path, "w") as f:
+        json.dump(RESULTS, f, indent=1, default=float)
+    plot(RESULTS, os.path.splitext(path)[0] + ".png")

@@ -169,34 +169,30 @@ def sum_pair(left, right):
 
 
 def local_sgd(model, weights, specs, keys, learning_rate, wire_dtype="float32"):
-    """Plain SGD over the batches `specs` starting from `weights` (EASGD / ADAG workers).
+    """Plain SGD over the batches `specs` starting from `weights` (EASGD / ADAG workers):
+    the model's own training step (Sequential.gradient, then apply_gradient_sum: mean loss
+    gradient + regulariser, BatchNorm statistics) with SGD(learning_rate) as its optimizer.
 
     Returns (new weights, loss_sum, n_correct, n_samples, compute seconds, worker)."""
+    from cnnx import optim
+
     batches = [prepare_batch(spec, key) for spec, key in zip(specs, keys)]
     loss_sum, n_correct, n_samples = 0.0, 0, 0
     with _lock:
         _load_weights(model, weights)
+        model.optimizer = optim.SGD(learning_rate)     # this worker's copy steps on its own
         start = time.perf_counter()
-        params = dict(model.get_weights())
         for (x, y), key in zip(batches, keys):
             result = model.gradient(x, y, key=tuple(key))
-            check_finite(result, key)
-            # the same objective as fit and the sync driver: mean loss gradient + regulariser
-            penalty = model.regularization_gradient()
-            for name, g in result.grads.items():
-                g = g / np.float32(result.n_samples)
-                if name in penalty:
-                    g = g + penalty[name]
-                params[name] = params[name] - np.float32(learning_rate) * g
-            if result.state:
-                params.update(result.state)
-            model.set_weights(params)
+            check_finite(result, key)                   # before any weight changes
+            model.apply_gradient_sum(result)
             loss_sum += float(result.loss_sum)
             n_correct += int(result.n_correct)
             n_samples += int(result.n_samples)
         compute_s = time.perf_counter() - start
-    return (wire.encode(params, wire_dtype), loss_sum, n_correct, n_samples, compute_s,
-            worker_name())
+        params = model.get_weights()
+    return (wire.encode(params, wire_dtype, copy=False), loss_sum, n_correct, n_samples,
+            compute_s, worker_name())
 
 
 def evaluate_batch(model, weights, spec):
