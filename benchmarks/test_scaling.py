@@ -28,7 +28,7 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, wait
 
 import cnnx
 from cnnx import architectures, data, optim
@@ -41,7 +41,7 @@ AGAINST_FIT = [("glasses", 64), ("glasses", 32), ("fashion", 256)]
 SHARD_BATCH = {"glasses": 32, "fashion": 64}         # images per shard in the per-node sweep
 STEPS = 6                                            # per epoch; epoch 0 warms, epoch 1 is timed
 ROUNDS = 2                                           # interleaved fit / Dask rounds
-SWEEP_STEPS = 4
+SWEEP_STEPS = 8
 WORKER_COUNTS = [int(n) for n in os.environ.get("CNNX_SCALING_WORKERS", "1,2,4,8").split(",")]
 PHASES = ("time_s", "wait_s", "optimizer_s", "compute_s", "max_shard_compute_s",
           "replica_apply_s", "read_s", "transfer_s", "scatter_s")
@@ -312,27 +312,57 @@ def test_bfloat16_wire_accuracy_on_fashion_mnist(benchmark, tmp_path):
 
 # ---------------------------------------------------------------- projection, curve, record
 
-LOOPBACK_BYTES_PER_S = 1.2e9     # driver<->worker over loopback here (shared/PITFALLS.md)
 TEN_GBE_BYTES_PER_S = 1.25e9
 # gloo all-reduce between two processes here: 0.9 MB in ~2.7 ms, 26 MB in ~33 ms
 # (shared/DESIGN.md) -> ~0.84 GB/s and ~0.8 ms per message
 GLOO_BYTES_PER_S, GLOO_HOP_S = 0.84e9, 0.8e-3
 
 
-def project(rows, n_workers=64):
+def hop_chain(value, hop):
+    return value
+
+
+def measure_hops(client, payload_bytes, hops=24):
+    """Seconds per hop of a chain of tasks alternating between two workers, each fetching
+    its input (payload_bytes) from the other: Dask's scheduling plus the transfer."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])[:2]
+    start_value = client.submit(np.ones, payload_bytes // 4, np.float32, workers=workers[:1],
+                                pure=False)
+    start_value.result()
+    started = time.perf_counter()
+    node = start_value
+    for hop in range(hops):
+        node = client.submit(hop_chain, node, hop, workers=[workers[(hop + 1) % 2]],
+                             allow_other_workers=False, pure=False)
+    wait(node)
+    return (time.perf_counter() - started) / hops
+
+
+def test_hop_cost(benchmark):
+    """One hop between two worker processes here: small and 26 MB payloads."""
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=120)
+        measure_hops(client, 1024, hops=4)                      # warm up
+        small = min(measure_hops(client, 1024) for _ in range(3))
+        large = benchmark.pedantic(lambda: min(measure_hops(client, 26 * 2**20, hops=8)
+                                               for _ in range(2)), rounds=1, iterations=1)
+    hops = {"hop_fixed_s": small, "hop_bytes_per_s": 26 * 2**20 / max(large - small, 1e-9)}
+    RESULTS["hops"] = hops
+    print(f"\none hop between two workers: {small * 1e3:.1f} ms fixed, "
+          f"{hops['hop_bytes_per_s'] / 1e9:.2f} GB/s for 26 MB")
+
+
+def project(rows, hops, n_workers=64):
     """Weak-scaling efficiency at n_workers (one worker per host, 10 GbE) from the measured
-    1- and 2-worker steps: compute and the replica's optimizer step stay; the tree adds
-    log2(N) reduce hops and log2(N) broadcast hops, each costing the measured per-hop fixed
-    time (2-worker overhead minus 1-worker overhead, optimizer step excluded, minus the
-    bytes at loopback speed) plus its bytes at 10 GbE. PyTorch DDP beside it: the same
-    compute and optimizer step plus a ring all-reduce, 2(N-1)/N·P bytes and 2(N-1) messages
-    at gloo's measured per-message cost."""
+    1-worker step and the measured hop cost: compute and the replica's optimizer step stay;
+    the tree adds log2(N) reduce hops and log2(N) broadcast hops, each costing the measured
+    fixed time of a hop plus its bytes (what the busiest 2-worker node received per step)
+    at 10 GbE. PyTorch DDP beside it: the same compute and optimizer step plus a ring
+    all-reduce, 2(N-1)/N·P bytes and 2(N-1) messages at gloo's measured per-message cost."""
     one, two = (next(r for r in rows if r["workers"] == n) for n in (1, 2))
-    local = one["max_shard_compute_s"] + one["overhead_s"]
+    local = one["max_shard_compute_s"] + max(one["overhead_s"], one["replica_apply_s"])
     hop_bytes = max(two["max_worker_received"], 1.0)
-    extra = ((two["overhead_s"] - two["replica_apply_s"])
-             - (one["overhead_s"] - one["replica_apply_s"]))
-    hop_fixed = max(0.0, extra / 2 - hop_bytes / LOOPBACK_BYTES_PER_S)
+    hop_fixed = hops["hop_fixed_s"]
     hop = hop_fixed + hop_bytes / TEN_GBE_BYTES_PER_S
     depth = int(np.ceil(np.log2(n_workers)))
     cnnx_step = local + 2 * depth * hop
@@ -355,13 +385,15 @@ def plot(results, path):
         if not rows:
             continue
         n = [r["workers"] for r in rows]
-        line, = ax_time.plot(n, [r["overhead_s"] * 1e3 for r in rows], "o-",
-                             label=f"{net}: overhead")
-        ax_time.plot(n, [r["replica_apply_s"] * 1e3 for r in rows], "o--",
-                     color=line.get_color(), alpha=0.6, label=f"{net}: of it, optimizer step")
-        ax_bytes.plot(n, [r["max_sent_per_P"] for r in rows], "o-", label=f"{net}: sent")
-        ax_bytes.plot(n, [r["max_received_per_P"] for r in rows], "s--",
-                      label=f"{net}: received")
+        color = {"glasses": "tab:blue", "fashion": "tab:orange"}[net]
+        ax_time.plot(n, [r["overhead_s"] * 1e3 for r in rows], "o-", color=color,
+                     label=f"{net}: overhead")
+        ax_time.plot(n, [r["replica_apply_s"] * 1e3 for r in rows], "o--", color=color,
+                     alpha=0.6, label=f"{net}: of it, the optimizer step")
+        ax_bytes.plot(n, [r["max_sent_per_P"] for r in rows], "o-", color=color,
+                      label=f"{net}: sent")
+        ax_bytes.plot(n, [r["max_received_per_P"] for r in rows], "s--", color=color,
+                      alpha=0.6, label=f"{net}: received")
     ax_time.set(xlabel="workers (1 thread each, on 2 shared cores)",
                 ylabel="ms per step", title="Step time minus slowest shard", xscale="log")
     ax_bytes.axhline(4, color="grey", lw=0.8)
@@ -381,9 +413,14 @@ def test_write_results():
     path = os.environ.get("CNNX_SCALING_JSON")
     if not (path and RESULTS):
         pytest.skip("set CNNX_SCALING_JSON to keep this run's figures")
+    results = {}
+    if os.path.exists(path):                 # figures of an earlier run into the same file
+        with open(path) as f:
+            results = json.load(f)
+    results.update(RESULTS)
     for net in NETS:
-        if f"nodes-{net}" in RESULTS and len(RESULTS[f"nodes-{net}"]) > 1:
-            RESULTS[f"projection-{net}"] = project(RESULTS[f"nodes-{net}"])
+        if len(results.get(f"nodes-{net}", [])) > 1 and "hops" in results:
+            results[f"projection-{net}"] = project(results[f"nodes-{net}"], results["hops"])
     with open(path, "w") as f:
-        json.dump(RESULTS, f, indent=1, default=float)
-    plot(RESULTS, os.path.splitext(path)[0] + ".png")
+        json.dump(results, f, indent=1, default=float)
+    plot(results, os.path.splitext(path)[0] + ".png")

@@ -43,9 +43,9 @@ class _Step:
 class ReplicatedSync:
     """Runs synchronous epochs on worker replicas of `model`; yields one record per step."""
 
-    def __init__(self, client, model, spec, n_shards, wire_dtype="float32", max_step_retries=3,
+    def __init__(self, client, model, spec, wire_dtype="float32", max_step_retries=3,
                  worker_timeout=60.0, echo=print):
-        self.client, self.model, self.spec, self.n_shards = client, model, spec, n_shards
+        self.client, self.model, self.spec = client, model, spec
         self.wire_dtype, self.max_step_retries = wire_dtype, max_step_retries
         self.worker_timeout, self.echo = worker_timeout, echo
         self.run = f"cnnx-{uuid.uuid4().hex[:8]}"
@@ -145,8 +145,8 @@ class ReplicatedSync:
 
     # ------------------------------------------------------------------ steps
     def run_epoch(self, epoch, epoch_plan, first_step):
-        """Yield the record of each step from first_step on, in order, after the driver's
-        model has taken it (a consumer may checkpoint or stop between two records)."""
+        """Yield the record of each step from first_step on, in order, once its sum is known
+        (a consumer may pull, checkpoint or stop between two records)."""
         queue = collections.deque()
         following, retries = first_step, 0
         try:

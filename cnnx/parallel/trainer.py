@@ -124,7 +124,7 @@ class DaskTrainer:
         self._sync_driver = None
         if self.mode == "sync" and self.mode_options.weights == "replicated":
             self._sync_driver = synchronous.ReplicatedSync(
-                self.client, self.model, self._spec, n_shards, self.wire_dtype,
+                self.client, self.model, self._spec, self.wire_dtype,
                 self.max_step_retries, self.worker_timeout, self.echo)
             self._sync_driver.start()
         else:
