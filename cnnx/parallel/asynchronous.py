@@ -56,7 +56,7 @@ def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
         except LOST as error:
             trainer.echo(f"cnnx: unit {unit['key']} lost with a worker ({error}); resubmitting")
             workers = cluster.wait_for_workers(client, trainer.worker_timeout, trainer.echo)
-            trainer._scatter_model()
+            trainer.place_model()
             pending.appendleft(unit)
         else:
             record = commit(trainer, unit["key"], version, result, started_from)
@@ -117,7 +117,7 @@ def _submit(trainer, unit, workers, started_from=None, version=None):
     """Scatter the unit's starting weights to its preferred worker and submit its task."""
     epoch, step, shard = unit["key"]
     version = trainer.version if version is None else version
-    preferred = workers[preferred_worker(shard, trainer._meta["shards"], len(workers))]
+    preferred = workers[preferred_worker(shard, trainer.n_shards, len(workers))]
     if started_from is not None:
         pass
     elif trainer.mode == "easgd":
@@ -126,16 +126,16 @@ def _submit(trainer, unit, workers, started_from=None, version=None):
         started_from = trainer.model.get_weights()
     weights_future = transport.place(trainer.client, wire.encode(started_from, trainer.wire_dtype),
                                      trainer.scatter_timeout, [preferred])
-    task_key = f"cnnx-{trainer._run}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
+    task_key = f"cnnx-{trainer.run_id}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
     options = dict(key=task_key, workers=[preferred], allow_other_workers=True, pure=False)
     if trainer.mode in ("downpour", "dynsgd"):
-        future = trainer.client.submit(worker.shard_gradient, trainer._model_future,
-                                       weights_future, trainer._spec(unit["indices"][0]),
+        future = trainer.client.submit(worker.shard_gradient, trainer.model_future,
+                                       weights_future, trainer.shard_spec(unit["indices"][0]),
                                        unit["key"], trainer.wire_dtype, **options)
     else:
         keys = [(epoch, s, shard) for s in unit["steps"]]
-        future = trainer.client.submit(worker.local_sgd, trainer._model_future, weights_future,
-                                       [trainer._spec(i) for i in unit["indices"]], keys,
+        future = trainer.client.submit(worker.local_sgd, trainer.model_future, weights_future,
+                                       [trainer.shard_spec(i) for i in unit["indices"]], keys,
                                        trainer.mode_options.local_learning_rate,
                                        trainer.wire_dtype,
                                        **options)

@@ -71,12 +71,13 @@ class DaskTrainer:
         self._owns_client = self.client is not client       # we opened it: we close it
         self._dataset = None
         self._sync_driver = self._tally = None
+        self.n_shards = shards                    # G, fixed by fit when shards is None
         self.history, self.steps, self.commits = [], [], []
         self.staleness = {}                       # worker address -> list of staleness values
         self.version, self.applied, self.duplicates = 0, set(), 0   # async commit bookkeeping
         self.local_weights = {}                   # easgd: shard -> its worker-side weights
-        self._run = uuid.uuid4().hex[:8]
-        self._model_future = None
+        self.run_id = uuid.uuid4().hex[:8]
+        self.model_future = None
 
     # ----------------------------------------------------------------- lifecycle
     def close(self):
@@ -109,7 +110,7 @@ class DaskTrainer:
         self._dataset = dataset
         self._store = str(dataset.store)
         workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
-        n_shards = self.shards or len(workers)
+        n_shards = self.n_shards = self.shards or len(workers)
         shard_batch = plan.per_shard_batch(batch_size, n_shards)
         samples = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
         owned = plan.shard_indices(samples, dataset.chunk_size, n_shards)
@@ -124,11 +125,11 @@ class DaskTrainer:
         self._sync_driver = None
         if self.mode == "sync" and self.mode_options.weights == "replicated":
             self._sync_driver = synchronous.ReplicatedSync(
-                self.client, self.model, self._spec, self.wire_dtype,
+                self.client, self.model, self.shard_spec, self.wire_dtype,
                 self.max_step_retries, self.worker_timeout, self.echo)
             self._sync_driver.start()
         else:
-            self._scatter_model()
+            self.place_model()
         try:
             self._fit_epochs(epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
                              validation, checkpoint_dir, list(callbacks))
@@ -139,7 +140,7 @@ class DaskTrainer:
         finally:
             if self._sync_driver is not None:
                 self._sync_driver.close()
-            self._model_future = None             # release the workers' copies
+            self.model_future = None             # release the workers' copies
         return self.history
 
     def pull(self):
@@ -214,7 +215,7 @@ class DaskTrainer:
             workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
             try:
                 if attempt:
-                    self._scatter_model(attempt)  # its copies may have died with the workers
+                    self.place_model(attempt)  # its copies may have died with the workers
                 return self._sync_step_once(epoch, step, step_plan, workers, attempt)
             except (*LOST, TimeoutError) as error:
                 if attempt == self.max_step_retries:
@@ -229,7 +230,7 @@ class DaskTrainer:
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
         weights_future = self._place(weights, attempt)     # other workers fetch it once
         scattered = time.perf_counter()
-        prefix = f"cnnx-{self._run}-e{epoch}-s{step}-a{attempt}"
+        prefix = f"cnnx-{self.run_id}-e{epoch}-s{step}-a{attempt}"
         leaves = [self._submit_shard(weights_future, step_plan[shard], (epoch, step, shard),
                                      workers, f"{prefix}-grad-{shard}")
                   for shard in range(len(step_plan))]
@@ -251,9 +252,9 @@ class DaskTrainer:
             "bytes_in": wire.nbytes(total.grads)})
 
     def _submit_shard(self, weights_future, indices, key, workers, task_key):
-        preferred = workers[preferred_worker(key[2], self._meta["shards"], len(workers))]
-        return self.client.submit(worker.shard_gradient, self._model_future, weights_future,
-                                  self._spec(indices), key, self.wire_dtype, key=task_key,
+        preferred = workers[preferred_worker(key[2], self.n_shards, len(workers))]
+        return self.client.submit(worker.shard_gradient, self.model_future, weights_future,
+                                  self.shard_spec(indices), key, self.wire_dtype, key=task_key,
                                   workers=[preferred], allow_other_workers=True, pure=False)
 
     def _reduce_tree(self, leaves, prefix):
@@ -306,10 +307,10 @@ class DaskTrainer:
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
         weights_future = self._place(weights)
         # after fit() the workers' model copies were released; evaluate() must work then too
-        model_future = self._model_future or self._place(transport.worker_copy(self.model),
+        model_future = self.model_future or self._place(transport.worker_copy(self.model),
                                                          broadcast=True)
         futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
-                                      self._spec(group), workers=[address],
+                                      self.shard_spec(group), workers=[address],
                                       allow_other_workers=True, pure=False)
                    for group, address in zip(groups, workers) if len(group)]
         results = self.client.gather(futures)
@@ -357,8 +358,9 @@ class DaskTrainer:
         return meta["epoch"], meta["step"], meta.get("epoch_so_far")
 
     # ----------------------------------------------------------------- helpers
-    def _scatter_model(self, attempt=0):
-        self._model_future = self._place(transport.worker_copy(self.model), attempt,
+    def place_model(self, attempt=0):
+        """The model (without optimizer state) on every worker, as a future for tasks."""
+        self.model_future = self._place(transport.worker_copy(self.model), attempt,
                                          broadcast=attempt == 0)
 
     def _place(self, value, attempt=0, broadcast=False):
@@ -368,7 +370,8 @@ class DaskTrainer:
         workers = workers[attempt % len(workers):] if workers else None
         return transport.place(self.client, value, self.scatter_timeout, workers, broadcast)
 
-    def _spec(self, indices):
+    def shard_spec(self, indices):
+        """What a worker task needs to read and prepare the samples `indices`."""
         return {"store": self._store, "opener": self.opener, "indices": np.asarray(indices),
                 "normalize": self.normalize, "augment": self.augment, "seed": self.seed,
                 "cache_bytes": self.cache_bytes}
