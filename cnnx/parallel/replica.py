@@ -94,6 +94,11 @@ def replica_gradient(run, version, previous, spec, key, wire_dtype="float32"):
     return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start)
 
 
+def evaluate_replica(run, version, previous, spec):
+    """worker.evaluate_batch on this worker's replica at `version` (no weights sent)."""
+    return worker.evaluate_model(spec, lambda: _at_version(run, version, previous).model)
+
+
 def summary(root):
     """What the driver needs of a step's gradient sum to record it: the counts, not the sum."""
     total, stats = root

@@ -128,6 +128,14 @@ class ReplicatedSync:
             self.pulled_bytes += wire.nbytes(total.grads)
             self.model.apply_gradient_sum(wire.materialised(total))
 
+    def evaluate_tasks(self, specs, workers):
+        """Futures of (loss_sum, n_correct, n) of each spec on the replicas, as they are
+        now; between two steps (no step queued: the replicas are at most at version)."""
+        return [self.client.submit(replica.evaluate_replica, self.run, self.version,
+                                   self.last_root, spec, workers=[address],
+                                   allow_other_workers=True, pure=False)
+                for spec, address in zip(specs, workers)]
+
     def _welcome_new_workers(self, queued):
         """Give workers that joined a replica at the driver's version; the next step's tasks
         bring it up to date (this works with at most one step still queued)."""

@@ -140,6 +140,7 @@ class DaskTrainer:
         finally:
             if self._sync_driver is not None:
                 self._sync_driver.close()
+                self._sync_driver = None
             self.model_future = None             # release the workers' copies
         return self.history
 
@@ -304,15 +305,21 @@ class DaskTrainer:
         indices = np.sort(np.asarray(indices, np.int64))
         chunk_of = indices // self._dataset.chunk_size
         groups = [indices[chunk_of % len(workers) == i] for i in range(len(workers))]
-        weights = wire.encode(self.model.get_weights(), self.wire_dtype)
-        weights_future = self._place(weights)
-        # after fit() the workers' model copies were released; evaluate() must work then too
-        model_future = self.model_future or self._place(transport.worker_copy(self.model),
-                                                         broadcast=True)
-        futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
-                                      self.shard_spec(group), workers=[address],
-                                      allow_other_workers=True, pure=False)
-                   for group, address in zip(groups, workers) if len(group)]
+        kept = [(self.shard_spec(group), address) for group, address in zip(groups, workers)
+                if len(group)]
+        if self._sync_driver is not None:         # during fit: on the replicas, nothing sent
+            if any(layer.regularizers for layer in self.model.layers):
+                self.pull()                       # the penalty below reads the weights
+            futures = self._sync_driver.evaluate_tasks(*zip(*kept))
+        else:
+            weights_future = self._place(wire.encode(self.model.get_weights(), self.wire_dtype))
+            # after fit() the workers' model copies were released; evaluate() must work then
+            model_future = self.model_future or self._place(transport.worker_copy(self.model),
+                                                             broadcast=True)
+            futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
+                                          spec, workers=[address], allow_other_workers=True,
+                                          pure=False)
+                       for spec, address in kept]
         results = self.client.gather(futures)
         loss_sum = sum(r[0] for r in results)
         n_correct = sum(r[1] for r in results)

@@ -197,10 +197,15 @@ def local_sgd(model, weights, specs, keys, learning_rate, wire_dtype="float32"):
 
 def evaluate_batch(model, weights, spec):
     """(loss_sum, n_correct, n_samples) of the model in inference mode on spec's samples."""
+    return evaluate_model(spec, lambda: _load_weights(model, weights) or model)
+
+
+def evaluate_model(spec, ready_model):
+    """evaluate_batch's work; ready_model() (called under the lock) gives the model to use."""
     dataset, images, labels = load_batch(spec)
     x = dataset.normalize(images, spec["normalize"])
     with _lock:
-        _load_weights(model, weights)
+        model = ready_model()
         outputs = model.predict(x)
     # the model's own loss: softmax + sparse cross-entropy or one sigmoid unit + binary
     loss_sum = float(model.loss(outputs, labels)[0])

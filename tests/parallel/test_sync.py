@@ -104,6 +104,18 @@ def test_lost_replicas_are_rebuilt_and_change_no_bit(reference, cluster, store, 
     assert_same_weights(model.get_weights(), reference[0])
 
 
+def test_validation_during_fit_runs_on_the_replicas(cluster, store):
+    # the epoch-end validation uses the workers' replicas (no weights or model sent); it
+    # must say what evaluate() after fit, on weights sent from the driver, says
+    _, val, _ = store.split(0.75, 0.25, 0.0, seed=0)
+    model = tiny_model()
+    trainer = DaskTrainer(model, cluster, shards=SHARDS, progress=False, echo=lambda *a: None)
+    trainer.fit(store, epochs=1, batch_size=BATCH, validation=val)
+    after = trainer.evaluate(val)
+    assert trainer.history[-1]["val_loss"] == pytest.approx(after["loss"], rel=1e-6)
+    assert trainer.history[-1]["val_accuracy"] == after["accuracy"]
+
+
 def test_different_shard_counts_differ(reference, cluster, store):
     """The bit-identity tests can fail: G changes the summation order and the dropout keys."""
     model, _ = train(cluster, store, shards=2)
