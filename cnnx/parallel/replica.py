@@ -9,6 +9,7 @@ restarted, or new) raises ReplicaMissing, and the driver re-installs it from its
 """
 import time
 
+from cnnx.nn import Dense
 from cnnx.parallel import factors, wire, worker
 
 _replicas = {}                            # run id -> _Replica
@@ -28,7 +29,7 @@ def install(run, model, version):
     its large Dense layers keep their kernel gradients' factors (factors.py)."""
     for layer in model.layers:
         kernel = layer.params.get("kernel")
-        if type(layer).__name__ == "Dense" and factors.smaller_as_factors(8, *kernel.shape):
+        if isinstance(layer, Dense) and factors.smaller_as_factors(8, *kernel.shape):
             factors.capture(layer)
     with worker._lock:
         _replicas[run] = _Replica(model, version)
