@@ -75,14 +75,13 @@ def _at_version(run, version, previous):
     return replica
 
 
-def replica_gradient(run, version, previous, spec, key, wire_dtype="float32"):
+def replica_gradient(run, version, previous, batch, key, wire_dtype="float32"):
     """(GradientSum of one virtual shard, stats) on this worker's replica at `version`.
 
     previous: the (GradientSum, stats) of step version - 1, or None when the replica is
-    already there (fresh install). key = (epoch, step, shard)."""
-    start = time.perf_counter()
-    x, y = worker.prepare_batch(spec, key)
-    read_s = time.perf_counter() - start
+    already there (fresh install). batch: worker.timed_batch's (x, y, seconds) of the
+    shard's samples. key = (epoch, step, shard)."""
+    x, y, read_s = batch
     with worker._lock:
         start = time.perf_counter()
         model = _at_version(run, version, previous).model

@@ -211,11 +211,15 @@ class ReplicatedSync:
         for shard in range(len(step_plan)):
             where = self.workers[transport.preferred_worker(shard, len(step_plan),
                                                             len(self.workers))]
+            key = (epoch, step, shard)
+            # no input from the step before: runs while the worker waits for that step
+            batch = self.client.submit(worker.timed_batch, self.spec(step_plan[shard]), key,
+                                       key=f"{prefix}-batch-{shard}", workers=[where],
+                                       allow_other_workers=True, pure=False)
             leaves.append(self.client.submit(
-                replica.replica_gradient, self.run, version, sources.get(where),
-                self.spec(step_plan[shard]), (epoch, step, shard), self.wire_dtype,
-                key=f"{prefix}-grad-{shard}", workers=[where], allow_other_workers=True,
-                pure=False))
+                replica.replica_gradient, self.run, version, sources.get(where), batch, key,
+                self.wire_dtype, key=f"{prefix}-grad-{shard}", workers=[where],
+                allow_other_workers=True, pure=False))
         root = self._reduce(leaves, prefix, step_plan)
         summary = self.client.submit(replica.summary, root, key=f"{prefix}-summary",
                                      workers=self.workers[:1], allow_other_workers=True,
