@@ -8,24 +8,23 @@ many times Dask ran the task or delivered its result. Staleness = versions commi
 the unit started; it is recorded per worker, and the replay log lists commits in order.
 """
 import collections
-import copy
 import json
 import time
 
 import numpy as np
 from distributed import as_completed
 
-from cnnx.parallel import cluster, wire, worker
-from cnnx.parallel.trainer import LOST, preferred_worker
+from cnnx.parallel import cluster, transport, wire, worker
+from cnnx.parallel.transport import LOST, preferred_worker
 
 
 def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
     """Run the units of one epoch with a bounded number in flight; returns commit records."""
     client = trainer.client
-    window = 1 if trainer.mode in ("downpour", "dynsgd") else trainer.tau
+    window = trainer.mode_options.window
     pending = collections.deque(_units(epoch, epoch_plan, first_step, window))
     workers = cluster.wait_for_workers(client, trainer.worker_timeout, trainer.echo)
-    slots = trainer.max_in_flight or len(workers)
+    slots = trainer.mode_options.max_in_flight or len(workers)
     in_flight, records = {}, []
     futures = as_completed()
 
@@ -57,7 +56,7 @@ def run_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
         except LOST as error:
             trainer.echo(f"cnnx: unit {unit['key']} lost with a worker ({error}); resubmitting")
             workers = cluster.wait_for_workers(client, trainer.worker_timeout, trainer.echo)
-            trainer._scatter_model()
+            trainer.place_model()
             pending.appendleft(unit)
         else:
             record = commit(trainer, unit["key"], version, result, started_from)
@@ -76,7 +75,7 @@ def replay_epoch(trainer, epoch, epoch_plan, first_step, callbacks):
     """Re-run one epoch's commits in the order of trainer.replay (a replay log), each unit on
     the weights of the version it saw then: the run is reproduced bit for bit, one unit at
     a time."""
-    window = 1 if trainer.mode in ("downpour", "dynsgd") else trainer.tau
+    window = trainer.mode_options.window
     units = {unit["key"]: unit for unit in _units(epoch, epoch_plan, first_step, window)}
     records = []
     for entry in [e for e in trainer.replay if e["epoch"] == epoch]:
@@ -118,27 +117,27 @@ def _submit(trainer, unit, workers, started_from=None, version=None):
     """Scatter the unit's starting weights to its preferred worker and submit its task."""
     epoch, step, shard = unit["key"]
     version = trainer.version if version is None else version
-    preferred = workers[preferred_worker(shard, trainer._meta["shards"], len(workers))]
+    preferred = workers[preferred_worker(shard, trainer.n_shards, len(workers))]
     if started_from is not None:
         pass
     elif trainer.mode == "easgd":
         started_from = trainer.local_weights.get(shard) or trainer.model.get_weights()
     else:
         started_from = trainer.model.get_weights()
-    weights_future = trainer.client.sync(
-        trainer.client._scatter, [wire.encode(started_from, trainer.wire_dtype)],
-        workers=[preferred], hash=False, callback_timeout=trainer.scatter_timeout)[0]
-    task_key = f"cnnx-{trainer._run}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
+    weights_future = transport.place(trainer.client, wire.encode(started_from, trainer.wire_dtype),
+                                     trainer.scatter_timeout, [preferred])
+    task_key = f"cnnx-{trainer.run_id}-{trainer.mode}-e{epoch}-s{step}-g{shard}-v{version}"
     options = dict(key=task_key, workers=[preferred], allow_other_workers=True, pure=False)
     if trainer.mode in ("downpour", "dynsgd"):
-        future = trainer.client.submit(worker.shard_gradient, trainer._model_future,
-                                       weights_future, trainer._spec(unit["indices"][0]),
+        future = trainer.client.submit(worker.shard_gradient, trainer.model_future,
+                                       weights_future, trainer.shard_spec(unit["indices"][0]),
                                        unit["key"], trainer.wire_dtype, **options)
     else:
         keys = [(epoch, s, shard) for s in unit["steps"]]
-        future = trainer.client.submit(worker.local_sgd, trainer._model_future, weights_future,
-                                       [trainer._spec(i) for i in unit["indices"]], keys,
-                                       trainer.learning_rate, trainer.wire_dtype,
+        future = trainer.client.submit(worker.local_sgd, trainer.model_future, weights_future,
+                                       [trainer.shard_spec(i) for i in unit["indices"]], keys,
+                                       trainer.mode_options.local_learning_rate,
+                                       trainer.wire_dtype,
                                        **options)
     return future, started_from
 
@@ -170,6 +169,7 @@ def commit(trainer, key, version, result, started_from=None):
         take_snapshot(trainer)
     record = {"epoch": key[0], "step": key[1], "shard": key[2], "version": version,
               "staleness": staleness, "worker": address, "n_samples": int(n),
+              "loss_sum": float(loss_sum), "n_correct": int(n_correct),
               "loss": float(loss_sum) / n, "accuracy": int(n_correct) / n}
     trainer.commits.append(record)
     trainer.staleness.setdefault(address, []).append(staleness)
@@ -181,12 +181,12 @@ def commit(trainer, key, version, result, started_from=None):
 
 
 def _apply_gradient(trainer, total, scale):
-    total = copy.copy(total)
-    total.grads = wire.decode(total.grads)
-    grads = total.mean_grads()
-    if scale != 1.0:
-        grads = {name: g * np.float32(scale) for name, g in grads.items()}
-    trainer.model.apply_gradients(grads, total.state)
+    total = wire.decoded(total)
+    if scale != 1.0:          # DynSGD: the same as a gradient sum scaled by 1/(staleness+1)
+        grads = {name: g * np.float32(scale) for name, g in total.mean_grads().items()}
+        trainer.model.apply_gradients(grads, total.state)
+    else:
+        trainer.model.apply_gradient_sum(total)
 
 
 def _apply_change(trainer, params, started_from, scale):
@@ -199,6 +199,7 @@ def _apply_change(trainer, params, started_from, scale):
 def _elastic_exchange(trainer, shard, params):
     """EASGD: d = alpha (local - centre); the local copy moves back by d, the centre by +d."""
     centre = trainer.model.get_weights()
-    difference = {name: trainer.alpha * (params[name] - centre[name]) for name in centre}
+    alpha = trainer.mode_options.alpha
+    difference = {name: alpha * (params[name] - centre[name]) for name in centre}
     trainer.local_weights[shard] = {name: params[name] - difference[name] for name in centre}
     trainer.model.set_weights({name: centre[name] + difference[name] for name in centre})

@@ -5,6 +5,8 @@ For several hosts, give every scheduler, worker and client a
 `distributed.security.Security(tls_ca_file=..., tls_client_cert=..., tls_client_key=...,
 require_encryption=True)` and use `tls://` addresses; pass the Client you built that way.
 """
+import asyncio
+import concurrent.futures
 import os
 import time
 
@@ -45,12 +47,14 @@ def connect(client=None, timeout=DEFAULT_CONNECT_TIMEOUT, n_workers=None, echo=p
         connected = Client(cluster)
         owned = cluster
     elif isinstance(client, str):
+        unreachable = (f"DaskTrainer: could not reach a Dask scheduler at {client!r} within "
+                       f"{timeout:g} s (is `dask scheduler` running there, and is the address "
+                       f"right?)")
+        check_scheduler(client, timeout, unreachable)
         try:
             connected = Client(client, timeout=timeout)
         except (OSError, TimeoutError) as error:
-            raise ConnectionError(
-                f"DaskTrainer: could not reach a Dask scheduler at {client!r} within {timeout:g} s "
-                f"(is `dask scheduler` running there, and is the address right?): {error}") from None
+            raise ConnectionError(f"{unreachable}: {error}") from None
         owned = None
     else:
         raise TypeError(f"DaskTrainer: client must be a distributed.Client, a scheduler address "
@@ -59,6 +63,28 @@ def connect(client=None, timeout=DEFAULT_CONNECT_TIMEOUT, n_workers=None, echo=p
     echo(f"cnnx: Dask scheduler {connected.scheduler.address}"
          + (f", dashboard {link}" if link else ""))
     return connected, owned
+
+
+def check_scheduler(address, timeout, unreachable):
+    """Raise ConnectionError unless a Dask peer answers Dask's handshake at `address` within
+    `timeout` s. Dask's Client waits for the handshake without a deadline (an HTTP server
+    there hangs it for minutes) and trusts the length prefix of what comes back (a port
+    answering other bytes made it allocate exabytes)."""
+    from distributed.comm import connect as dask_connect
+
+    async def handshake():
+        comm = await asyncio.wait_for(dask_connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    # a thread of its own: the caller may already run an event loop (Jupyter)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(asyncio.run, handshake()).result()
+        except (OSError, asyncio.TimeoutError, TimeoutError) as error:
+            raise ConnectionError(f"{unreachable}: {type(error).__name__}: {error}") from None
+        except Exception as error:               # garbage decoded as a Dask message
+            raise ConnectionError(f"{unreachable}: something else answers there, not a Dask "
+                                  f"scheduler ({type(error).__name__}: {error})") from None
 
 
 def worker_addresses(client):

@@ -49,3 +49,9 @@ def tree_pairs(n_leaves):
         levels.append(level)
         width = len(level)
     return levels
+
+
+def broadcast_parents(n_nodes):
+    """The binary broadcast tree over nodes 0..n-1 rooted at 0: each node's parent (None
+    for the root). A node sends to at most two children; the depth is log2(n)."""
+    return [None] + [(node - 1) // 2 for node in range(1, n_nodes)]

@@ -6,20 +6,18 @@ named methods: which shard runs where, how a step is reduced and applied, what i
 when a checkpoint is written, and how to ride out workers leaving and joining.
 """
 import collections
-import concurrent.futures
-import copy
 import json
 import time
 import uuid
 
 import numpy as np
-from distributed.comm.core import CommClosedError
 
-from cnnx.parallel import checkpoint, cluster, plan, wire, worker
+from cnnx.parallel import (checkpoint, cluster, modes, plan, records, synchronous, transport,
+                           wire, worker)
+from cnnx.parallel.transport import LOST, preferred_worker  # noqa: F401  (older imports)
 
-MODES = ("sync", "downpour", "dynsgd", "adag", "easgd")
-# data lost with a worker (FutureCancelledError), or a scatter to a worker that just died
-LOST = (concurrent.futures.CancelledError, CommClosedError)
+MODES = tuple(modes.MODES)
+OLDER_MODE_KEYWORDS = ("learning_rate", "tau", "alpha", "max_in_flight", "sync_weights")
 
 
 def _default_opener(store):
@@ -32,10 +30,14 @@ class DaskTrainer:
 
     client: a distributed.Client, a scheduler address ("tcp://host:8786"), or None for a
         LocalCluster on 127.0.0.1 with one single-threaded worker per core (closed by close()).
-    mode: "sync" (G virtual shards per step, a fixed pair-sum tree, bit-reproducible),
-        "downpour", "dynsgd" (gradients applied on arrival, dynsgd scaled by 1/(staleness+1)),
-        "adag" (tau local SGD steps, the change scaled by 1/(staleness+1)), "easgd" (tau local
-        steps, elastic exchange with the centre, strength alpha).
+    mode: a mode object from cnnx.parallel.modes, holding its own options: Sync() (the
+        default: G virtual shards per step, a fixed pair-sum tree, bit-reproducible; model
+        replicas on the workers), Downpour(), DynSGD() (gradients applied on arrival, DynSGD
+        scaled by 1/(staleness+1)), ADAG(tau, local_learning_rate) (tau local SGD steps, the
+        change scaled by 1/(staleness+1)), EASGD(tau, alpha, local_learning_rate) (tau local
+        steps, elastic exchange with the centre). The older form, a name ("sync", "downpour",
+        "dynsgd", "adag", "easgd") with learning_rate=, tau=, alpha=, max_in_flight=,
+        sync_weights= keywords, still works and builds the same objects.
     shards: G, the number of virtual shards a step's batch is split into (default: the number
         of workers at the start). Same seed and G give the same weights on any worker count.
     wire_dtype: "float32" or "bfloat16" for weights and gradients on the wire.
@@ -47,19 +49,18 @@ class DaskTrainer:
     def __init__(self, model, client=None, mode="sync", shards=None, *, seed=0,
                  wire_dtype="float32", normalize="standardize", augment=None,
                  cache_bytes=512 * 2**20, checkpoint_every=None, worker_timeout=60.0,
-                 connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, learning_rate=0.01, tau=4,
-                 alpha=0.5, max_in_flight=None, replay_log=None, replay=None, max_step_retries=3,
-                 scatter_timeout=20.0, progress=True, opener=None, echo=print):
-        if mode not in MODES:
-            raise ValueError(f"DaskTrainer: mode must be one of {MODES}, got {mode!r}")
+                 connect_timeout=cluster.DEFAULT_CONNECT_TIMEOUT, replay_log=None, replay=None,
+                 max_step_retries=3, scatter_timeout=20.0, progress=True, opener=None,
+                 echo=print, **mode_options):
+        self.mode_options = _mode_object(mode, mode_options)
+        mode = self.mode_options.name
         if shards is not None and (not isinstance(shards, int) or shards < 1):
             raise ValueError(f"DaskTrainer: shards must be a positive integer, got {shards!r}")
         self.model, self.mode, self.shards, self.seed = model, mode, shards, seed
         self.wire_dtype = wire.check_format(wire_dtype)
         self.normalize, self.augment, self.cache_bytes = normalize, augment, cache_bytes
         self.checkpoint_every, self.worker_timeout = checkpoint_every, worker_timeout
-        self.learning_rate, self.tau, self.alpha = learning_rate, tau, alpha
-        self.max_in_flight, self.replay_log = max_in_flight, replay_log
+        self.replay_log = replay_log
         self.replay = None if replay is None else _read_replay_log(replay)
         self.replay_needs = collections.Counter(e["version"] for e in self.replay or [])
         self.snapshots = {}                       # replay: version -> (weights, easgd locals)
@@ -67,18 +68,24 @@ class DaskTrainer:
         self.opener = opener or _default_opener
         self.scatter_timeout = scatter_timeout
         self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
+        self._owns_client = self.client is not client       # we opened it: we close it
+        self._dataset = None
+        self._sync_driver = self._tally = None
+        self.n_shards = shards                    # G, fixed by fit when shards is None
         self.history, self.steps, self.commits = [], [], []
         self.staleness = {}                       # worker address -> list of staleness values
         self.version, self.applied, self.duplicates = 0, set(), 0   # async commit bookkeeping
         self.local_weights = {}                   # easgd: shard -> its worker-side weights
-        self._run = uuid.uuid4().hex[:8]
-        self._model_future = None
+        self.run_id = uuid.uuid4().hex[:8]
+        self.model_future = None
 
     # ----------------------------------------------------------------- lifecycle
     def close(self):
-        """Close the LocalCluster this trainer started (a given client stays open)."""
-        if self._owned_cluster is not None:
+        """Close the Client and LocalCluster this trainer opened (a given Client stays open)."""
+        if self._owns_client:
             self.client.close()
+            self._owns_client = False
+        if self._owned_cluster is not None:
             self._owned_cluster.close()
             self._owned_cluster = None
 
@@ -103,48 +110,93 @@ class DaskTrainer:
         self._dataset = dataset
         self._store = str(dataset.store)
         workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
-        n_shards = self.shards or len(workers)
+        n_shards = self.n_shards = self.shards or len(workers)
         shard_batch = plan.per_shard_batch(batch_size, n_shards)
         samples = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
         owned = plan.shard_indices(samples, dataset.chunk_size, n_shards)
         self._meta = {"mode": self.mode, "seed": self.seed, "shards": n_shards,
                       "batch_size": batch_size, "wire_dtype": self.wire_dtype}
-        start_epoch, start_step = 0, 0
+        if checkpoint_dir is not None:            # what a resume must match
+            self._meta.update(architecture=_json_form(self.model.get_config()),
+                              optimizer=_optimizer_config(self.model))
+        start_epoch, start_step, saved_tally = 0, 0, None
         if resume and checkpoint_dir is not None:
-            start_epoch, start_step = self._restore(checkpoint_dir)
-        self._scatter_model()
-        callbacks = list(callbacks)
+            start_epoch, start_step, saved_tally = self._restore(checkpoint_dir)
+        self._sync_driver = None
+        if self.mode == "sync" and self.mode_options.weights == "replicated":
+            self._sync_driver = synchronous.ReplicatedSync(
+                self.client, self.model, self.shard_spec, self.wire_dtype,
+                self.max_step_retries, self.worker_timeout, self.echo)
+            self._sync_driver.start()
+        else:
+            self.place_model()
+        try:
+            self._fit_epochs(epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
+                             validation, checkpoint_dir, list(callbacks))
+            self.pull()
+        except BaseException:
+            self._pull_if_possible()
+            raise
+        finally:
+            if self._sync_driver is not None:
+                self._sync_driver.close()
+                self._sync_driver = None
+            self.model_future = None             # release the workers' copies
+        return self.history
+
+    def pull(self):
+        """The model, brought up to date with the workers' replicas (sync mode keeps the
+        weights on the workers during fit and updates the driver's model at checkpoints,
+        epoch ends, every few steps and at the end; a callback that needs the weights of
+        the step it sees calls this)."""
+        if self._sync_driver is not None:
+            before = self._sync_driver.pulled_bytes
+            self._sync_driver.pull()
+            if self._tally is not None:           # what the driver received counts as bytes_in
+                self._tally.sums["bytes_in"] += self._sync_driver.pulled_bytes - before
+        return self.model
+
+    def _pull_if_possible(self):
+        """On the way out of a failed fit: the model takes the last completed step if the
+        cluster can still tell it (the error that stopped fit matters more than this one)."""
+        try:
+            self.pull()
+        except Exception as error:
+            self.echo(f"cnnx: the model keeps the weights of an earlier step ({error})")
+
+    def _fit_epochs(self, epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
+                    validation, checkpoint_dir, callbacks):
         for epoch in range(start_epoch, epochs):
             epoch_plan = plan.epoch_plan(owned, self.seed, epoch, shard_batch)
             first = start_step if epoch == start_epoch else 0
-            started = time.perf_counter()
-            transfers = self._worker_transfer_bytes()
+            self._tally = records.EpochTally(epoch, saved_tally if first else None)
+            self._between_baseline = (self._worker_transfer_bytes(), self._tally.sums["bytes_in"])
             if self.mode == "sync":
-                records = self._sync_epoch(epoch, epoch_plan, first, checkpoint_dir, callbacks)
+                self._sync_epoch(epoch, epoch_plan, first, checkpoint_dir, callbacks)
             else:
-                records = self._async_epoch(epoch, epoch_plan, first, callbacks)
-            summary = self._epoch_summary(epoch, records, time.perf_counter() - started)
-            # Dask's counter also holds what workers sent to the driver: the gathered
-            # gradient sums, already counted in bytes_in
-            transferred = self._worker_transfer_bytes() - transfers
-            summary["bytes_between_workers"] = max(0, transferred - summary["bytes_in"])
+                self._async_epoch(epoch, epoch_plan, first, callbacks)
+            self.pull()
+            self._count_between_workers()
+            summary = self._tally.summary()
             if validation is not None:
                 summary.update(self.evaluate(validation, prefix="val_"))
             self.history.append(summary)
             self._echo_epoch(summary)
             if checkpoint_dir is not None:
                 self.save_checkpoint(checkpoint_dir, epoch + 1, 0)
-        self._model_future = None                 # release the workers' copies
-        return self.history
 
     # ----------------------------------------------------------------- sync
     def _sync_epoch(self, epoch, epoch_plan, first_step, checkpoint_dir, callbacks):
-        records = []
         bar = _progress(len(epoch_plan), first_step, f"epoch {epoch}", self.progress)
+        if self._sync_driver is not None:
+            steps = self._sync_driver.run_epoch(epoch, epoch_plan, first_step)
+        else:
+            steps = (self._sync_step(epoch, step, epoch_plan[step])
+                     for step in range(first_step, len(epoch_plan)))
         try:
-            for step in range(first_step, len(epoch_plan)):
-                record = self._sync_step(epoch, step, epoch_plan[step])
-                records.append(record)
+            for record in steps:
+                step = record["step"]
+                self._tally.add(record)
                 self.steps.append(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
@@ -155,8 +207,8 @@ class DaskTrainer:
                 for callback in callbacks:
                     callback(self, record)
         finally:
+            steps.close()
             bar.close()
-        return records
 
     def _sync_step(self, epoch, step, step_plan):
         """One synchronous step, retried from its inputs if workers die and take data along."""
@@ -164,7 +216,7 @@ class DaskTrainer:
             workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
             try:
                 if attempt:
-                    self._scatter_model(attempt)  # its copies may have died with the workers
+                    self.place_model(attempt)  # its copies may have died with the workers
                 return self._sync_step_once(epoch, step, step_plan, workers, attempt)
             except (*LOST, TimeoutError) as error:
                 if attempt == self.max_step_retries:
@@ -179,7 +231,7 @@ class DaskTrainer:
         weights = wire.encode(self.model.get_weights(), self.wire_dtype)
         weights_future = self._place(weights, attempt)     # other workers fetch it once
         scattered = time.perf_counter()
-        prefix = f"cnnx-{self._run}-e{epoch}-s{step}-a{attempt}"
+        prefix = f"cnnx-{self.run_id}-e{epoch}-s{step}-a{attempt}"
         leaves = [self._submit_shard(weights_future, step_plan[shard], (epoch, step, shard),
                                      workers, f"{prefix}-grad-{shard}")
                   for shard in range(len(step_plan))]
@@ -201,9 +253,9 @@ class DaskTrainer:
             "bytes_in": wire.nbytes(total.grads)})
 
     def _submit_shard(self, weights_future, indices, key, workers, task_key):
-        preferred = workers[preferred_worker(key[2], self._meta["shards"], len(workers))]
-        return self.client.submit(worker.shard_gradient, self._model_future, weights_future,
-                                  self._spec(indices), key, self.wire_dtype, key=task_key,
+        preferred = workers[preferred_worker(key[2], self.n_shards, len(workers))]
+        return self.client.submit(worker.shard_gradient, self.model_future, weights_future,
+                                  self.shard_spec(indices), key, self.wire_dtype, key=task_key,
                                   workers=[preferred], allow_other_workers=True, pure=False)
 
     def _reduce_tree(self, leaves, prefix):
@@ -218,9 +270,7 @@ class DaskTrainer:
 
     def _apply_sum(self, total):
         """Mean gradient -> regulariser + optimizer step: what Sequential.fit does per batch."""
-        total = copy.copy(total)
-        total.grads = wire.decode(total.grads)
-        self.model.apply_gradients(total.mean_grads(), total.state)
+        self.model.apply_gradient_sum(wire.decoded(total))
 
     def _set_state(self, state):
         own = self.model.state
@@ -231,27 +281,45 @@ class DaskTrainer:
     def _async_epoch(self, epoch, epoch_plan, first_step, callbacks):
         from cnnx.parallel import asynchronous
         if self.replay is None:
-            return asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
-        if not self.snapshots:
-            asynchronous.take_snapshot(self)
-        return asynchronous.replay_epoch(self, epoch, epoch_plan, first_step, callbacks)
+            commits = asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
+        else:
+            if not self.snapshots:
+                asynchronous.take_snapshot(self)
+            commits = asynchronous.replay_epoch(self, epoch, epoch_plan, first_step, callbacks)
+        for record in commits:
+            self._tally.add(record)
 
     # ----------------------------------------------------------------- validation
-    def evaluate(self, indices, prefix=""):
-        """Loss and accuracy of the current weights on `indices`, computed on the workers."""
+    def evaluate(self, indices=None, prefix="", dataset=None):
+        """Loss and accuracy of the current weights on `indices` (default: all samples) of
+        `dataset` (default: the one fit trained on), computed on the workers."""
+        if dataset is not None:
+            self._dataset = self.opener(dataset) if isinstance(dataset, str) else dataset
+            self._store = str(self._dataset.store)
+        if self._dataset is None:
+            raise ValueError("DaskTrainer.evaluate: called before fit() without a dataset; "
+                             "pass dataset= (a cnnx.data Dataset or its store path)")
+        if indices is None:
+            indices = np.arange(len(self._dataset))
         workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
         indices = np.sort(np.asarray(indices, np.int64))
         chunk_of = indices // self._dataset.chunk_size
         groups = [indices[chunk_of % len(workers) == i] for i in range(len(workers))]
-        weights = wire.encode(self.model.get_weights(), self.wire_dtype)
-        weights_future = self._place(weights)
-        # after fit() the workers' model copies were released; evaluate() must work then too
-        model_future = self._model_future or self._place(_worker_copy(self.model),
-                                                         broadcast=True)
-        futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
-                                      self._spec(group), workers=[address],
-                                      allow_other_workers=True, pure=False)
-                   for group, address in zip(groups, workers) if len(group)]
+        kept = [(self.shard_spec(group), address) for group, address in zip(groups, workers)
+                if len(group)]
+        if self._sync_driver is not None:         # during fit: on the replicas, nothing sent
+            if any(layer.regularizers for layer in self.model.layers):
+                self.pull()                       # the penalty below reads the weights
+            futures = self._sync_driver.evaluate_tasks(*zip(*kept))
+        else:
+            weights_future = self._place(wire.encode(self.model.get_weights(), self.wire_dtype))
+            # after fit() the workers' model copies were released; evaluate() must work then
+            model_future = self.model_future or self._place(transport.worker_copy(self.model),
+                                                             broadcast=True)
+            futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
+                                          spec, workers=[address], allow_other_workers=True,
+                                          pure=False)
+                       for spec, address in kept]
         results = self.client.gather(futures)
         loss_sum = sum(r[0] for r in results)
         n_correct = sum(r[1] for r in results)
@@ -263,8 +331,12 @@ class DaskTrainer:
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory, epoch, step):
         """Checkpoint the state that resumes at (epoch, step)."""
+        self.pull()
         meta = dict(self._meta, epoch=epoch, step=step, history=self.history,
                     commits=len(self.commits))
+        if step:                                  # mid-epoch: the steps done so far count too
+            self._count_between_workers()
+            meta["epoch_so_far"] = self._tally.to_meta()
         optimizer = getattr(self.model, "optimizer", None)
         state = optimizer.state_dict() if optimizer is not None else {}
         return checkpoint.save_checkpoint(directory, self.model.get_weights(), state, meta)
@@ -279,33 +351,34 @@ class DaskTrainer:
             if meta[name] != self._meta[name]:
                 raise ValueError(f"DaskTrainer: the checkpoint in {directory} was written with "
                                  f"{name}={meta[name]!r}, this run has {self._meta[name]!r}")
+        for name, what in (("architecture", "model architecture"), ("optimizer", "optimizer")):
+            if name in meta and meta[name] != self._meta[name]:
+                raise ValueError(
+                    f"DaskTrainer: the checkpoint in {directory} was written for another "
+                    f"{what}: {_difference(meta[name], self._meta[name])}; resume with the "
+                    f"{what} it was written with, or train into a new checkpoint directory")
         self.model.set_weights(weights)
         if optimizer_state:
             self.model.optimizer.load_state_dict(optimizer_state)
         self.history = list(meta.get("history", []))
         self.echo(f"cnnx: resuming from {directory} at epoch {meta['epoch']}, step {meta['step']}")
-        return meta["epoch"], meta["step"]
+        return meta["epoch"], meta["step"], meta.get("epoch_so_far")
 
     # ----------------------------------------------------------------- helpers
-    def _scatter_model(self, attempt=0):
-        self._model_future = self._place(_worker_copy(self.model), attempt,
+    def place_model(self, attempt=0):
+        """The model (without optimizer state) on every worker, as a future for tasks."""
+        self.model_future = self._place(transport.worker_copy(self.model), attempt,
                                          broadcast=attempt == 0)
 
     def _place(self, value, attempt=0, broadcast=False):
-        """Put `value` on the workers: on every one (broadcast), or on one that the others
-        fetch from once. A worker SIGKILLed a moment ago can stall a scatter to it for
-        Dask's connect timeout (30 s; scatter's own timeout covers only the wait for
-        workers), so it is bounded here and a retry picks the next worker."""
-        if broadcast:
-            where = {"broadcast": True}
-        else:
-            workers = cluster.worker_addresses(self.client)
-            where = {"workers": [workers[attempt % len(workers)]]} if workers else {}
-        futures = self.client.sync(self.client._scatter, [value], hash=False,
-                                   callback_timeout=self.scatter_timeout, **where)
-        return futures[0]
+        """`value` on every worker (broadcast) or on one the others fetch from; a retry
+        (attempt) picks the next worker, in case the first just died."""
+        workers = cluster.worker_addresses(self.client)
+        workers = workers[attempt % len(workers):] if workers else None
+        return transport.place(self.client, value, self.scatter_timeout, workers, broadcast)
 
-    def _spec(self, indices):
+    def shard_spec(self, indices):
+        """What a worker task needs to read and prepare the samples `indices`."""
         return {"store": self._store, "opener": self.opener, "indices": np.asarray(indices),
                 "normalize": self.normalize, "augment": self.augment, "seed": self.seed,
                 "cache_bytes": self.cache_bytes}
@@ -313,7 +386,7 @@ class DaskTrainer:
     def _worker_transfer_bytes(self):
         """Bytes workers have sent to each other so far (Dask's own counter)."""
         try:
-            counts = self.client.run(_transfer_bytes)
+            counts = self.client.run(transport.transfer_bytes)
         except Exception:                         # a worker leaving mid-call; not worth failing
             return 0
         return int(sum(counts.values()))
@@ -322,24 +395,22 @@ class DaskTrainer:
         n = int(total.n_samples)
         compute = stats["compute_s"] / max(1, len(stats["worker"]))
         return dict(phases, epoch=epoch, step=step, n_samples=n,
+                    loss_sum=float(total.loss_sum), n_correct=int(total.n_correct),
                     loss=float(total.loss_sum) / n, accuracy=int(total.n_correct) / n,
                     images_per_s=n / phases["time_s"], compute_s=compute,
                     max_shard_compute_s=stats["max_compute_s"], read_s=stats["read_s"],
                     transfer_s=max(0.0, phases["wait_s"] - compute), workers=len(workers),
                     tasks_per_worker=stats["worker"])
 
-    def _epoch_summary(self, epoch, records, seconds):
-        n = sum(r["n_samples"] for r in records)
-        summary = {"epoch": epoch, "steps": len(records), "time_s": seconds,
-                   "images_per_s": n / seconds if seconds else 0.0}
-        if n:
-            summary["loss"] = sum(r["loss"] * r["n_samples"] for r in records) / n
-            summary["accuracy"] = sum(r["accuracy"] * r["n_samples"] for r in records) / n
-        for phase in ("scatter_s", "wait_s", "optimizer_s", "compute_s", "transfer_s"):
-            summary[phase] = sum(r.get(phase, 0.0) for r in records)
-        summary["bytes_out"] = sum(r.get("bytes_out", 0) for r in records)
-        summary["bytes_in"] = sum(r.get("bytes_in", 0) for r in records)
-        return summary
+    def _count_between_workers(self):
+        """Add what workers sent each other since the last count to the epoch's tally. Dask's
+        counter also holds what workers sent the driver: the gathered gradient sums, already
+        counted in bytes_in."""
+        transferred, bytes_in = self._worker_transfer_bytes(), self._tally.sums["bytes_in"]
+        before, bytes_in_before = self._between_baseline
+        self._tally.sums["bytes_between_workers"] += max(
+            0, transferred - before - (bytes_in - bytes_in_before))
+        self._between_baseline = (transferred, bytes_in)
 
     def _echo_epoch(self, s):
         parts = [f"epoch {s['epoch']}", f"{s['images_per_s']:.0f} img/s"]
@@ -349,26 +420,51 @@ class DaskTrainer:
         self.echo("cnnx: " + ", ".join(parts))
 
 
+def _mode_object(mode, options):
+    """A mode object from DaskTrainer's mode argument and its older keywords."""
+    unknown = sorted(set(options) - set(OLDER_MODE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"DaskTrainer: unexpected keyword arguments {unknown}")
+    if isinstance(mode, str):
+        return modes.from_name(mode, **options)
+    if not isinstance(mode, tuple(modes.MODES.values())):
+        raise TypeError(f"DaskTrainer: mode must be a mode object (cnnx.parallel.Sync(), "
+                        f"ADAG(tau=4), ...) or its name, got {type(mode).__name__}")
+    if options:
+        raise TypeError(f"DaskTrainer: {sorted(options)} belong inside the mode object; "
+                        f"got mode={mode!r} and them as keywords")
+    return mode
+
+
+def _json_form(value):
+    """value as it reads back from a checkpoint's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _optimizer_config(model):
+    optimizer = getattr(model, "optimizer", None)
+    return None if optimizer is None else _json_form(optimizer.get_config())
+
+
+def _difference(saved, current, path=""):
+    """The first place where two JSON values differ, in words."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        # the kind ("name", "class_name") first: a different kind explains the rest
+        for key in sorted(set(saved) | set(current),
+                          key=lambda k: (k not in ("name", "class_name"), str(k))):
+            if saved.get(key) != current.get(key):
+                where = f"{path}.{key}" if path else str(key)
+                return _difference(saved.get(key), current.get(key), where)
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for i, (a, b) in enumerate(zip(saved, current)):
+            if a != b:
+                return _difference(a, b, f"{path}[{i}]")
+    return f"{path or 'it'} was {saved!r}, this run has {current!r}"
+
+
 def _read_replay_log(path):
     with open(path) as log:
         return [json.loads(line) for line in log if line.strip()]
-
-
-def _worker_copy(model):
-    """The model as workers need it: layers and loss, without the optimizer's state (the
-    driver steps; Adam's moments would triple every copy Dask moves)."""
-    shipped = copy.copy(model)
-    shipped.optimizer = None
-    return shipped
-
-
-def preferred_worker(shard, n_shards, n_workers):
-    """Contiguous blocks of shards per worker: the tree's first sums then stay on one worker."""
-    return shard * n_workers // n_shards
-
-
-def _transfer_bytes(dask_worker):
-    return dask_worker.transfer_outgoing_bytes_total
 
 
 class _NoBar:

@@ -8,12 +8,15 @@ dict and sees into no dataclass: a network's weights or a GradientSum would be m
 with them Dask's memory accounting and its transfer counters (the "MB moved" cnnx reports).
 Encoded dicts are therefore a WireArrays, and both it and GradientSum get an exact sizeof.
 """
+import dataclasses
 import sys
 
 import numpy as np
 from dask.sizeof import sizeof
 
 from cnnx.nn.gradient_sum import GradientSum
+from cnnx.parallel.factors import KernelFactors
+from cnnx.parallel.factors import materialised as materialised_array
 
 FORMATS = ("float32", "bfloat16")
 
@@ -54,17 +57,31 @@ def _sizeof_gradient_sum(total):
     return sys.getsizeof(total) + sizeof(WireArrays(total.grads)) + sizeof(WireArrays(total.state))
 
 
-def encode(arrays, wire_dtype="float32"):
-    """A copy of the dict of float32 arrays in the wire format."""
+def encode(arrays, wire_dtype="float32", copy=True):
+    """The dict of float32 arrays in the wire format: a copy, or (copy=False, for arrays
+    nobody else holds) the same float32 arrays."""
     if check_format(wire_dtype) == "bfloat16":
         return WireArrays({name: to_bfloat16(a) if a.dtype == np.float32 else np.array(a)
                            for name, a in arrays.items()})
-    return WireArrays({name: np.array(a) for name, a in arrays.items()})
+    return WireArrays({name: a if isinstance(a, KernelFactors) else np.array(a, copy=copy)
+                       for name, a in arrays.items()})
 
 
 def decode(arrays):
     """float32 arrays from a dict in any wire format (float32 ones pass through)."""
     return {name: from_bfloat16(a) if a.dtype == np.uint16 else a for name, a in arrays.items()}
+
+
+def decoded(total):
+    """A GradientSum like `total` with float32 grads (Dense kernels may stay factored);
+    `total` itself stays as it was (Dask may hand the same object to another task)."""
+    return dataclasses.replace(total, grads=decode(total.grads))
+
+
+def materialised(total):
+    """A GradientSum like `total` with every gradient a float32 array, ready to apply."""
+    return dataclasses.replace(total, grads={name: materialised_array(a)
+                                             for name, a in decode(total.grads).items()})
 
 
 def dtype_of(arrays):

@@ -7,13 +7,13 @@ generators keyed by (seed, epoch, step, shard): a shard computes the same bits o
 which is what makes a synchronous run independent of the worker count.
 """
 import collections
-import copy
 import threading
 import time
 
 import numpy as np
 
 from cnnx.parallel import wire
+from cnnx.parallel.factors import KernelFactors
 
 _lock = threading.Lock()                  # one model per worker process: one task uses it at a time
 _datasets = {}                            # store -> opened dataset
@@ -116,13 +116,22 @@ def prepare_batch(spec, key):
     return x, labels
 
 
+def timed_batch(spec, key):
+    """(x, y, seconds): prepare_batch as a task of its own, so a worker reads, normalises
+    and augments a shard while it would otherwise wait for the step before."""
+    start = time.perf_counter()
+    x, y = prepare_batch(spec, key)
+    return x, y, time.perf_counter() - start
+
+
 def _load_weights(model, weights):
     model.set_weights(wire.decode(weights))
 
 
 def check_finite(gradient_sum, key):
     epoch, step, shard = key
-    bad = [name for name, g in gradient_sum.grads.items() if not np.isfinite(g).all()]
+    bad = [name for name, g in gradient_sum.grads.items()
+           if not (g.all_finite() if isinstance(g, KernelFactors) else np.isfinite(g).all())]
     if bad or not np.isfinite(gradient_sum.loss_sum):
         what = f"gradients of {', '.join(bad[:3])}" if bad else "the loss"
         raise NonFiniteGradientError(
@@ -143,66 +152,68 @@ def shard_gradient(model, weights, spec, key, wire_dtype="float32"):
     check_finite(result, key)
     # encode copies: a layer's backward overwrites its grads, and this result outlives the task
     result.grads = wire.encode(result.grads, wire_dtype)
-    if result.state:
-        result.state = {name: np.array(value) for name, value in result.state.items()}
-    return result, {"compute_s": compute_s, "read_s": read_s, "max_compute_s": compute_s,
-                    "tasks": 1, "worker": {worker_name(): 1}}
+    return result, leaf_stats(compute_s, read_s)
+
+
+def leaf_stats(compute_s, read_s, apply_s=0.0):
+    """What one shard task reports; sum_pair combines them up the tree."""
+    return {"compute_s": compute_s, "read_s": read_s, "max_compute_s": compute_s,
+            "max_apply_s": apply_s, "tasks": 1, "worker": {worker_name(): 1}}
 
 
 def sum_pair(left, right):
     """left + right in that order: the reduction tree fixes the order, hence the bits."""
     (a, stats_a), (b, stats_b) = left, right
-    dtype = wire.dtype_of(a.grads)
-    # Inputs stay untouched in worker memory: a rerun of this task must see the same bits.
-    a, b = copy.copy(a), copy.copy(b)
-    a.grads, b.grads = wire.decode(a.grads), wire.decode(b.grads)
-    total = a + b
-    total.grads = wire.encode(total.grads, dtype)
+    # the inputs stay untouched in worker memory: a rerun of this task must see the same bits
+    total = wire.decoded(a) + wire.decoded(b)
+    total.grads = wire.encode(total.grads, wire.dtype_of(a.grads), copy=False)   # fresh sums
     workers = collections.Counter(stats_a["worker"]) + collections.Counter(stats_b["worker"])
     stats = {"compute_s": stats_a["compute_s"] + stats_b["compute_s"],
              "read_s": stats_a["read_s"] + stats_b["read_s"],
              "max_compute_s": max(stats_a["max_compute_s"], stats_b["max_compute_s"]),
+             "max_apply_s": max(stats_a.get("max_apply_s", 0.0), stats_b.get("max_apply_s", 0.0)),
              "tasks": stats_a["tasks"] + stats_b["tasks"], "worker": dict(workers)}
     return total, stats
 
 
 def local_sgd(model, weights, specs, keys, learning_rate, wire_dtype="float32"):
-    """Plain SGD over the batches `specs` starting from `weights` (EASGD / ADAG workers).
+    """Plain SGD over the batches `specs` starting from `weights` (EASGD / ADAG workers):
+    the model's own training step (Sequential.gradient, then apply_gradient_sum: mean loss
+    gradient + regulariser, BatchNorm statistics) with SGD(learning_rate) as its optimizer.
 
     Returns (new weights, loss_sum, n_correct, n_samples, compute seconds, worker)."""
+    from cnnx import optim
+
     batches = [prepare_batch(spec, key) for spec, key in zip(specs, keys)]
     loss_sum, n_correct, n_samples = 0.0, 0, 0
     with _lock:
         _load_weights(model, weights)
+        model.optimizer = optim.SGD(learning_rate)     # this worker's copy steps on its own
         start = time.perf_counter()
-        params = dict(model.get_weights())
         for (x, y), key in zip(batches, keys):
             result = model.gradient(x, y, key=tuple(key))
-            check_finite(result, key)
-            # the same objective as fit and the sync driver: mean loss gradient + regulariser
-            penalty = model.regularization_gradient()
-            for name, g in result.grads.items():
-                g = g / np.float32(result.n_samples)
-                if name in penalty:
-                    g = g + penalty[name]
-                params[name] = params[name] - np.float32(learning_rate) * g
-            if result.state:
-                params.update(result.state)
-            model.set_weights(params)
+            check_finite(result, key)                   # before any weight changes
+            model.apply_gradient_sum(result)
             loss_sum += float(result.loss_sum)
             n_correct += int(result.n_correct)
             n_samples += int(result.n_samples)
         compute_s = time.perf_counter() - start
-    return (wire.encode(params, wire_dtype), loss_sum, n_correct, n_samples, compute_s,
-            worker_name())
+        params = model.get_weights()
+    return (wire.encode(params, wire_dtype, copy=False), loss_sum, n_correct, n_samples,
+            compute_s, worker_name())
 
 
 def evaluate_batch(model, weights, spec):
     """(loss_sum, n_correct, n_samples) of the model in inference mode on spec's samples."""
+    return evaluate_model(spec, lambda: _load_weights(model, weights) or model)
+
+
+def evaluate_model(spec, ready_model):
+    """evaluate_batch's work; ready_model() (called under the lock) gives the model to use."""
     dataset, images, labels = load_batch(spec)
     x = dataset.normalize(images, spec["normalize"])
     with _lock:
-        _load_weights(model, weights)
+        model = ready_model()
         outputs = model.predict(x)
     # the model's own loss: softmax + sparse cross-entropy or one sigmoid unit + binary
     loss_sum = float(model.loss(outputs, labels)[0])

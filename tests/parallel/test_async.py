@@ -8,20 +8,25 @@ import pytest
 from distributed import Client, LocalCluster
 
 import parallel_helpers
-from cnnx.parallel import DaskTrainer, asynchronous
+from cnnx.parallel import ADAG, EASGD, DaskTrainer, Downpour, DynSGD, Sync, asynchronous
 from parallel_helpers import assert_same_weights, tiny_model
 
 cloudpickle.register_pickle_by_value(parallel_helpers)      # workers cannot import it
 
 
-@pytest.mark.parametrize("mode", ["downpour", "dynsgd", "adag", "easgd"])
+MODE_OBJECTS = {"downpour": Downpour(), "dynsgd": DynSGD(),
+                "adag": ADAG(tau=2, local_learning_rate=0.1),
+                "easgd": EASGD(tau=2, alpha=0.5, local_learning_rate=0.1)}
+
+
+@pytest.mark.parametrize("mode", list(MODE_OBJECTS))
 def test_async_mode_learns_and_records_staleness(mode, cluster, store, tmp_path):
     _, val, _ = store.split(0.75, 0.25, 0.0, seed=0)
     model = tiny_model()
-    trainer = DaskTrainer(model, cluster, mode=mode, shards=4, learning_rate=0.1, tau=2,
-                          progress=False, echo=lambda *a: None,
-                          replay_log=tmp_path / "replay.jsonl")
+    trainer = DaskTrainer(model, cluster, mode=MODE_OBJECTS[mode], shards=4, progress=False,
+                          echo=lambda *a: None, replay_log=tmp_path / "replay.jsonl")
     trainer.fit(store, epochs=3, batch_size=32, validation=val)
+    assert trainer.mode == mode
     assert trainer.history[-1]["val_accuracy"] > 0.9
     window = 1 if mode in ("downpour", "dynsgd") else 2
     assert len(trainer.commits) == 3 * 4 * (8 // window)
@@ -76,3 +81,22 @@ def test_replay_log_reproduces_an_async_run_bit_for_bit(mode, cluster, store, tm
     original = [json.loads(line)["staleness"] for line in log.read_text().splitlines()]
     assert [c["staleness"] for c in trainer.commits] == original
     assert max(original) >= 1             # the run really was asynchronous
+
+
+def test_mode_names_with_keywords_build_the_same_mode_objects(cluster):
+    def options(mode, **keywords):
+        return DaskTrainer(tiny_model(), cluster, mode=mode, progress=False,
+                           echo=lambda *a: None, **keywords).mode_options
+
+    assert options("adag", tau=3, learning_rate=0.2) == ADAG(tau=3, local_learning_rate=0.2)
+    assert options("easgd", alpha=0.25) == EASGD(alpha=0.25)
+    assert options("sync", sync_weights="broadcast") == Sync(weights="broadcast")
+    assert options("dynsgd", max_in_flight=3) == DynSGD(max_in_flight=3)
+    with pytest.raises(TypeError, match=r"\['tau'\] belong inside the mode object"):
+        options(ADAG(), tau=2)
+    with pytest.raises(ValueError, match="ADAG: tau must be a positive integer, got 0"):
+        ADAG(tau=0)
+    with pytest.raises(ValueError, match=r"EASGD: alpha must be in \(0, 1\], got 2"):
+        EASGD(alpha=2)
+    with pytest.raises(ValueError, match="mode must be one of .* got 'hogwild'"):
+        options("hogwild")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
@@ -116,3 +117,69 @@ def test_a_worker_that_joins_mid_run_gets_work_and_changes_no_bit(cluster, store
     expected = tiny_model()
     DaskTrainer(expected, cluster, shards=4, **QUIET).fit(store, epochs=1, batch_size=32)
     assert_same_weights(model.get_weights(), expected.get_weights())
+
+
+@pytest.fixture
+def http_server():
+    """A real HTTP server on 127.0.0.1 in a thread: what a mistyped port often reaches."""
+    import http.server
+    import threading
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def chatty_server():
+    """A socket server on 127.0.0.1 that answers every connection with bytes that are not
+    Dask's (an SSH or SMTP banner, say)."""
+    import socketserver
+    import threading
+
+    class Banner(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n" * 4)
+            self.request.recv(1024)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Banner)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("server", ["http_server", "chatty_server"])
+def test_a_scheduler_address_where_something_else_listens_fails_fast(server, request):
+    address = request.getfixturevalue(server)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"could not reach a Dask scheduler at "
+                                              rf"'{address}' within 2 s"):
+        DaskTrainer(tiny_model(), address, connect_timeout=2, **QUIET)
+    assert time.monotonic() - started < 15
+
+
+def test_close_closes_the_client_it_opened_from_an_address(cluster):
+    trainer = DaskTrainer(tiny_model(), cluster.scheduler.address, **QUIET)
+    assert trainer.client.status == "running"
+    trainer.close()
+    assert trainer.client.status == "closed"
+    assert cluster.status == "running"                # a Client we were given stays open
+    DaskTrainer(tiny_model(), cluster, **QUIET).close()
+    assert cluster.status == "running"
+
+
+def test_evaluate_works_before_fit(cluster, store):
+    model = tiny_model()
+    trainer = DaskTrainer(model, cluster, **QUIET)
+    result = trainer.evaluate(np.arange(64), dataset=store)
+    x, y = store.read(np.arange(64))
+    loss, accuracy = model.evaluate(store.normalize(x), y)
+    assert result["accuracy"] == pytest.approx(accuracy)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    with pytest.raises(ValueError, match="before fit.*dataset="):
+        DaskTrainer(model, cluster, **QUIET).evaluate(np.arange(64))

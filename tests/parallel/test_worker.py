@@ -121,7 +121,7 @@ def test_workers_get_the_model_without_the_optimizer_state(rng):
     import pickle
 
     from cnnx import nn
-    from cnnx.parallel.trainer import _worker_copy
+    from cnnx.parallel.transport import worker_copy
 
     model = nn.Sequential([nn.Flatten(), nn.Dense(512, activation="relu"),
                            nn.Dense(2, activation="softmax")], input_shape=(16, 16, 1))
@@ -130,7 +130,36 @@ def test_workers_get_the_model_without_the_optimizer_state(rng):
     model.apply_gradients(model.gradient(x, np.arange(8) % 2).mean_grads())
     weights = sum(a.nbytes for a in model.get_weights().values())
     assert len(pickle.dumps(model)) > 2.5 * weights          # the moments are there
-    shipped = _worker_copy(model)
+    shipped = worker_copy(model)
     assert len(pickle.dumps(shipped)) < weights + 10_000
     assert model.optimizer is not None                       # the driver keeps its own
     np.testing.assert_array_equal(shipped.predict(x), model.predict(x))
+
+
+def test_dense_kernel_gradient_as_factors_is_exact_and_smaller(rng):
+    # one shard's factors multiply out to the layer's own kernel gradient, bit for bit; sums
+    # stack the factors while that is smaller, and multiply out once it is not
+    from cnnx import nn, optim
+    from cnnx.parallel import factors
+
+    model = nn.Sequential([nn.Flatten(), nn.Dense(64, activation="relu"),
+                           nn.Dense(2, activation="softmax")], input_shape=(16, 16, 1))
+    model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy")
+    dense = model.layers[1]
+    factors.capture(dense)
+    x = rng.standard_normal((8, 16, 16, 1)).astype(np.float32)
+    result = model.gradient(x, np.arange(8) % 2)
+    captured = dense.kernel_factors
+    np.testing.assert_array_equal(captured.materialise(), result.grads["dense/kernel"])
+    assert captured.nbytes == 8 * (256 + 64) * 4 < result.grads["dense/kernel"].nbytes
+    twice = captured + captured                    # 16 rows: still smaller, stacked
+    assert isinstance(twice, factors.KernelFactors) and len(twice.inputs) == 16
+    np.testing.assert_allclose(twice.materialise(), 2 * result.grads["dense/kernel"],
+                               rtol=1e-6, atol=1e-7)
+    many = twice + twice + twice + twice           # 64 rows: no longer smaller, multiplied out
+    assert isinstance(many, np.ndarray)
+    np.testing.assert_allclose(many, 8 * result.grads["dense/kernel"], rtol=1e-5, atol=1e-6)
+    assert not factors.smaller_as_factors(64, 256, 64)
+    # the glasses net's first Dense kernel at 32 rows: 6.6 MB instead of 26 MB
+    assert 32 * (51200 + 128) * 4 / 1e6 == pytest.approx(6.57, abs=0.01)
+    assert factors.smaller_as_factors(32, 51200, 128)

@@ -1,0 +1,126 @@
+"""Worker-resident model replicas for synchronous training (all-reduce style).
+
+Each worker process keeps one compiled copy of the model, optimizer state included, per run.
+Every step's gradient sum reaches every worker once, and each applies it with the same
+code as the driver (Sequential.apply_gradient_sum), so all replicas and the driver's model
+hold the same bits at the same version: weights never travel per step. A replica is found
+by its run id and must be at the version a task expects; a worker that lost it (killed,
+restarted, or new) raises ReplicaMissing, and the driver re-installs it from its own model.
+"""
+import time
+
+from cnnx.nn import Dense
+from cnnx.parallel import factors, wire, worker
+
+_replicas = {}                            # run id -> _Replica
+
+
+class ReplicaMissing(RuntimeError):
+    """This worker holds no replica of the run at the version a task needs."""
+
+
+class _Replica:
+    def __init__(self, model, version):
+        self.model, self.version = model, version
+
+
+def install(run, model, version):
+    """Keep `model` (compiled, optimizer state included) as this worker's replica of `run`;
+    its large Dense layers keep their kernel gradients' factors (factors.py)."""
+    for layer in model.layers:
+        kernel = layer.params.get("kernel")
+        if isinstance(layer, Dense) and factors.smaller_as_factors(8, *kernel.shape):
+            factors.capture(layer)
+    with worker._lock:
+        _replicas[run] = _Replica(model, version)
+    return version
+
+
+def _factored(model, result, wire_dtype):
+    """result.grads with each captured Dense kernel as its factors where they are smaller."""
+    rows = result.n_samples
+    for layer in model.layers:
+        captured = getattr(layer, "kernel_factors", None)
+        if captured is None:
+            continue
+        if wire_dtype == "float32" and factors.smaller_as_factors(rows, *captured.shape):
+            result.grads[f"{layer.name}/kernel"] = captured
+        layer.kernel_factors = None
+    return result
+
+
+def version_of(run):
+    """The version of this worker's replica of `run`, or None."""
+    replica = _replicas.get(run)
+    return None if replica is None else replica.version
+
+
+def drop(run):
+    with worker._lock:
+        _replicas.pop(run, None)
+
+
+def _at_version(run, version, previous):
+    """The replica of `run`, brought to `version` by applying `previous` (the gradient sum
+    of step version - 1) if it is one step behind."""
+    replica = _replicas.get(run)
+    if replica is not None and previous is not None and replica.version == version - 1:
+        total, _ = previous
+        replica.model.apply_gradient_sum(wire.materialised(total))
+        replica.version = version
+    if replica is None or replica.version != version:
+        have = "none" if replica is None else f"version {replica.version}"
+        raise ReplicaMissing(f"worker {worker.worker_name()} holds {have} of the model replica "
+                             f"of run {run}, a task needs version {version}")
+    return replica
+
+
+def replica_gradient(run, version, previous, batch, key, wire_dtype="float32"):
+    """(GradientSum of one virtual shard, stats) on this worker's replica at `version`.
+
+    previous: the (GradientSum, stats) of step version - 1, or None when the replica is
+    already there (fresh install). batch: worker.timed_batch's (x, y, seconds) of the
+    shard's samples. key = (epoch, step, shard)."""
+    x, y, read_s = batch
+    with worker._lock:
+        start = time.perf_counter()
+        model = _at_version(run, version, previous).model
+        applied = time.perf_counter()
+        result = _factored(model, model.gradient(x, y, key=tuple(key)), wire_dtype)
+        computed = time.perf_counter()
+    worker.check_finite(result, key)
+    # encode copies: a layer's backward overwrites its grads, and this result outlives the task
+    result.grads = wire.encode(result.grads, wire_dtype)
+    return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start)
+
+
+def evaluate_replica(run, version, previous, spec):
+    """worker.evaluate_batch on this worker's replica at `version` (no weights sent)."""
+    return worker.evaluate_model(spec, lambda: _at_version(run, version, previous).model)
+
+
+def summary(root):
+    """What the driver needs of a step's gradient sum to record it: the counts, not the sum."""
+    total, stats = root
+    return int(total.n_samples), float(total.loss_sum), int(total.n_correct), stats
+
+
+def state_at(run, version, previous):
+    """(weights, optimizer state) of this worker's replica at `version` (see _at_version)."""
+    with worker._lock:
+        model = _at_version(run, version, previous).model
+        return model.get_weights(), model.optimizer.state_dict()
+
+
+def state_if_at(run, version):
+    """(weights, optimizer state) if this worker's replica is at `version`, else None."""
+    with worker._lock:
+        replica = _replicas.get(run)
+        if replica is None or replica.version != version:
+            return None
+        return replica.model.get_weights(), replica.model.optimizer.state_dict()
+
+
+def relay(value):
+    """The value itself, held by one more worker: the nodes of a broadcast tree."""
+    return value

@@ -1,0 +1,287 @@
+"""The synchronous driver: replicas on the workers, gradient sums in a fixed tree, pipelined.
+
+Design (all-reduce style, the driver stays the authority):
+- At the start each worker gets the model once, optimizer state included (replica.py).
+- Step v: one task per virtual shard computes its gradient sum on its worker's replica at
+  version v; a fixed pair-sum tree (plan.tree_pairs, G only) reduces them; the root sum goes
+  to every worker (through a binary relay tree beyond two workers: each node sends at most
+  twice what it receives). Each replica applies it inside its first task of step v + 1 with
+  Sequential.apply_gradient_sum. Same code, same sum, same order: every replica holds the
+  same bits, on any worker count. The driver receives only the step's counts and loss.
+- The driver's model is brought to the replicas' version (`pull`: weights and optimizer
+  state from one replica, 3·P once) every `pull_every` steps, for checkpoints, at epoch
+  ends and at the end of fit: checkpoints are written from it. Until then it keeps the
+  root sums of the steps since (held on the workers), so anything lost can be rebuilt.
+- Pipelined: step v + 1's tasks are queued behind step v's root before the driver waits for
+  it, so Dask's round trips to the driver overlap the workers' work instead of adding to it.
+- Weights never travel per step. Anything lost (a worker killed, a worker that joined
+  without a replica) fails the step; the driver then brings its model up to date, re-installs
+  it where replicas are missing or behind, and runs the step again from its inputs: the
+  same bits.
+"""
+import collections
+import time
+import uuid
+
+from distributed import KilledWorker
+
+from cnnx.parallel import cluster, plan, replica, transport, wire, worker
+
+PIPELINE_DEPTH = 2                        # steps queued on the workers at a time
+PULL_EVERY = 8                            # steps between pulls: bounds the sums kept
+RECOVERABLE = (*transport.LOST, TimeoutError, replica.ReplicaMissing, KilledWorker)
+
+
+class _Step:
+    """The futures of one submitted step."""
+
+    def __init__(self, epoch, step, version, root, summary, submitted):
+        self.epoch, self.step, self.version = epoch, step, version
+        self.root, self.summary, self.submitted = root, summary, submitted
+
+
+class ReplicatedSync:
+    """Runs synchronous epochs on worker replicas of `model`; yields one record per step."""
+
+    def __init__(self, client, model, spec, wire_dtype="float32", max_step_retries=3,
+                 worker_timeout=60.0, echo=print):
+        self.client, self.model, self.spec = client, model, spec
+        self.wire_dtype, self.max_step_retries = wire_dtype, max_step_retries
+        self.worker_timeout, self.echo = worker_timeout, echo
+        self.run = f"cnnx-{uuid.uuid4().hex[:8]}"
+        self.version = 0                  # steps whose sums are known (replicas reach it)
+        self.model_version = 0            # steps the driver's own model has taken
+        self.roots = []                   # root futures of the steps model_version..version-1
+        self.attempt = 0                  # bumps on every recovery: fresh task keys
+        self.previous = None              # the root the next submitted step's replicas apply
+        self.last_root = None             # the root future of step version - 1
+        self.workers = []
+        self.last_arrival = None
+        self.pulled_bytes = 0             # weights and optimizer state the driver received
+
+    # ------------------------------------------------------------------ replicas
+    def start(self):
+        """Install the replicas (once per fit: the model reaches each worker once)."""
+        self.workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
+        self._install(self.workers)
+
+    def close(self):
+        try:
+            self.client.run(replica.drop, self.run, on_error="return")
+        except Exception:                 # the cluster may be closing; replicas die with it
+            pass
+
+    def _install(self, addresses):
+        model = transport.worker_copy(self.pull(), with_optimizer=True)
+        self.client.run(replica.install, self.run, model, self.version, workers=addresses,
+                        on_error="return")
+        self.previous = None
+
+    def _repair(self):
+        """Re-install the driver's model wherever a replica is missing or not at its version."""
+        self.workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
+        versions = self.client.run(replica.version_of, self.run, on_error="return")
+        stale = [address for address in self.workers if versions.get(address) != self.version]
+        if stale:
+            self._install(stale)
+        self.previous = None
+
+    # ------------------------------------------------------------------ the driver's model
+    def pull(self):
+        """Bring the driver's model (weights and optimizer state) to the replicas' version:
+        from a replica when one is there, else by applying the kept sums itself."""
+        if self.model_version == self.version:
+            return self.model
+        state = None
+        if self.roots:
+            try:
+                state = self.client.submit(
+                    replica.state_at, self.run, self.version, self.roots[-1],
+                    key=f"{self.run}-a{self.attempt}-state-{self.version}",
+                    workers=self.workers[:1], allow_other_workers=True, pure=False).result()
+            except RECOVERABLE:
+                state = None
+        if state is None:
+            found = self.client.run(replica.state_if_at, self.run, self.version,
+                                    on_error="return")
+            state = next((s for s in found.values() if isinstance(s, tuple)), None)
+        if state is not None:
+            weights, optimizer_state = state
+            self.pulled_bytes += wire.nbytes(weights) + wire.nbytes(optimizer_state)
+            self.model.set_weights(weights)
+            self.model.optimizer.load_state_dict(optimizer_state)
+        else:
+            self._apply_kept_sums()
+        self.model_version, self.roots = self.version, []
+        return self.model
+
+    def _apply_kept_sums(self):
+        """No replica is at the version: take the kept sums in order, as the replicas did."""
+        try:
+            sums = self.client.gather(self.roots)
+        except Exception as error:
+            raise RuntimeError(
+                f"DaskTrainer: the gradient sums of steps {self.model_version}..{self.version - 1} "
+                f"of this fit were lost with the workers that held them ({error}); resume from "
+                f"the last checkpoint") from error
+        for total, _ in sums:
+            self.pulled_bytes += wire.nbytes(total.grads)
+            self.model.apply_gradient_sum(wire.materialised(total))
+
+    def evaluate_tasks(self, specs, workers):
+        """Futures of (loss_sum, n_correct, n) of each spec on the replicas, as they are
+        now; between two steps (no step queued: the replicas are at most at version)."""
+        return [self.client.submit(replica.evaluate_replica, self.run, self.version,
+                                   self.last_root, spec, workers=[address],
+                                   allow_other_workers=True, pure=False)
+                for spec, address in zip(specs, workers)]
+
+    def _welcome_new_workers(self, queued):
+        """Give workers that joined a replica at the driver's version; the next step's tasks
+        bring it up to date (this works with at most one step still queued)."""
+        workers = cluster.worker_addresses(self.client)
+        joined = sorted(set(workers) - set(self.workers))
+        if joined and queued <= 1:
+            self._install_keeping_previous(joined)
+        if workers and (not joined or queued <= 1):
+            self.workers = workers
+
+    def _install_keeping_previous(self, addresses):
+        previous = self.previous
+        self._install(addresses)
+        self.previous = previous
+
+    # ------------------------------------------------------------------ steps
+    def run_epoch(self, epoch, epoch_plan, first_step):
+        """Yield the record of each step from first_step on, in order, once its sum is known
+        (a consumer may pull, checkpoint or stop between two records)."""
+        queue = collections.deque()
+        following, retries = first_step, 0
+        try:
+            while following < len(epoch_plan) or queue:
+                while following < len(epoch_plan) and len(queue) < PIPELINE_DEPTH:
+                    queue.append(self._submit(epoch, following, epoch_plan[following],
+                                              self.version + len(queue)))
+                    following += 1
+                head = queue[0]
+                try:
+                    summary = head.summary.result()
+                except worker.NonFiniteGradientError as error:
+                    self._cancel(queue)
+                    self.pull()
+                    raise worker.NonFiniteGradientError(
+                        f"{error}; training stopped before applying step {head.step} of epoch "
+                        f"{epoch}: the model holds the weights after the previous step") from None
+                except RECOVERABLE as error:
+                    retries += 1
+                    if retries > self.max_step_retries:
+                        raise
+                    self.echo(f"cnnx: step {head.step} of epoch {epoch} lost data or a model "
+                              f"replica with a worker ({type(error).__name__}); retrying it "
+                              f"({retries}/{self.max_step_retries})")
+                    following = head.step
+                    self._cancel(queue)
+                    self.attempt += 1
+                    self._repair()
+                    continue
+                retries = 0
+                queue.popleft()
+                record = self._take(head, summary)
+                if len(self.roots) >= PULL_EVERY:
+                    before = self.pulled_bytes
+                    self.pull()
+                    record["bytes_in"] = self.pulled_bytes - before
+                self._welcome_new_workers(len(queue))
+                yield record
+        finally:
+            self._cancel(queue)
+
+    def _cancel(self, queue):
+        """Release the queued steps (they fail or finish unseen). Not client.cancel: this
+        Dask's scheduler asserts on cancelling a task whose input erred and drops the
+        client's connection with every future of the fit."""
+        queue.clear()
+        self.previous = self.last_root
+
+    def _submit(self, epoch, step, step_plan, version):
+        started = time.perf_counter()
+        prefix = f"{self.run}-a{self.attempt}-v{version}"
+        sources = self._broadcast(self.previous, prefix)
+        leaves = []
+        for shard in range(len(step_plan)):
+            where = self.workers[transport.preferred_worker(shard, len(step_plan),
+                                                            len(self.workers))]
+            key = (epoch, step, shard)
+            # no input from the step before: runs while the worker waits for that step
+            batch = self.client.submit(worker.timed_batch, self.spec(step_plan[shard]), key,
+                                       key=f"{prefix}-batch-{shard}", workers=[where],
+                                       allow_other_workers=True, pure=False)
+            leaves.append(self.client.submit(
+                replica.replica_gradient, self.run, version, sources.get(where), batch, key,
+                self.wire_dtype, key=f"{prefix}-grad-{shard}", workers=[where],
+                allow_other_workers=True, pure=False))
+        root = self._reduce(leaves, prefix, step_plan)
+        summary = self.client.submit(replica.summary, root, key=f"{prefix}-summary",
+                                     workers=self.workers[:1], allow_other_workers=True,
+                                     pure=False)
+        self.previous = root
+        return _Step(epoch, step, version, root, summary, started)
+
+    def _broadcast(self, root, prefix):
+        """{worker address: a future of `root` held there}: Dask fetches the root sum for the
+        first two workers from where it was summed; beyond that a binary tree of relays,
+        so no worker sends the sum more than twice plus once to the driver."""
+        if root is None:
+            return {}
+        held = {self.workers[0]: root}
+        for child, parent in enumerate(plan.broadcast_parents(len(self.workers))):
+            if parent is None:
+                continue
+            where = self.workers[child]
+            if parent == 0 and child == 1:
+                held[where] = root
+            else:
+                held[where] = self.client.submit(replica.relay, held[self.workers[parent]],
+                                                 key=f"{prefix}-relay-{child}", workers=[where],
+                                                 allow_other_workers=True, pure=False)
+        return held
+
+    def _reduce(self, leaves, prefix, step_plan):
+        """Pair-sum tasks in a fixed tree: the order of every addition depends on G only.
+        Each sum runs where its left input is, so the root ends on the first worker."""
+        nodes, homes = leaves, [transport.preferred_worker(shard, len(step_plan),
+                                                           len(self.workers))
+                                for shard in range(len(leaves))]
+        for depth, level in enumerate(plan.tree_pairs(len(leaves))):
+            nodes = [nodes[pair[0]] if len(pair) == 1 else
+                     self.client.submit(worker.sum_pair, nodes[pair[0]], nodes[pair[1]],
+                                        key=f"{prefix}-sum-{depth}-{i}",
+                                        workers=[self.workers[homes[pair[0]]]],
+                                        allow_other_workers=True, pure=False)
+                     for i, pair in enumerate(level)]
+            homes = [homes[pair[0]] for pair in level]
+        return nodes[0]
+
+    def _take(self, head, summary):
+        """The step's record; its sum stays on the workers (kept for pull)."""
+        n, loss_sum, n_correct, stats = summary
+        self.version += 1
+        self.roots.append(head.root)
+        self.last_root = head.root
+        received = time.perf_counter()
+        # pipelined: a step takes the time between two sums arriving (or since submission)
+        since = head.submitted if self.last_arrival is None else max(self.last_arrival,
+                                                                     head.submitted)
+        self.last_arrival = received
+        seconds = received - since
+        compute = stats["compute_s"] / max(1, len(stats["worker"]))
+        return {"epoch": head.epoch, "step": head.step, "n_samples": n, "loss_sum": loss_sum,
+                "n_correct": n_correct, "loss": loss_sum / n, "accuracy": n_correct / n,
+                "time_s": seconds, "images_per_s": n / seconds,
+                "scatter_s": 0.0, "wait_s": seconds, "optimizer_s": 0.0,
+                "compute_s": compute, "max_shard_compute_s": stats["max_compute_s"],
+                "replica_apply_s": stats.get("max_apply_s", 0.0), "read_s": stats["read_s"],
+                "transfer_s": max(0.0, seconds - stats["max_compute_s"]
+                                  - stats.get("max_apply_s", 0.0)),
+                "bytes_out": 0, "bytes_in": 0,
+                "workers": len(self.workers), "tasks_per_worker": stats["worker"]}
