@@ -163,12 +163,14 @@ def build_model(name, seed):
 
 def measure(client, dataset, model_name, wire, seed):
     """One sync epoch of 1 + STEPS_MEASURED steps; bytes of the steps after the first."""
-    from cnnx.parallel import DaskTrainer
+    from cnnx.parallel import DaskTrainer, Sync
 
     model = build_model(model_name, seed)
     snapshots = []
-    trainer = DaskTrainer(model, client, mode="sync", seed=seed, wire_dtype=wire,
-                          progress=False, echo=lambda *_: None)
+    # the papers' protocol (weights out, gradients back every step), which this study counts;
+    # cnnx's default keeps replicas on the workers and sends no weights per step
+    trainer = DaskTrainer(model, client, mode=Sync(weights="broadcast"), seed=seed,
+                          wire_dtype=wire, progress=False, echo=lambda *_: None)
     history = trainer.fit(dataset, epochs=1, batch_size=GLOBAL_BATCH,
                           callbacks=[lambda _trainer, _record: snapshots.append(
                               tap_snapshot(client))])

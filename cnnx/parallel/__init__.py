@@ -5,5 +5,6 @@ from cnnx.parallel.modes import ADAG, EASGD, Downpour, DynSGD, Sync
 from cnnx.parallel.trainer import MODES, DaskTrainer
 from cnnx.parallel.worker import NonFiniteGradientError, StoreError
 
-__all__ = ["DaskTrainer", "MODES", "Sync", "Downpour", "DynSGD", "ADAG", "EASGD", "connect", "start_local_cluster", "save_checkpoint",
-           "load_checkpoint", "NonFiniteGradientError", "StoreError"]
+__all__ = ["DaskTrainer", "MODES", "Sync", "Downpour", "DynSGD", "ADAG", "EASGD", "connect",
+           "start_local_cluster", "save_checkpoint", "load_checkpoint", "NonFiniteGradientError",
+           "StoreError"]

@@ -416,7 +416,7 @@ class DaskTrainer:
         parts = [f"epoch {s['epoch']}", f"{s['images_per_s']:.0f} img/s"]
         parts += [f"{k} {s[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
                   if k in s]
-        parts.append(f"{(s['bytes_out'] + s['bytes_in'] + s['bytes_between_workers']) / 1e6:.1f} MB moved")
+        parts.append(f"{(s['bytes_out'] + s['bytes_in'] + s['bytes_between_workers']) / 1e6:.1f} MB moved this epoch")
         self.echo("cnnx: " + ", ".join(parts))
 
 
