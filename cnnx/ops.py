@@ -76,6 +76,19 @@ def _check_nhwc(x, what):
         raise ValueError(f"{what} got an empty input of shape {x.shape}")
 
 
+def _check_operand(array, what, name, ndim, layout):
+    """array must be a float32/float64 ndarray of ndim dimensions (layout names them)."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what} expects {name} as a numpy.ndarray {layout}, got "
+                        f"{type(array).__name__}; convert it with numpy.asarray(..., "
+                        f"dtype=numpy.float32)")
+    if array.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{what} expects {name} of dtype float32 (or float64), got "
+                        f"{array.dtype}; convert it with {name}.astype(numpy.float32)")
+    if array.ndim != ndim:
+        raise ValueError(f"{what} expects {name} of shape {layout}, got {array.shape}")
+
+
 def _c(array):
     return np.ascontiguousarray(array)
 
@@ -85,6 +98,7 @@ def _c(array):
 def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None):
     """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F)."""
     _check_nhwc(x, "conv2d_forward")
+    _check_operand(kernel, "conv2d_forward", "kernel", 4, "(KH, KW, C, F)")
     strides = _pair(strides, "strides")
     kh, kw, c, f = kernel.shape
     if x.shape[3] != c:
@@ -113,6 +127,8 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
                     need_input_grad=True, n_threads=None):
     """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
     _check_nhwc(x, "conv2d_backward")
+    _check_operand(kernel, "conv2d_backward", "kernel", 4, "(KH, KW, C, F)")
+    _check_operand(grad_output, "conv2d_backward", "grad_output", 4, "(N, OH, OW, F)")
     strides = _pair(strides, "strides")
     kh, kw, c, f = kernel.shape
     n, h, w, _ = x.shape
@@ -262,7 +278,9 @@ def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, paddi
 
 def dense_forward(x, kernel, bias, relu=False, n_threads=None):
     """y = x @ kernel + bias (ReLU if asked).  x (N,I), kernel (I,U) -> (N,U)."""
-    if x.ndim != 2 or x.shape[1] != kernel.shape[0]:
+    _check_operand(x, "dense_forward", "x", 2, "(N, I)")
+    _check_operand(kernel, "dense_forward", "kernel", 2, "(I, U)")
+    if x.shape[1] != kernel.shape[0]:
         raise ValueError(f"dense_forward: x is {x.shape} but the kernel is {kernel.shape}")
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
@@ -279,6 +297,9 @@ def dense_forward(x, kernel, bias, relu=False, n_threads=None):
 
 def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None):
     """Gradients of dense_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
+    _check_operand(x, "dense_backward", "x", 2, "(N, I)")
+    _check_operand(kernel, "dense_backward", "kernel", 2, "(I, U)")
+    _check_operand(grad_output, "dense_backward", "grad_output", 2, "(N, U)")
     if grad_output.shape != (x.shape[0], kernel.shape[1]):
         raise ValueError(f"dense_backward: grad_output is {grad_output.shape}, expected "
                          f"{(x.shape[0], kernel.shape[1])}")

@@ -135,3 +135,27 @@ def test_fused_relu_keeps_nan_like_numpy(strides, isa, rng):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     assert np.isnan(got).any()
     assert (got[~np.isnan(got)] >= 0).all()
+
+
+def test_conv2d_forward_refuses_a_list_kernel(rng):
+    # used to fail with a raw AttributeError: 'list' object has no attribute 'shape'
+    kernel = f32(rng, (3, 3, 2, 4)).tolist()
+    with pytest.raises(TypeError, match=r"conv2d_forward expects kernel as a numpy.ndarray "
+                                        r"\(KH, KW, C, F\), got list"):
+        ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), kernel, None)
+
+
+def test_conv2d_forward_names_the_shapes_of_a_3d_kernel(rng):
+    # used to fail with "not enough values to unpack (expected 4, got 3)"
+    with pytest.raises(ValueError, match=r"conv2d_forward expects kernel of shape "
+                                         r"\(KH, KW, C, F\), got \(3, 3, 4\)"):
+        ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), f32(rng, (3, 3, 4)), None)
+    with pytest.raises(ValueError, match=r"conv2d_backward expects kernel of shape "
+                                         r"\(KH, KW, C, F\), got \(3, 3, 4\)"):
+        ops.conv2d_backward(f32(rng, (1, 5, 5, 2)), f32(rng, (3, 3, 4)), f32(rng, (1, 3, 3, 4)))
+
+
+def test_conv2d_forward_refuses_an_integer_kernel(rng):
+    with pytest.raises(TypeError, match=r"conv2d_forward expects kernel of dtype float32 "
+                                        r".*got int64"):
+        ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), np.ones((3, 3, 2, 4), np.int64), None)

@@ -160,3 +160,25 @@ def test_max_pool_propagates_nan_like_the_float64_path(nan_cell, isa):
     y64, argmax64 = ops.max_pool2d_forward(x, 2, 2, "valid")
     assert np.isnan(y32[0, 0, 0, 0]) and np.isnan(y64[0, 0, 0, 0])
     assert argmax32[0, 0, 0, 0] == argmax64[0, 0, 0, 0] == nan_cell
+
+
+@pytest.mark.parametrize("dtype", [np.int64, object])
+def test_dense_refuses_non_float_arrays(dtype, rng):
+    # integer or object arrays used to run through the NumPy path and return int64/object
+    x, kernel = np.ones((2, 3), dtype), f32(rng, (3, 4))
+    name = np.dtype(dtype).name
+    with pytest.raises(TypeError, match=rf"dense_forward expects x of dtype float32 .*got {name}"):
+        ops.dense_forward(x, kernel, None)
+    with pytest.raises(TypeError, match=rf"dense_forward expects kernel .*got {name}"):
+        ops.dense_forward(f32(rng, (2, 3)), kernel.astype(dtype), None)
+    with pytest.raises(TypeError, match=rf"dense_backward expects x .*got {name}"):
+        ops.dense_backward(x, kernel, f32(rng, (2, 4)))
+
+
+def test_dense_refuses_lists_and_wrong_ranks(rng):
+    with pytest.raises(TypeError, match=r"dense_forward expects kernel as a numpy.ndarray "
+                                        r"\(I, U\), got list"):
+        ops.dense_forward(f32(rng, (2, 3)), [[1.0] * 4] * 3, None)
+    with pytest.raises(ValueError, match=r"dense_forward expects x of shape \(N, I\), "
+                                         r"got \(2, 3, 1\)"):
+        ops.dense_forward(f32(rng, (2, 3, 1)), f32(rng, (3, 4)), None)
