@@ -52,6 +52,8 @@ cdef extern from "cnnx_kernels.h" nogil:
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
                                   const float *grad_output, float *grad_input, int n_threads)
     double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
+    double cnnx_add_chain_seconds(long n_iterations, long *sink)
+    void cnnx_copy(long n, const float *source, float *target, int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
@@ -364,3 +366,25 @@ def fma_peak_seconds(long n_iterations, n_threads=1):
     with nogil:
         seconds = cnnx_fma_peak_seconds(n_iterations, threads, &sink)
     return seconds
+
+
+def add_chain_seconds(long n_iterations):
+    """Seconds for n_iterations of 64 dependent integer adds (one cycle each) on this thread."""
+    cdef long sink = n_iterations
+    cdef double seconds
+    with nogil:
+        seconds = cnnx_add_chain_seconds(n_iterations, &sink)
+    return seconds
+
+
+def copy(source, target, n_threads=1):
+    """target[...] = source: the threaded copy the memory-bound kernels are measured against."""
+    who = "copy"
+    _check(who, "source", source)
+    _check_output(who, "target", target, source.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] source_view = source.reshape(-1)
+    cdef float[::1] target_view = target.reshape(-1)
+    with nogil:
+        cnnx_copy(source_view.shape[0], &source_view[0], &target_view[0], threads)
+    return target

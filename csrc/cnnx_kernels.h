@@ -84,8 +84,14 @@ void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
 void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
                               float *grad_input, int n_threads);
 
+/* target[i] = source[i] for i < n: the memory-bandwidth yardstick. */
+void cnnx_copy(long n, const float *source, float *target, int n_threads);
+
 /* Seconds to run n_iterations of 12 independent 8-wide FMA chains on each of n_threads
  * threads (2 * 8 * 12 * n_iterations * n_threads flops); generic code if no AVX2+FMA. */
 double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink);
+/* Seconds to run n_iterations of 64 dependent integer adds on the calling thread (one
+ * cycle each): 64 * n_iterations / seconds is the clock. *sink seeds the chain, gets its end. */
+double cnnx_add_chain_seconds(long n_iterations, long *sink);
 
 #endif
