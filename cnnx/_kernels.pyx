@@ -54,6 +54,13 @@ cdef extern from "cnnx_kernels.h" nogil:
     double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
     double cnnx_add_chain_seconds(long n_iterations, long *sink)
     void cnnx_copy(long n, const float *source, float *target, int n_threads)
+    void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads)
+    ctypedef struct cnnx_adam_scalars:
+        float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
+    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                          const cnnx_adam_scalars *scalars, int n_threads)
+    void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
+                         float learning_rate, float momentum, int nesterov, int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
@@ -298,22 +305,35 @@ def max_pool2d_forward(x, y, argmax, pool_size, strides, pads=(0, 0), n_threads=
     return y, argmax
 
 
-def max_pool2d_backward(grad_output, argmax, grad_input, n_threads=1):
-    """grad_input[n, argmax, c] += grad_output (grad_input is overwritten)."""
+def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides=None,
+                        pads=(0, 0), n_threads=1):
+    """grad_input[n, argmax, c] += grad_output (grad_input is overwritten).
+
+    pool_size, strides and pads, when given, are those of the forward that made argmax:
+    windows that tile the input (strides == pool_size) then take one write pass."""
     who = "max_pool2d_backward"
     _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
     _check(who, "argmax", argmax, grad_output.shape, np.int32)
     _check_output(who, "grad_input", grad_input,
                   (grad_output.shape[0], -1, -1, grad_output.shape[3]))
     cdef int threads = _threads(who, n_threads)
-    cells = grad_input.shape[1] * grad_input.shape[2]
-    low, high = int(argmax.min()), int(argmax.max())
-    if low < 0 or high >= cells:
-        raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells of "
-                         f"the input plane {grad_input.shape[1:3]}")
     cdef cnnx_pool_geometry g
-    g.batch, g.in_h, g.in_w, g.channels = grad_input.shape
-    g.out_h, g.out_w = grad_output.shape[1:3]
+    if pool_size is not None:
+        g = _pool_geometry(grad_input.shape, grad_output.shape[1:3], tuple(pool_size),
+                           tuple(strides if strides is not None else pool_size), tuple(pads))
+    else:
+        g.batch, g.in_h, g.in_w, g.channels = grad_input.shape
+        g.out_h, g.out_w = grad_output.shape[1:3]
+        g.pool_h = g.pool_w = 1
+        g.stride_h = g.stride_w = 0              # geometry unknown: scatter by argmax
+        g.pad_top = g.pad_left = 0
+    if g.stride_h != g.pool_h or g.stride_w != g.pool_w:
+        # the scatter writes at argmax: it must lie inside the input plane
+        cells = grad_input.shape[1] * grad_input.shape[2]
+        low, high = int(argmax.min()), int(argmax.max())
+        if low < 0 or high >= cells:
+            raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells "
+                             f"of the input plane {grad_input.shape[1:3]}")
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
     cdef const int[:, :, :, ::1] argmax_view = argmax
     cdef float[:, :, :, ::1] grad_input_view = grad_input
@@ -388,3 +408,67 @@ def copy(source, target, n_threads=1):
     with nogil:
         cnnx_copy(source_view.shape[0], &source_view[0], &target_view[0], threads)
     return target
+
+
+# ------------------------------------------------------------------------------ element-wise
+
+cdef float[::1] _flat(array):
+    return array.reshape(-1)
+
+
+def relu_backward(y, grad, n_threads=1):
+    """grad *= (y > 0) in place (ReLU's backward from its output); returns grad."""
+    who = "relu_backward"
+    _check(who, "y", y)
+    _check_output(who, "grad", grad, y.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] y_view = y.reshape(-1)
+    cdef float[::1] grad_view = _flat(grad)
+    with nogil:
+        cnnx_relu_backward(y_view.shape[0], &y_view[0], &grad_view[0], threads)
+    return grad
+
+
+def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float beta_2,
+                float one_minus_beta_2, float step, float epsilon, n_threads=1):
+    """One fused Adam pass: m, v and param updated in place (see cnnx_adam_update)."""
+    who = "adam_update"
+    _check_output(who, "param", param, None)
+    for name, array in (("grad", grad), ("m", m), ("v", v)):
+        _check(who, name, array, param.shape)
+    _check_output(who, "m", m, param.shape)
+    _check_output(who, "v", v, param.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_adam_scalars scalars
+    scalars.beta_1, scalars.one_minus_beta_1 = beta_1, one_minus_beta_1
+    scalars.beta_2, scalars.one_minus_beta_2 = beta_2, one_minus_beta_2
+    scalars.step, scalars.epsilon = step, epsilon
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] m_view = _flat(m)
+    cdef float[::1] v_view = _flat(v)
+    with nogil:
+        cnnx_adam_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
+                         &v_view[0], &scalars, threads)
+
+
+def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint nesterov,
+               n_threads=1):
+    """One fused SGD pass (velocity None: plain SGD), in place."""
+    who = "sgd_update"
+    _check_output(who, "param", param, None)
+    _check(who, "grad", grad, param.shape)
+    if velocity is not None:
+        _check_output(who, "velocity", velocity, param.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] velocity_view
+    cdef float *velocity_pointer = NULL
+    if velocity is not None:
+        velocity_view = _flat(velocity)
+        velocity_pointer = &velocity_view[0]
+    cdef int use_nesterov = nesterov
+    with nogil:
+        cnnx_sgd_update(param_view.shape[0], &param_view[0], &grad_view[0], velocity_pointer,
+                        learning_rate, momentum, use_nesterov, threads)

@@ -95,8 +95,11 @@ def _c(array):
 
 # ---------------------------------------------------------------------------- convolution
 
-def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None):
-    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F)."""
+def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None,
+                   out=None):
+    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F).
+
+    out: optional float32 (N,OH,OW,F) array to write y into (a layer's reused buffer)."""
     _check_nhwc(x, "conv2d_forward")
     _check_operand(kernel, "conv2d_forward", "kernel", 4, "(KH, KW, C, F)")
     strides = _pair(strides, "strides")
@@ -109,7 +112,7 @@ def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False,
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
         # one GEMM (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) with im2col built panel by panel
-        y = np.empty((n, oh, ow, f), np.float32)
+        y = out if out is not None else np.empty((n, oh, ow, f), np.float32)
         return _kernels.conv2d_forward(_c(x), _c(kernel), None if bias is None else _c(bias),
                                        y, strides, (top, left), relu, n_threads=n_threads)
     xp = _padded(x, top, left, oh, ow, kh, kw, strides)
@@ -124,8 +127,10 @@ def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False,
 
 
 def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
-                    need_input_grad=True, n_threads=None):
-    """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
+                    need_input_grad=True, n_threads=None, out=None):
+    """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias).
+
+    out: optional float32 array shaped like x to write grad_input into."""
     _check_nhwc(x, "conv2d_backward")
     _check_operand(kernel, "conv2d_backward", "kernel", 4, "(KH, KW, C, F)")
     _check_operand(grad_output, "conv2d_backward", "grad_output", 4, "(N, OH, OW, F)")
@@ -139,7 +144,7 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
         return _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad,
-                                        (top, left), n_threads)
+                                        (top, left), n_threads, out)
     xp = _padded(x, top, left, oh, ow, kh, kw, strides)
     cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
     g = grad_output.reshape(n * oh * ow, f)
@@ -160,7 +165,7 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
 
 
 def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, pads,
-                             n_threads):
+                             n_threads, out):
     kh, kw, c, f = kernel.shape
     x, grad_output = _c(x), _c(grad_output)
     grad_kernel = np.empty(kernel.shape, np.float32)
@@ -173,7 +178,7 @@ def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, p
         # grad_input is a convolution of grad_output (input dilated by the stride) with the
         # kernel flipped in space and transposed in channels: (KH, KW, F, C)
         flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-        grad_input = np.empty(x.shape, np.float32)
+        grad_input = out if out is not None else np.empty(x.shape, np.float32)
         _kernels.conv2d_forward(grad_output, flipped, None, grad_input, (1, 1),
                                 (kh - 1 - pads[0], kw - 1 - pads[1]), False, strides,
                                 n_threads=n_threads)
@@ -182,8 +187,11 @@ def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, p
 
 # -------------------------------------------------------------------------------- pooling
 
-def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
-    """y = max over each window -> (y, argmax); argmax is the int32 index h*W+w in the input plane."""
+def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None, out=None):
+    """y = max over each window -> (y, argmax); argmax is the int32 index h*W+w in the input plane.
+
+    out: optional (y, argmax) arrays to write into (float32 only; a layer's buffers reused
+    from step to step, which saves the page faults of fresh big arrays)."""
     _check_nhwc(x, "max_pool2d_forward")
     ph, pw = _pair(pool_size, "pool_size")
     strides = _pair(strides if strides is not None else (ph, pw), "strides")
@@ -191,7 +199,8 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
     oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
-        y, argmax = np.empty((n, oh, ow, c), np.float32), np.empty((n, oh, ow, c), np.int32)
+        y, argmax = out if out is not None else (np.empty((n, oh, ow, c), np.float32),
+                                                 np.empty((n, oh, ow, c), np.int32))
         return _kernels.max_pool2d_forward(_c(x), y, argmax, (ph, pw), strides, (top, left),
                                            n_threads=n_threads)
     xp = _padded(x, top, left, oh, ow, ph, pw, strides, fill=-np.inf)
@@ -203,17 +212,28 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
     return np.ascontiguousarray(y), (rows * w + cols).astype(np.int32)
 
 
-def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None):
-    """Route each output gradient to the input cell that held the max."""
+def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_size=None,
+                        strides=None, padding="valid", out=None):
+    """Route each output gradient to the input cell that held the max.
+
+    pool_size, strides and padding, when given, must be the forward's: windows that tile the
+    input (strides == pool_size) then take one write pass instead of zeroing and a scatter.
+    out: optional float32 array of input_shape to write grad_input into."""
     n, h, w, c = input_shape
     if argmax.shape != grad_output.shape:
         raise ValueError(f"max_pool2d_backward: argmax {argmax.shape} and grad_output "
                          f"{grad_output.shape} differ")
     n_threads = _threads.resolve(n_threads)
     if grad_output.dtype == np.float32:
-        grad_input = np.empty((n, h, w, c), np.float32)
+        grad_input = out if out is not None else np.empty((n, h, w, c), np.float32)
+        geometry = {}
+        if pool_size is not None:
+            ph, pw = _pair(pool_size, "pool_size")
+            strides = _pair(strides if strides is not None else (ph, pw), "strides")
+            _, _, top, left = _geometry(h, w, ph, pw, strides, padding)
+            geometry = dict(pool_size=(ph, pw), strides=strides, pads=(top, left))
         return _kernels.max_pool2d_backward(_c(grad_output), _c(argmax), grad_input,
-                                            n_threads=n_threads)
+                                            n_threads=n_threads, **geometry)
     grad_input = np.zeros((n, h * w, c), grad_output.dtype)
     batch = np.arange(n)[:, None, None, None]
     channel = np.arange(c)[None, None, None, :]

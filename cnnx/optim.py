@@ -4,8 +4,12 @@ An optimizer updates a flat dict of parameters in place from a dict of gradients
 same keys ("layer_name/param").  Its state is keyed by those names too, so state_dict()
 is a flat dict of arrays that goes into .npz checkpoints and over Dask as it is.
 Each optimizer implements one _update(name, param, grad, lr); the update rules are Keras'.
+SGD and Adam update float32 parameters in one fused, threaded C pass per parameter (each
+element independent: the same bits for any thread count); other dtypes take NumPy.
 """
 import numpy as np
+
+from cnnx import _kernels, _threads
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -167,6 +171,11 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = momentum, nesterov
 
     def _update(self, name, param, grad, lr):
+        if _fused(param, grad):
+            velocity = None if self.momentum == 0 else self._slot("velocity", name, param)
+            _kernels.sgd_update(param, grad, velocity, lr, self.momentum, self.nesterov,
+                                n_threads=_threads.get_num_threads())
+            return
         step = np.multiply(grad, lr, out=self._scratch(name, param))        # lr g
         if self.momentum == 0:
             param -= step
@@ -261,8 +270,14 @@ class Adam(Optimizer):
 
     def _update(self, name, param, grad, lr):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
-        work = self._scratch(name, param)
         t = self.iterations
+        if _fused(param, grad, m, v):
+            root = np.sqrt(1 - self.beta_2 ** t)
+            _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
+                                 1 - self.beta_2, lr * root / (1 - self.beta_1 ** t),
+                                 self.epsilon * root, n_threads=_threads.get_num_threads())
+            return
+        work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
         # m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into two scalars:
@@ -347,6 +362,12 @@ class LARS(Optimizer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "weight_decay": self.weight_decay, "eta": self.eta}
+
+
+def _fused(*arrays):
+    """True when the C update applies: float32, C-contiguous, writeable, not empty."""
+    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.size > 0
+               for a in arrays) and arrays[0].flags.writeable
 
 
 def _moving_average(average, value, decay, work=None):

@@ -74,7 +74,10 @@ typedef struct {
 /* y = max over the window, argmax = h*in_w + w of the first maximum (row-major scan). */
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
                              int *argmax, int n_threads);
-/* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. */
+/* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. When the pool
+ * geometry is known and windows tile the input (stride == pool), one write pass instead,
+ * with argmax only compared to each cell (so it needs no range check); stride_h = 0 marks
+ * the geometry unknown (argmax must then lie inside the input plane). */
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
                               const int *argmax, float *grad_input, int n_threads);
 /* y = mean over the window's cells inside the input. */
@@ -86,6 +89,24 @@ void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry, const float *g
 
 /* target[i] = source[i] for i < n: the memory-bandwidth yardstick. */
 void cnnx_copy(long n, const float *source, float *target, int n_threads);
+
+/* grad[i] *= (y[i] > 0): ReLU's backward from its output, in place. */
+void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads);
+
+/* Adam (Kingma & Ba, Algorithm 1) with the bias corrections folded into step and epsilon:
+ * m = beta_1 m + (1 - beta_1) g;  v = beta_2 v + (1 - beta_2) g^2;
+ * param -= m / (sqrt(v) + epsilon) * step.  float32 throughout, in this order of operations
+ * (the NumPy formulas', so both give the same bits). */
+typedef struct {
+    float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon;
+} cnnx_adam_scalars;
+void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                      const cnnx_adam_scalars *scalars, int n_threads);
+
+/* SGD: velocity NULL: param -= lr g.  Else v = momentum v - lr g, then param += v
+ * (nesterov: param = (param - lr g) + momentum v). */
+void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
+                     float learning_rate, float momentum, int nesterov, int n_threads);
 
 /* Seconds to run n_iterations of 12 independent 8-wide FMA chains on each of n_threads
  * threads (2 * 8 * 12 * n_iterations * n_threads flops); generic code if no AVX2+FMA. */

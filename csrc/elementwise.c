@@ -4,6 +4,8 @@
  * every element is computed by one thread from its own inputs only, so the results do not
  * depend on the thread count. Loops are plain C over restrict pointers, vectorised by gcc.
  */
+#include <math.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "cnnx_kernels.h"
@@ -19,5 +21,66 @@ void cnnx_copy(long n, const float *source, float *target, int n_threads)
     for (long b = 0; b < blocks; ++b) {
         long start = b * BLOCK, count = n - start < BLOCK ? n - start : BLOCK;
         memcpy(target + start, source + start, sizeof(float) * count);
+    }
+}
+
+static long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
+static long block_end(long block, long n) { return block * BLOCK + BLOCK < n ? block * BLOCK + BLOCK : n; }
+
+void cnnx_relu_backward(long n, const float *restrict y, float *restrict grad, int n_threads)
+{
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long b = 0; b < blocks_of(n); ++b)
+        for (long i = b * BLOCK; i < block_end(b, n); ++i) {
+            float keep = y[i] > 0.0f ? 1.0f : 0.0f;
+            grad[i] = grad[i] * keep;              /* NumPy's grad * (y > 0): a NaN stays */
+        }
+}
+
+void cnnx_adam_update(long n, float *restrict param, const float *restrict grad,
+                      float *restrict m, float *restrict v, const cnnx_adam_scalars *s,
+                      int n_threads)
+{
+    float beta_1 = s->beta_1, one_minus_beta_1 = s->one_minus_beta_1;
+    float beta_2 = s->beta_2, one_minus_beta_2 = s->one_minus_beta_2;
+    float step = s->step, epsilon = s->epsilon;
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long b = 0; b < blocks_of(n); ++b)
+        for (long i = b * BLOCK; i < block_end(b, n); ++i) {
+            float g = grad[i];
+            float m_i = m[i] * beta_1 + g * one_minus_beta_1;
+            float v_i = v[i] * beta_2 + (g * g) * one_minus_beta_2;
+            m[i] = m_i;
+            v[i] = v_i;
+            param[i] = param[i] - m_i / (sqrtf(v_i) + epsilon) * step;
+        }
+}
+
+void cnnx_sgd_update(long n, float *restrict param, const float *restrict grad,
+                     float *restrict velocity, float learning_rate, float momentum,
+                     int nesterov, int n_threads)
+{
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long b = 0; b < blocks_of(n); ++b) {
+        long end = block_end(b, n);
+        if (velocity == NULL) {
+            for (long i = b * BLOCK; i < end; ++i)
+                param[i] = param[i] - grad[i] * learning_rate;
+        } else if (nesterov) {
+            for (long i = b * BLOCK; i < end; ++i) {
+                float step = grad[i] * learning_rate, v = velocity[i] * momentum - step;
+                velocity[i] = v;
+                param[i] = (param[i] - step) + v * momentum;
+            }
+        } else {
+            for (long i = b * BLOCK; i < end; ++i) {
+                float v = velocity[i] * momentum - grad[i] * learning_rate;
+                velocity[i] = v;
+                param[i] = param[i] + v;
+            }
+        }
     }
 }

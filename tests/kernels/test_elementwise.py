@@ -1,0 +1,82 @@
+"""Element-wise kernels (ReLU backward, optimizer updates) against NumPy formulas."""
+import numpy as np
+import pytest
+
+from cnnx import _kernels, optim
+
+SIZES = [1, 7, 4095, 4097, 3 * 4096 + 13]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_relu_backward_is_numpys_multiply_by_the_mask(size, rng):
+    y = rng.standard_normal(size).astype(np.float32)
+    y[::5] = 0.0
+    grad = rng.standard_normal(size).astype(np.float32)
+    grad[::7] = np.nan                                  # a NaN where y <= 0 stays NaN
+    expected = grad * (y > 0)
+    for n_threads in (1, 2, 3):
+        got = _kernels.relu_backward(y, grad.copy(), n_threads=n_threads)
+        np.testing.assert_array_equal(got, expected)
+        assert np.array_equal(np.signbit(got), np.signbit(expected))
+
+
+def numpy_adam(param, grad, m, v, b1, b2, step, eps):
+    f = np.float32
+    m[...] = m * f(b1) + grad * f(1 - b1)
+    v[...] = v * f(b2) + (grad * grad) * f(1 - b2)
+    param[...] = param - m / (np.sqrt(v) + f(eps)) * f(step)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_adam_update_matches_the_float32_formula_bit_for_bit(size, rng):
+    param, grad, m = (rng.standard_normal(size).astype(np.float32) for _ in range(3))
+    v = rng.random(size).astype(np.float32)
+    expected = [a.copy() for a in (param, grad, m, v)]
+    numpy_adam(*expected, 0.9, 0.999, 1e-3, 1e-7)
+    for n_threads in (1, 2, 3):
+        got = [a.copy() for a in (param, grad, m, v)]
+        _kernels.adam_update(*got, 0.9, 1 - 0.9, 0.999, 1 - 0.999, 1e-3, 1e-7,
+                             n_threads=n_threads)
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_sgd_update_matches_the_float32_formula(momentum, nesterov, rng):
+    size = 4096 * 2 + 3
+    param, grad, velocity = (rng.standard_normal(size).astype(np.float32) for _ in range(3))
+    f = np.float32
+    step = grad * f(0.01)
+    if momentum == 0:
+        expected_param, expected_velocity = param - step, velocity
+    else:
+        expected_velocity = velocity * f(momentum) - step
+        expected_param = ((param - step) + expected_velocity * f(momentum) if nesterov
+                          else param + expected_velocity)
+    for n_threads in (1, 2):
+        p, v = param.copy(), velocity.copy()
+        _kernels.sgd_update(p, grad, None if momentum == 0 else v, 0.01, momentum, nesterov,
+                            n_threads=n_threads)
+        np.testing.assert_array_equal(p, expected_param)
+        np.testing.assert_array_equal(v, expected_velocity)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.Adam(1e-2), lambda: optim.SGD(0.1, 0.9, True)],
+                         ids=["adam", "nesterov"])
+def test_fused_optimizers_agree_with_their_float64_path(make, rng):
+    # float64 parameters take the NumPy path: both follow the same maths
+    params32 = {"w": rng.standard_normal((33, 17)).astype(np.float32)}
+    params64 = {"w": params32["w"].astype(np.float64)}
+    fused, numpy_path = make(), make()
+    for _ in range(5):
+        grad = rng.standard_normal((33, 17))
+        fused.apply(params32, {"w": grad.astype(np.float32)})
+        numpy_path.apply(params64, {"w": grad})
+    np.testing.assert_allclose(params32["w"], params64["w"], rtol=1e-5, atol=1e-5)
+
+
+def test_updates_refuse_mismatched_shapes(rng):
+    param = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match=r"adam_update: grad must have shape \(5\), got \(4,\)"):
+        _kernels.adam_update(param, np.zeros(4, np.float32), np.zeros(5, np.float32),
+                             np.zeros(5, np.float32), 0.9, 0.1, 0.999, 0.001, 1e-3, 1e-7)
