@@ -8,6 +8,7 @@ and what it got. Workspace is allocated here (NumPy), so the C side never alloca
 import threading
 
 import numpy as np
+from libc.stdint cimport uint32_t, uint64_t
 
 cdef extern from "cnnx_kernels.h" nogil:
     int cnnx_openmp_enabled()
@@ -55,6 +56,16 @@ cdef extern from "cnnx_kernels.h" nogil:
     double cnnx_add_chain_seconds(long n_iterations, long *sink)
     void cnnx_copy(long n, const float *source, float *target, int n_threads)
     void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads)
+    void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
+                           unsigned char *keep, int n_threads)
+    void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
+                            float *y, int n_threads)
+    long cnnx_channel_sums_partials(long rows, int channels)
+    void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
+                           double *sums, double *product_sums, double *partials, int n_threads)
+    void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_scale,
+                             const float *b, const float *b_scale, const float *shift,
+                             float *out, int n_threads)
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
     void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
@@ -472,3 +483,99 @@ def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint 
     with nogil:
         cnnx_sgd_update(param_view.shape[0], &param_view[0], &grad_view[0], velocity_pointer,
                         learning_rate, momentum, use_nesterov, threads)
+
+
+# ------------------------------------------------------------------------------ per channel
+
+def channel_sums(a, b=None, n_threads=1):
+    """(sum over rows of a, sum over rows of a * b (b None: a * a)), float64 per channel, for
+    a (rows, channels) float32 array; the same bits for any n_threads."""
+    who = "channel_sums"
+    _check(who, "a", a, (-1, -1))
+    if b is not None:
+        _check(who, "b", b, a.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef long rows = a.shape[0]
+    cdef int channels = a.shape[1]
+    sums, product_sums = np.empty(channels), np.empty(channels)
+    partials = np.empty(cnnx_channel_sums_partials(rows, channels))
+    cdef const float[:, ::1] a_view = a
+    cdef const float[:, ::1] b_view
+    cdef const float *b_pointer = NULL
+    if b is not None:
+        b_view = b
+        b_pointer = &b_view[0, 0]
+    cdef double[::1] sums_view = sums
+    cdef double[::1] product_view = product_sums
+    cdef double[::1] partials_view = partials
+    with nogil:
+        cnnx_channel_sums(rows, channels, &a_view[0, 0], b_pointer, &sums_view[0],
+                          &product_view[0], &partials_view[0], threads)
+    return sums, product_sums
+
+
+def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, n_threads=1):
+    """out = a * a_scale (+ b * b_scale) + shift, per channel of (rows, channels) arrays."""
+    who = "channel_affine"
+    _check(who, "a", a, (-1, -1))
+    cdef int channels = a.shape[1]
+    _check(who, "a_scale", a_scale, (channels,))
+    _check(who, "shift", shift, (channels,))
+    _check_output(who, "out", out, a.shape)
+    if (b is None) != (b_scale is None):
+        raise ValueError(f"{who}: give both b and b_scale, or neither")
+    cdef const float[:, ::1] b_view
+    cdef const float[::1] b_scale_view
+    cdef const float *b_pointer = NULL
+    cdef const float *b_scale_pointer = NULL
+    if b is not None:
+        _check(who, "b", b, a.shape)
+        _check(who, "b_scale", b_scale, (channels,))
+        b_view, b_scale_view = b, b_scale
+        b_pointer, b_scale_pointer = &b_view[0, 0], &b_scale_view[0]
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[:, ::1] a_view = a
+    cdef const float[::1] a_scale_view = a_scale
+    cdef const float[::1] shift_view = shift
+    cdef float[:, ::1] out_view = out
+    cdef long rows = a.shape[0]
+    with nogil:
+        cnnx_channel_affine(rows, channels, &a_view[0, 0], &a_scale_view[0], b_pointer,
+                            b_scale_pointer, &shift_view[0], &out_view[0, 0], threads)
+    return out
+
+
+# ------------------------------------------------------------------------------ dropout
+
+def dropout_mask(keep, key, double rate, n_threads=1):
+    """keep[i] = 1 with probability 1 - rate, from Philox4x64-10 keyed by key (two uint64):
+    element i's 32 bits are those numpy.random.Philox(key=key) gives as its i-th 32-bit half
+    word. keep: a C-contiguous uint8 array, overwritten; returned."""
+    who = "dropout_mask"
+    _check_output(who, "keep", keep, None, np.uint8)
+    if not 0 <= rate < 1:
+        raise ValueError(f"{who}: rate must be in [0, 1), got {rate}")
+    key0, key1 = (int(k) for k in key)
+    cdef int threads = _threads(who, n_threads)
+    cdef unsigned char[::1] keep_view = keep.reshape(-1)
+    cdef uint32_t threshold = <uint32_t>min(round(rate * 2.0**32), 2**32 - 1)
+    cdef uint64_t k0 = key0, k1 = key1
+    with nogil:
+        cnnx_dropout_mask(keep_view.shape[0], k0, k1, threshold, &keep_view[0], threads)
+    return keep
+
+
+def dropout_apply(x, keep, float scale, out, n_threads=1):
+    """out = x * (keep ? scale : 0), float32 (dropout forward, and backward on gradients)."""
+    who = "dropout_apply"
+    _check(who, "x", x)
+    _check(who, "keep", keep, x.shape, np.uint8)
+    _check_output(who, "out", out, x.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] x_view = x.reshape(-1)
+    cdef const unsigned char[::1] keep_view = keep.reshape(-1)
+    cdef float[::1] out_view = _flat(out)
+    with nogil:
+        cnnx_dropout_apply(x_view.shape[0], &x_view[0], &keep_view[0], scale, &out_view[0],
+                           threads)
+    return out

@@ -7,6 +7,8 @@
 #ifndef CNNX_KERNELS_H
 #define CNNX_KERNELS_H
 
+#include <stdint.h>
+
 /* 1 when built with OpenMP, 0 otherwise. */
 int cnnx_openmp_enabled(void);
 
@@ -107,6 +109,25 @@ void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *
  * (nesterov: param = (param - lr g) + momentum v). */
 void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
                      float learning_rate, float momentum, int nesterov, int n_threads);
+
+/* Per-channel sums over a (rows, channels) array, in double: sums[c] = sum_r a[r, c] and
+ * product_sums[c] = sum_r a[r, c] * b[r, c] (b NULL: a * a). partials holds
+ * cnnx_channel_sums_partials(rows, channels) doubles of scratch. */
+long cnnx_channel_sums_partials(long rows, int channels);
+void cnnx_channel_sums(long rows, int channels, const float *a, const float *b, double *sums,
+                       double *product_sums, double *partials, int n_threads);
+/* out[r, c] = a[r, c] * a_scale[c] (+ b[r, c] * b_scale[c] unless b is NULL) + shift[c]. */
+void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_scale,
+                         const float *b, const float *b_scale, const float *shift, float *out,
+                         int n_threads);
+
+/* keep[i] = (32 random bits of element i) >= threshold, from Philox4x64-10 keyed by
+ * (key0, key1): P(keep) = 1 - threshold / 2^32, a pure function of (key, i). */
+void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
+                       unsigned char *keep, int n_threads);
+/* y[i] = x[i] * (keep[i] ? scale : 0): dropout forward, and its backward on the gradient. */
+void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
+                        float *y, int n_threads);
 
 /* Seconds to run n_iterations of 12 independent 8-wide FMA chains on each of n_threads
  * threads (2 * 8 * 12 * n_iterations * n_threads flops); generic code if no AVX2+FMA. */

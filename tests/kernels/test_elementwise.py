@@ -80,3 +80,74 @@ def test_updates_refuse_mismatched_shapes(rng):
     with pytest.raises(ValueError, match=r"adam_update: grad must have shape \(5\), got \(4,\)"):
         _kernels.adam_update(param, np.zeros(4, np.float32), np.zeros(5, np.float32),
                              np.zeros(5, np.float32), 0.9, 0.1, 0.999, 0.001, 1e-3, 1e-7)
+
+
+@pytest.mark.parametrize("rows, channels", [(1, 1), (511, 3), (513, 17), (5 * 512 + 7, 32)])
+def test_channel_sums_match_float64_sums_for_any_thread_count(rows, channels, rng):
+    a = rng.standard_normal((rows, channels)).astype(np.float32)
+    b = rng.standard_normal((rows, channels)).astype(np.float32)
+    runs = [_kernels.channel_sums(a, b, n_threads=t) for t in (1, 2, 3)]
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(runs[0][0], a64.sum(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(runs[0][1], (a64 * b64).sum(axis=0), rtol=1e-12, atol=1e-12)
+    for sums, products in runs[1:]:
+        assert np.array_equal(sums, runs[0][0]) and np.array_equal(products, runs[0][1])
+    _, squares = _kernels.channel_sums(a, n_threads=2)
+    np.testing.assert_allclose(squares, (a64 * a64).sum(axis=0), rtol=1e-12)
+
+
+def test_channel_affine_is_the_float32_formula(rng):
+    a, b = (rng.standard_normal((1031, 5)).astype(np.float32) for _ in range(2))
+    a_scale, b_scale, shift = (rng.standard_normal(5).astype(np.float32) for _ in range(3))
+    out = np.empty_like(a)
+    for n_threads in (1, 2):
+        _kernels.channel_affine(a, a_scale, shift, out, n_threads=n_threads)
+        np.testing.assert_array_equal(out, a * a_scale + shift)
+        _kernels.channel_affine(a, a_scale, shift, out, b=b, b_scale=b_scale,
+                                n_threads=n_threads)
+        np.testing.assert_array_equal(out, (a * a_scale + b * b_scale) + shift)
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 4095, 4096 * 3 + 5])
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.5, 0.9])
+def test_dropout_mask_is_numpys_philox_thresholded(size, rate, rng):
+    key = rng.integers(0, 2**64, size=2, dtype=np.uint64)
+    # element i takes the i-th 32-bit half word of numpy.random.Philox(key=key)'s stream
+    raw = np.random.Philox(key=key).random_raw((size + 1) // 2).astype("<u8")
+    expected = raw.view("<u4")[:size] >= round(rate * 2**32)
+    for n_threads in (1, 2, 3):
+        keep = _kernels.dropout_mask(np.empty(size, np.uint8), key, rate, n_threads=n_threads)
+        np.testing.assert_array_equal(keep.astype(bool), expected)
+
+
+def test_dropout_apply_is_x_times_the_scaled_mask(rng):
+    x = rng.standard_normal(5000).astype(np.float32)
+    x[3] = np.nan
+    keep = (rng.random(5000) > 0.3).astype(np.uint8)
+    scale = np.float32(1 / 0.7)
+    expected = x * np.where(keep, scale, np.float32(0))
+    for n_threads in (1, 2):
+        got = _kernels.dropout_apply(x, keep, scale, np.empty_like(x), n_threads=n_threads)
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: __import__("cnnx").nn.BatchNormalization(), (5, 7, 9, 33)),
+    (lambda: __import__("cnnx").nn.Dropout(0.3), (5, 7, 9, 33)),
+], ids=["batchnorm", "dropout"])
+def test_memory_bound_layers_give_the_same_bits_for_any_thread_count(make, shape, rng):
+    import cnnx
+    x = rng.standard_normal(shape).astype(np.float32) + 3
+    grad = rng.standard_normal(shape).astype(np.float32)
+    runs = []
+    for n_threads in (1, 2, 3):
+        layer = make()
+        layer.build(shape[1:], np.random.default_rng(0))
+        with cnnx.num_threads(n_threads):
+            y = layer.forward(x, training=True, rng=np.random.default_rng(5)).copy()
+            grad_input = layer.backward(grad.copy()).copy()
+        runs.append((y, grad_input, *(g.copy() for g in layer.grads.values()),
+                     *(s.copy() for s in layer.state.values())))
+    for other in runs[1:]:
+        for first, second in zip(runs[0], other):
+            assert np.array_equal(first, second)
