@@ -2,12 +2,12 @@
 
 Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output.
 float32 arrays run on the C kernels (every operand must then be float32); float64 arrays
-take the NumPy path below, which the gradient checks use (same maths, no rounding noise).
+take the NumPy path of cnnx.ops_float64, which the gradient checks use (same maths, no
+rounding noise). Checks and geometry live here, once for both paths.
 """
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from cnnx import _kernels, _threads
+from cnnx import _kernels, _threads, ops_float64
 
 PADDINGS = ("valid", "same")
 
@@ -47,23 +47,6 @@ def _geometry(h, w, kh, kw, strides, padding):
         raise ValueError(f"a {kh}x{kw} window with strides {strides} and padding "
                          f"{padding!r} does not fit a {h}x{w} input")
     return oh, ow, padding_before(h, kh, sh, padding), padding_before(w, kw, sw, padding)
-
-
-def _padded(x, top, left, oh, ow, kh, kw, strides, fill=0.0):
-    """x padded so that every window of the output grid lies inside it."""
-    n, h, w, c = x.shape
-    need_h = (oh - 1) * strides[0] + kh
-    need_w = (ow - 1) * strides[1] + kw
-    bottom, right = max(need_h - h - top, 0), max(need_w - w - left, 0)
-    if top == bottom == left == right == 0:
-        return x
-    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
-
-
-def _windows(xp, kh, kw, strides, oh, ow):
-    # (N, OH, OW, C, KH, KW) view of the padded input, one window per output pixel
-    view = sliding_window_view(xp, (kh, kw), axis=(1, 2))
-    return view[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
 
 
 def _check_nhwc(x, what):
@@ -115,15 +98,7 @@ def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False,
         y = out if out is not None else np.empty((n, oh, ow, f), np.float32)
         return _kernels.conv2d_forward(_c(x), _c(kernel), None if bias is None else _c(bias),
                                        y, strides, (top, left), relu, n_threads=n_threads)
-    xp = _padded(x, top, left, oh, ow, kh, kw, strides)
-    cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
-    # (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) -> (N*OH*OW, F), already NHWC
-    y = cols.reshape(n * oh * ow, kh * kw * c) @ kernel.reshape(kh * kw * c, f)
-    if bias is not None:
-        y += bias
-    if relu:
-        np.maximum(y, 0, out=y)
-    return y.reshape(n, oh, ow, f).astype(x.dtype, copy=False)
+    return ops_float64.conv2d_forward(x, kernel, bias, strides, relu, oh, ow, top, left)
 
 
 def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
@@ -145,23 +120,8 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
     if x.dtype == np.float32:
         return _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad,
                                         (top, left), n_threads, out)
-    xp = _padded(x, top, left, oh, ow, kh, kw, strides)
-    cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
-    g = grad_output.reshape(n * oh * ow, f)
-    # (KH*KW*C, N*OH*OW) @ (N*OH*OW, F) -> (KH*KW*C, F)
-    grad_kernel = (cols.reshape(-1, kh * kw * c).T @ g).reshape(kernel.shape)
-    grad_bias = g.sum(axis=0)
-    grad_input = None
-    if need_input_grad:
-        # (N*OH*OW, F) @ (F, KH*KW*C) -> per-pixel column gradients, scattered back (col2im)
-        grad_cols = (g @ kernel.reshape(-1, f).T).reshape(n, oh, ow, kh, kw, c)
-        grad_xp = np.zeros(xp.shape, x.dtype)
-        sh, sw = strides
-        for i in range(kh):
-            for j in range(kw):
-                grad_xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] += grad_cols[:, :, :, i, j]
-        grad_input = np.ascontiguousarray(grad_xp[:, top : top + h, left : left + w])
-    return grad_input, grad_kernel.astype(x.dtype, copy=False), grad_bias.astype(x.dtype, copy=False)
+    return ops_float64.conv2d_backward(x, kernel, grad_output, strides, need_input_grad,
+                                       oh, ow, top, left)
 
 
 def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, pads,
@@ -203,13 +163,7 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
                                                  np.empty((n, oh, ow, c), np.int32))
         return _kernels.max_pool2d_forward(_c(x), y, argmax, (ph, pw), strides, (top, left),
                                            n_threads=n_threads)
-    xp = _padded(x, top, left, oh, ow, ph, pw, strides, fill=-np.inf)
-    windows = _windows(xp, ph, pw, strides, oh, ow).reshape(n, oh, ow, c, ph * pw)
-    flat = windows.argmax(axis=-1)                                  # first max wins, like Keras
-    y = np.take_along_axis(windows, flat[..., None], axis=-1)[..., 0]
-    rows = np.arange(oh)[:, None, None] * strides[0] - top + flat // pw   # (N,OH,OW,C) broadcast
-    cols = np.arange(ow)[None, :, None] * strides[1] - left + flat % pw
-    return np.ascontiguousarray(y), (rows * w + cols).astype(np.int32)
+    return ops_float64.max_pool2d_forward(x, (ph, pw), strides, oh, ow, top, left)
 
 
 def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_size=None,
@@ -234,20 +188,7 @@ def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_s
             geometry = dict(pool_size=(ph, pw), strides=strides, pads=(top, left))
         return _kernels.max_pool2d_backward(_c(grad_output), _c(argmax), grad_input,
                                             n_threads=n_threads, **geometry)
-    grad_input = np.zeros((n, h * w, c), grad_output.dtype)
-    batch = np.arange(n)[:, None, None, None]
-    channel = np.arange(c)[None, None, None, :]
-    np.add.at(grad_input, (batch, argmax, channel), grad_output)
-    return grad_input.reshape(n, h, w, c)
-
-
-def _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left):
-    # how many real (unpadded) cells each window covers: (OH, OW, 1)
-    rows = np.arange(oh) * strides[0] - top
-    cols = np.arange(ow) * strides[1] - left
-    count_h = np.minimum(rows + ph, h) - np.maximum(rows, 0)
-    count_w = np.minimum(cols + pw, w) - np.maximum(cols, 0)
-    return (count_h[:, None] * count_w[None, :])[:, :, None]
+    return ops_float64.max_pool2d_backward(grad_output, argmax, input_shape)
 
 
 def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
@@ -262,10 +203,7 @@ def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
         y = np.empty((n, oh, ow, c), np.float32)
         return _kernels.avg_pool2d_forward(_c(x), y, (ph, pw), strides, (top, left),
                                            n_threads=n_threads)
-    xp = _padded(x, top, left, oh, ow, ph, pw, strides)
-    sums = _windows(xp, ph, pw, strides, oh, ow).sum(axis=(-2, -1))
-    counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
-    return (sums / counts).astype(x.dtype, copy=False)
+    return ops_float64.avg_pool2d_forward(x, (ph, pw), strides, oh, ow, top, left)
 
 
 def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, padding="valid",
@@ -283,15 +221,8 @@ def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, paddi
         grad_input = np.empty((n, h, w, c), np.float32)
         return _kernels.avg_pool2d_backward(_c(grad_output), grad_input, (ph, pw), strides,
                                             (top, left), n_threads=n_threads)
-    counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
-    share = grad_output / counts
-    need_h, need_w = (oh - 1) * strides[0] + ph, (ow - 1) * strides[1] + pw
-    grad_xp = np.zeros((n, max(need_h, top + h), max(need_w, left + w), c), grad_output.dtype)
-    sh, sw = strides
-    for i in range(ph):
-        for j in range(pw):
-            grad_xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] += share
-    return np.ascontiguousarray(grad_xp[:, top : top + h, left : left + w])
+    return ops_float64.avg_pool2d_backward(grad_output, input_shape, (ph, pw), strides, oh, ow,
+                                           top, left)
 
 
 # ---------------------------------------------------------------------------------- dense
@@ -307,12 +238,7 @@ def dense_forward(x, kernel, bias, relu=False, n_threads=None):
         y = np.empty((x.shape[0], kernel.shape[1]), np.float32)   # (N, I) @ (I, U)
         return _kernels.sgemm(_c(x), _c(kernel), y, None if bias is None else _c(bias), relu,
                               n_threads=n_threads)
-    y = x @ kernel
-    if bias is not None:
-        y += bias
-    if relu:
-        np.maximum(y, 0, out=y)
-    return y
+    return ops_float64.dense_forward(x, kernel, bias, relu)
 
 
 def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None):
@@ -336,7 +262,4 @@ def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None)
             _kernels.sgemm(grad_output, kernel, grad_input, transpose_b=True,
                            n_threads=n_threads)
         return grad_input, grad_kernel, grad_bias
-    grad_kernel = x.T @ grad_output              # (I, N) @ (N, U) -> (I, U)
-    grad_bias = grad_output.sum(axis=0)
-    grad_input = grad_output @ kernel.T if need_input_grad else None
-    return grad_input, grad_kernel, grad_bias
+    return ops_float64.dense_backward(x, kernel, grad_output, need_input_grad)
