@@ -68,6 +68,13 @@ cdef extern from "cnnx_kernels.h" nogil:
                              float *out, int n_threads)
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
+        float m_scale, grad_scale
+    void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square,
+                             float decay, float weight, float learning_rate, float epsilon,
+                             int n_threads)
+    void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
+                            float beta_1, float one_minus_beta_1, float beta_2, float step,
+                            float epsilon, int n_threads)
     void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
                           const cnnx_adam_scalars *scalars, int n_threads)
     void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
@@ -440,20 +447,26 @@ def relu_backward(y, grad, n_threads=1):
     return grad
 
 
-def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float beta_2,
-                float one_minus_beta_2, float step, float epsilon, n_threads=1):
-    """One fused Adam pass: m, v and param updated in place (see cnnx_adam_update)."""
-    who = "adam_update"
+cdef _check_update(who, param, grad, slots):
     _check_output(who, "param", param, None)
-    for name, array in (("grad", grad), ("m", m), ("v", v)):
-        _check(who, name, array, param.shape)
-    _check_output(who, "m", m, param.shape)
-    _check_output(who, "v", v, param.shape)
+    _check(who, "grad", grad, param.shape)
+    for name, slot in slots.items():
+        _check_output(who, name, slot, param.shape)
+
+
+def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float beta_2,
+                float one_minus_beta_2, float step, float epsilon, float m_scale=1,
+                float grad_scale=0, n_threads=1):
+    """One fused Adam pass: m, v and param updated in place (see cnnx_adam_update; Nadam
+    passes its m_scale and grad_scale)."""
+    who = "adam_update"
+    _check_update(who, param, grad, {"m": m, "v": v})
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_adam_scalars scalars
     scalars.beta_1, scalars.one_minus_beta_1 = beta_1, one_minus_beta_1
     scalars.beta_2, scalars.one_minus_beta_2 = beta_2, one_minus_beta_2
     scalars.step, scalars.epsilon = step, epsilon
+    scalars.m_scale, scalars.grad_scale = m_scale, grad_scale
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
     cdef float[::1] m_view = _flat(m)
@@ -461,6 +474,36 @@ def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float b
     with nogil:
         cnnx_adam_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
                          &v_view[0], &scalars, threads)
+
+
+def rmsprop_update(param, grad, square, float decay, float weight, float learning_rate,
+                   float epsilon, n_threads=1):
+    """One fused RMSprop (Adagrad: decay = weight = 1) pass, in place."""
+    who = "rmsprop_update"
+    _check_update(who, param, grad, {"square": square})
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] square_view = _flat(square)
+    with nogil:
+        cnnx_rmsprop_update(param_view.shape[0], &param_view[0], &grad_view[0],
+                            &square_view[0], decay, weight, learning_rate, epsilon, threads)
+
+
+def adamax_update(param, grad, m, u, float beta_1, float one_minus_beta_1, float beta_2,
+                  float step, float epsilon, n_threads=1):
+    """One fused AdaMax pass, in place."""
+    who = "adamax_update"
+    _check_update(who, param, grad, {"m": m, "u": u})
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] m_view = _flat(m)
+    cdef float[::1] u_view = _flat(u)
+    with nogil:
+        cnnx_adamax_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
+                           &u_view[0], beta_1, one_minus_beta_1, beta_2, step, epsilon,
+                           threads)
 
 
 def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint nesterov,

@@ -97,13 +97,25 @@ void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads);
 
 /* Adam (Kingma & Ba, Algorithm 1) with the bias corrections folded into step and epsilon:
  * m = beta_1 m + (1 - beta_1) g;  v = beta_2 v + (1 - beta_2) g^2;
- * param -= m / (sqrt(v) + epsilon) * step.  float32 throughout, in this order of operations
- * (the NumPy formulas', so both give the same bits). */
+ * param -= m / (sqrt(v) + epsilon) * step.  With grad_scale != 0 (Nadam) the numerator is
+ * m * m_scale + g * grad_scale. float32 throughout, in the NumPy formulas' order. */
 typedef struct {
     float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon;
+    float m_scale, grad_scale;
 } cnnx_adam_scalars;
 void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
                       const cnnx_adam_scalars *scalars, int n_threads);
+
+/* RMSprop (Adagrad: decay = weight = 1): square = decay square + weight g^2;
+ * param -= g / (sqrt(square) + epsilon) * learning_rate. */
+void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square, float decay,
+                         float weight, float learning_rate, float epsilon, int n_threads);
+
+/* AdaMax (Kingma & Ba, Algorithm 2): m = beta_1 m + (1 - beta_1) g;
+ * u = max(beta_2 u, |g|);  param -= m / (u + epsilon) * step. */
+void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
+                        float beta_1, float one_minus_beta_1, float beta_2, float step,
+                        float epsilon, int n_threads);
 
 /* SGD: velocity NULL: param -= lr g.  Else v = momentum v - lr g, then param += v
  * (nesterov: param = (param - lr g) + momentum v). */

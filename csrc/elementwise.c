@@ -44,7 +44,9 @@ void cnnx_adam_update(long n, float *restrict param, const float *restrict grad,
 {
     float beta_1 = s->beta_1, one_minus_beta_1 = s->one_minus_beta_1;
     float beta_2 = s->beta_2, one_minus_beta_2 = s->one_minus_beta_2;
+    float m_scale = s->m_scale, grad_scale = s->grad_scale;
     float step = s->step, epsilon = s->epsilon;
+    int nesterov = grad_scale != 0.0f;
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (long b = 0; b < blocks_of(n); ++b)
@@ -54,7 +56,41 @@ void cnnx_adam_update(long n, float *restrict param, const float *restrict grad,
             float v_i = v[i] * beta_2 + (g * g) * one_minus_beta_2;
             m[i] = m_i;
             v[i] = v_i;
-            param[i] = param[i] - m_i / (sqrtf(v_i) + epsilon) * step;
+            float numerator = nesterov ? m_i * m_scale + g * grad_scale : m_i;
+            param[i] = param[i] - numerator / (sqrtf(v_i) + epsilon) * step;
+        }
+}
+
+void cnnx_rmsprop_update(long n, float *restrict param, const float *restrict grad,
+                         float *restrict square, float decay, float weight,
+                         float learning_rate, float epsilon, int n_threads)
+{
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long b = 0; b < blocks_of(n); ++b)
+        for (long i = b * BLOCK; i < block_end(b, n); ++i) {
+            float g = grad[i], s = square[i] * decay + (g * g) * weight;
+            square[i] = s;
+            param[i] = param[i] - g / (sqrtf(s) + epsilon) * learning_rate;
+        }
+}
+
+void cnnx_adamax_update(long n, float *restrict param, const float *restrict grad,
+                        float *restrict m, float *restrict u, float beta_1,
+                        float one_minus_beta_1, float beta_2, float step, float epsilon,
+                        int n_threads)
+{
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long b = 0; b < blocks_of(n); ++b)
+        for (long i = b * BLOCK; i < block_end(b, n); ++i) {
+            float g = grad[i], m_i = m[i] * beta_1 + g * one_minus_beta_1;
+            float decayed = u[i] * beta_2, size = fabsf(g);
+            /* NumPy's maximum: a NaN on either side wins */
+            float u_i = (decayed != decayed || decayed >= size) ? decayed : size;
+            m[i] = m_i;
+            u[i] = u_i;
+            param[i] = param[i] - m_i / (u_i + epsilon) * step;
         }
 }
 

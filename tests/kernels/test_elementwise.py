@@ -151,3 +151,31 @@ def test_memory_bound_layers_give_the_same_bits_for_any_thread_count(make, shape
     for other in runs[1:]:
         for first, second in zip(runs[0], other):
             assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.Adagrad(1e-2), lambda: optim.RMSprop(1e-2), lambda: optim.AdaMax(1e-2),
+    lambda: optim.Nadam(1e-2), lambda: optim.SGD(0.1)],
+    ids=["adagrad", "rmsprop", "adamax", "nadam", "sgd"])
+def test_every_fused_optimizer_agrees_with_its_float64_path(make, rng):
+    params32 = {"w": rng.standard_normal((4099,)).astype(np.float32)}
+    params64 = {"w": params32["w"].astype(np.float64)}
+    fused, numpy_path = make(), make()
+    for _ in range(5):
+        grad = rng.standard_normal(4099)
+        fused.apply(params32, {"w": grad.astype(np.float32)})
+        numpy_path.apply(params64, {"w": grad})
+    np.testing.assert_allclose(params32["w"], params64["w"], rtol=1e-5, atol=1e-5)
+    for name, table in fused.slots.items():
+        for key, value in table.items():
+            np.testing.assert_allclose(value, numpy_path.slots[name][key], rtol=1e-5, atol=1e-6)
+
+
+def test_adamax_update_keeps_numpys_nan_rule(rng):
+    param, m, u = np.zeros(3, np.float32), np.zeros(3, np.float32), np.array(
+        [np.nan, 1.0, 0.0], np.float32)
+    grad = np.array([1.0, np.nan, 2.0], np.float32)
+    _kernels.adamax_update(param, grad, m, u, 0.9, 0.1, 0.999, 1e-3, 1e-7)
+    expected_u = np.maximum(np.array([np.nan, 1.0, 0.0], np.float32) * np.float32(0.999),
+                            np.abs(grad))
+    np.testing.assert_array_equal(u, expected_u)
