@@ -19,6 +19,8 @@
  *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped
  *     (grad kernel: their grad_output rows are zeros). Bands are fixed by the geometry, so
  *     the grad-kernel partials are per band and added in band order.
+ *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
+ *     neither calls back into it. The im2col rows it packs from live in packing.c.
  */
 #include <string.h>
 
@@ -140,7 +142,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 if (whole && cols == GEMM_NR) {
                     float *c = y_band + ((long)(v0 / width) * g->out_w + out_x) * filters
                                + panel * GEMM_NR;
-                    conv_micro_kernel(taps, tap_offsets, g->channels, a, g->channels, b, c,
+                    micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, c,
                                       filters, panel_bias, relu);
                     continue;
                 }
@@ -148,7 +150,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                     memset(edge_bias, 0, sizeof(float) * GEMM_NR);
                     memcpy(edge_bias, panel_bias, sizeof(float) * cols);
                 }
-                conv_micro_kernel(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
+                micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
                                   GEMM_NR, bias ? edge_bias : NULL, relu);
                 for (int r = 0; r < GEMM_MR; ++r) {
                     int v = v0 + r, row_x = v % width;
@@ -160,44 +162,6 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 }
             }
         }
-    }
-}
-
-void im2col_row_segment(const cnnx_conv_geometry *g, const float *source, long pixel, int k0,
-                        int length, float *dst, int dst_stride)
-{
-    int out_x = (int)(pixel % g->out_w);
-    long rest = pixel / g->out_w;
-    int out_y = (int)(rest % g->out_h);
-    long image = rest / g->out_h;
-    int channels = g->channels;
-    const float *source_image = source + image * g->in_h * g->in_w * channels;
-    int tap = k0 / channels, channel = k0 % channels;
-    while (length > 0) {
-        int run = channels - channel < length ? channels - channel : length;
-        int tap_y = tap / g->kernel_w, tap_x = tap % g->kernel_w;
-        int q_y = out_y * g->stride_h + tap_y - g->pad_top;
-        int q_x = out_x * g->stride_w + tap_x - g->pad_left;
-        const float *cell = NULL;
-        if (q_y >= 0 && q_x >= 0 && q_y % g->dilation_h == 0 && q_x % g->dilation_w == 0) {
-            int in_y = q_y / g->dilation_h, in_x = q_x / g->dilation_w;
-            if (in_y < g->in_h && in_x < g->in_w)
-                cell = source_image + ((long)in_y * g->in_w + in_x) * channels + channel;
-        }
-        if (cell) {
-            if (dst_stride == 1)
-                memcpy(dst, cell, sizeof(float) * run);
-            else
-                for (int t = 0; t < run; ++t)
-                    dst[t * dst_stride] = cell[t];
-        } else {
-            for (int t = 0; t < run; ++t)
-                dst[t * dst_stride] = 0.0f;
-        }
-        dst += (long)run * dst_stride;
-        length -= run;
-        channel = 0;
-        ++tap;
     }
 }
 
@@ -230,6 +194,25 @@ static long chunk_count(const cnnx_conv_geometry *g)
 {
     long pixels = (long)g->batch * g->out_h * g->out_w;
     return (pixels + PIXEL_CHUNK - 1) / PIXEL_CHUNK;
+}
+
+/* grad_kernel[e] (e < kernel_size), then grad_bias, = the sum over parts of
+ * partials[part * (kernel_size + filters) + e], added in part order: the same bits for any
+ * n_threads. Called inside a parallel region; its orphaned omp for shares out the elements. */
+static void sum_partials_in_order(const float *partials, long parts, long kernel_size,
+                                  int filters, float *grad_kernel, float *grad_bias)
+{
+    long size = kernel_size + filters;
+    #pragma omp for schedule(static)
+    for (long e = 0; e < size; ++e) {
+        float total = partials[e];
+        for (long part = 1; part < parts; ++part)
+            total += partials[part * size + e];
+        if (e < kernel_size)
+            grad_kernel[e] = total;
+        else
+            grad_bias[e - kernel_size] = total;
+    }
 }
 
 /* Per thread: band, virtual grad_output (+ slack for ragged column panels), an edge tile. */
@@ -329,17 +312,8 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                     }
                 }
         }
-        /* fixed-order sum over bands, parallel over elements */
-        #pragma omp for schedule(static)
-        for (long e = 0; e < partial_size; ++e) {
-            float total = partials[e];
-            for (long b = 1; b < bands; ++b)
-                total += partials[b * partial_size + e];
-            if (e < (long)depth * filters)
-                grad_kernel[e] = total;
-            else
-                grad_bias[e - (long)depth * filters] = total;
-        }
+        sum_partials_in_order(partials, bands, (long)depth * filters, filters, grad_kernel,
+                              grad_bias);
     }
 }
 
@@ -395,16 +369,7 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                 for (int f = 0; f < filters; ++f)
                     bias_partial[f] += grad_output[(long)p * filters + f];
         }
-        /* Fixed-order sum of the chunk partials, parallel over elements. */
-        #pragma omp for schedule(static)
-        for (long e = 0; e < partial_size; ++e) {
-            float total = partials[e];
-            for (long chunk = 1; chunk < chunks; ++chunk)
-                total += partials[chunk * partial_size + e];
-            if (e < (long)depth * filters)
-                grad_kernel[e] = total;
-            else
-                grad_bias[e - (long)depth * filters] = total;
-        }
+        sum_partials_in_order(partials, chunks, (long)depth * filters, filters, grad_kernel,
+                              grad_bias);
     }
 }
