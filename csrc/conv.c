@@ -38,6 +38,9 @@
 #define MAX_TAPS 64                /* fast path for kernels up to 8x8 */
 #define EDGE_FLOATS (GEMM_MR * GEMM_NR + GEMM_NR)
 #define GRAD_SLACK (GEMM_NR + GEMM_MR)
+/* grad_output rows read in place by the grad-kernel fast path only when this wide: each
+ * micro-tile call then runs k = out_w deep; narrower rows take the virtual-row layout. */
+#define IN_PLACE_MIN_WIDTH 32
 
 static int use_fast_path(const cnnx_conv_geometry *g)
 {
@@ -229,6 +232,42 @@ static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters,
            + band_count(g) * (depth * filters + filters);
 }
 
+/* partial[depth, F] (=, or += when accumulate) = im2col(band)^T @ grad[pixels, F] over
+ * `pixels` virtual rows from band. The KW*C k indices (j, c) of one kernel row i are
+ * contiguous in the band: im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. Six k rows are
+ * read in place (pixel stride C), adjacent when they share a kernel row; a narrow kernel
+ * row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at gathered
+ * offsets instead of leaving half of it empty. */
+static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, int pixels,
+                             const float *grad, int filters, float *partial, int accumulate,
+                             float *edge_tile)
+{
+    int depth = g->kernel_h * g->kernel_w * g->channels, row_span = g->kernel_w * g->channels;
+    long width = padded_width(g);
+    for (int k0 = 0; k0 < depth; ) {
+        /* one tile: the rest of this kernel row, or (narrow rows) up to 6 k rows across rows */
+        int rest_of_row = row_span - k0 % row_span;
+        int k_rows = row_span >= GEMM_MR ? (rest_of_row < GEMM_MR ? rest_of_row : GEMM_MR)
+                                         : (depth - k0 < GEMM_MR ? depth - k0 : GEMM_MR);
+        long offsets[GEMM_MR];
+        for (int r = 0; r < GEMM_MR; ++r) {
+            int k = k0 + (r < k_rows ? r : 0);
+            offsets[r] = (k / row_span) * width * g->channels + k % row_span;
+        }
+        for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
+            int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+            float *c = partial + (long)k0 * filters + f0;
+            if (k_rows <= rest_of_row)        /* rows adjacent in the band: constant stride */
+                gemm_micro_tile(pixels, band + offsets[0], 1, g->channels, grad + f0, filters,
+                                c, filters, k_rows, cols, accumulate, edge_tile);
+            else
+                gemm_gathered_tile(pixels, band, offsets, g->channels, grad + f0, filters, c,
+                                   filters, k_rows, cols, accumulate, edge_tile);
+        }
+        k0 += k_rows;
+    }
+}
+
 /* grad_kernel[depth, F] per band = im2col(band)^T @ grad_output(band), both read in place
  * from the band buffers; the partials are then added in band order. */
 static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
@@ -260,8 +299,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
             float *bias_partial = partial + (long)depth * filters;
             copy_band(g, x, image, y0, rows, band);
             memset(bias_partial, 0, sizeof(float) * filters);
-            int row_span = g->kernel_w * g->channels;
-            if (filters % GEMM_NR == 0) {
+            if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
                 /* grad_output read in place, one output row at a time (no junk columns);
                  * rows are added into the partial in order */
                 for (int y = 0; y < rows; ++y) {
@@ -269,16 +307,8 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                     for (int out_x = 0; out_x < g->out_w; ++out_x)
                         for (int f = 0; f < filters; ++f)
                             bias_partial[f] += grad_row[(long)out_x * filters + f];
-                    for (int i = 0; i < g->kernel_h; ++i)
-                        for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
-                            int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
-                            int k0 = i * row_span + t0;
-                            const float *a = band + (long)(y + i) * width * g->channels + t0;
-                            for (int f0 = 0; f0 < filters; f0 += GEMM_NR)
-                                gemm_micro_tile(g->out_w, a, 1, g->channels, grad_row + f0,
-                                                filters, partial + (long)k0 * filters + f0,
-                                                filters, k_rows, GEMM_NR, y > 0, edge_tile);
-                        }
+                    grad_kernel_rows(g, band + (long)y * width * g->channels, g->out_w,
+                                     grad_row, filters, partial, y > 0, edge_tile);
                 }
                 continue;
             }
@@ -296,21 +326,8 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                     bias_partial[f] += src[f];
             }
             memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * GRAD_SLACK);
-            /* For one kernel row i, the KW*C k indices (j, c) are contiguous in the band:
-             * im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. So six k rows are read in
-             * place (row stride 1, pixel stride C), and grad_output columns too. */
-            for (int i = 0; i < g->kernel_h; ++i)
-                for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
-                    int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
-                    int k0 = i * row_span + t0;
-                    const float *a = band + (long)i * width * g->channels + t0;
-                    for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
-                        int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
-                        gemm_micro_tile(virtual_rows, a, 1, g->channels, grad_virtual + f0,
-                                        filters, partial + (long)k0 * filters + f0, filters,
-                                        k_rows, cols, 0, edge_tile);
-                    }
-                }
+            grad_kernel_rows(g, band, virtual_rows, grad_virtual, filters, partial, 0,
+                             edge_tile);
         }
         sum_partials_in_order(partials, bands, (long)depth * filters, filters, grad_kernel,
                               grad_bias);

@@ -224,6 +224,23 @@ void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
                accumulate, NULL, 0, edge_tile, NULL);
 }
 
+void gemm_gathered_tile(int kc, const float *a, const long *row_offsets, long a_k_stride,
+                        const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                        int accumulate, float *edge_tile)
+{
+    gathered_kernel_fn kernel = micro_kernels()->gathered_rows;
+    if (rows == GEMM_MR && cols == GEMM_NR) {
+        kernel(kc, a, row_offsets, a_k_stride, b, b_k_stride, c, ldc, accumulate);
+        return;
+    }
+    for (int r = 0; r < rows; ++r)
+        if (accumulate)
+            memcpy(edge_tile + r * GEMM_NR, c + r * ldc, sizeof(float) * cols);
+    kernel(kc, a, row_offsets, a_k_stride, b, b_k_stride, edge_tile, GEMM_NR, accumulate);
+    for (int r = 0; r < rows; ++r)
+        memcpy(c + r * ldc, edge_tile + r * GEMM_NR, sizeof(float) * cols);
+}
+
 long cnnx_gemm_workspace_floats(int n_threads)
 {
     return (long)n_threads * GEMM_WORKSPACE_FLOATS + (long)GEMM_KC * GEMM_NC_SHARED;

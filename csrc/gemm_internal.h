@@ -57,4 +57,10 @@ void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
                      const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
                      int accumulate, float *edge_tile);
 
+/* gemm_micro_tile for rows of a at any offsets: a(r, p) = a[row_offsets[r] + p*a_k_stride]
+ * for r < rows (row_offsets holds 6 entries; those past rows must point at readable data). */
+void gemm_gathered_tile(int kc, const float *a, const long *row_offsets, long a_k_stride,
+                        const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                        int accumulate, float *edge_tile);
+
 #endif

@@ -190,6 +190,80 @@ static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
         }
 }
 
+static void gathered_kernel_generic(int kc, const float *a, const long *row_offsets,
+                                    long a_k_stride, const float *b, long b_k_stride, float *c,
+                                    long ldc, int accumulate)
+{
+    float acc[GEMM_MR][GEMM_NR];
+    memset(acc, 0, sizeof(acc));
+    for (int p = 0; p < kc; ++p, b += b_k_stride)
+        for (int r = 0; r < GEMM_MR; ++r) {
+            float a_value = a[row_offsets[r] + p * a_k_stride];
+            for (int j = 0; j < GEMM_NR; ++j)
+                acc[r][j] += a_value * b[j];
+        }
+    for (int r = 0; r < GEMM_MR; ++r)
+        for (int j = 0; j < GEMM_NR; ++j)
+            c[r * ldc + j] = accumulate ? c[r * ldc + j] + acc[r][j] : acc[r][j];
+}
+
+#if CNNX_X86
+static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_offsets,
+                                      long a_k_stride, const float *b, long b_k_stride,
+                                      float *c, long ldc, int accumulate)
+{
+    const float *a0 = a + row_offsets[0], *a1 = a + row_offsets[1], *a2 = a + row_offsets[2];
+    const float *a3 = a + row_offsets[3], *a4 = a + row_offsets[4], *a5 = a + row_offsets[5];
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    #pragma GCC unroll 4
+    for (long p = 0; p < (long)kc * a_k_stride; p += a_k_stride) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 a_value = _mm256_broadcast_ss(a0 + p);
+        c00 = _mm256_fmadd_ps(a_value, b0, c00);
+        c01 = _mm256_fmadd_ps(a_value, b1, c01);
+        a_value = _mm256_broadcast_ss(a1 + p);
+        c10 = _mm256_fmadd_ps(a_value, b0, c10);
+        c11 = _mm256_fmadd_ps(a_value, b1, c11);
+        a_value = _mm256_broadcast_ss(a2 + p);
+        c20 = _mm256_fmadd_ps(a_value, b0, c20);
+        c21 = _mm256_fmadd_ps(a_value, b1, c21);
+        a_value = _mm256_broadcast_ss(a3 + p);
+        c30 = _mm256_fmadd_ps(a_value, b0, c30);
+        c31 = _mm256_fmadd_ps(a_value, b1, c31);
+        a_value = _mm256_broadcast_ss(a4 + p);
+        c40 = _mm256_fmadd_ps(a_value, b0, c40);
+        c41 = _mm256_fmadd_ps(a_value, b1, c41);
+        a_value = _mm256_broadcast_ss(a5 + p);
+        c50 = _mm256_fmadd_ps(a_value, b0, c50);
+        c51 = _mm256_fmadd_ps(a_value, b1, c51);
+        b += b_k_stride;
+    }
+#define STORE_ROW(r, x0, x1)                                                      \
+    do {                                                                          \
+        float *row = c + (r) * ldc;                                               \
+        __m256 v0 = (x0), v1 = (x1);                                              \
+        if (accumulate) {                                                         \
+            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
+            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
+        }                                                                         \
+        _mm256_storeu_ps(row, v0);                                                \
+        _mm256_storeu_ps(row + 8, v1);                                            \
+    } while (0)
+    STORE_ROW(0, c00, c01);
+    STORE_ROW(1, c10, c11);
+    STORE_ROW(2, c20, c21);
+    STORE_ROW(3, c30, c31);
+    STORE_ROW(4, c40, c41);
+    STORE_ROW(5, c50, c51);
+#undef STORE_ROW
+}
+#endif
+
 /* ------------------------------------------------------------------ run-time choice */
 
 static int current_isa = CNNX_ISA_AUTO;    /* resolved on first use */
@@ -220,11 +294,12 @@ int cnnx_get_isa(void)
 }
 
 static const micro_kernel_table generic_table = {
-    micro_kernel_generic, micro_kernel_generic, micro_kernel_generic, conv_kernel_generic};
+    micro_kernel_generic, micro_kernel_generic, micro_kernel_generic, conv_kernel_generic,
+    gathered_kernel_generic};
 #if CNNX_X86
 static const micro_kernel_table avx2_table = {
     micro_kernel_avx2_packed, micro_kernel_avx2_strided, micro_kernel_avx2_adjacent_rows,
-    conv_kernel_avx2};
+    conv_kernel_avx2, gathered_kernel_avx2};
 #endif
 
 const micro_kernel_table *micro_kernels(void)

@@ -19,11 +19,19 @@ typedef void (*conv_kernel_fn)(int taps, const int *tap_offsets, int channels, c
                                long a_row_stride, const float *b, float *c, long ldc,
                                const float *bias, int relu);
 
+/* c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j) with rows at any offsets:
+ * a(r, p) = a[row_offsets[r] + p*a_k_stride] (the grad-kernel GEMM of a convolution whose
+ * kernel row is narrower than 6 k rows: one tile then spans several kernel rows). */
+typedef void (*gathered_kernel_fn)(int kc, const float *a, const long *row_offsets,
+                                   long a_k_stride, const float *b, long b_k_stride, float *c,
+                                   long ldc, int accumulate);
+
 typedef struct {
     micro_kernel_fn packed;          /* a packed (row stride 1, k stride 6), b packed (16) */
     micro_kernel_fn strided;         /* any strides */
     micro_kernel_fn adjacent_rows;   /* a row stride 1, any k stride (grad-kernel GEMM) */
     conv_kernel_fn conv;
+    gathered_kernel_fn gathered_rows;
 } micro_kernel_table;
 
 /* The kernels of the instruction set in use (cnnx_set_isa); resolve it before threads start. */
