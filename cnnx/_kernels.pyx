@@ -55,6 +55,7 @@ cdef extern from "cnnx_kernels.h" nogil:
     double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
     double cnnx_add_chain_seconds(long n_iterations, long *sink)
     void cnnx_copy(long n, const float *source, float *target, int n_threads)
+    void cnnx_relu_forward(long n, const float *x, float *y, int n_threads)
     void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads)
     void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
                            unsigned char *keep, int n_threads)
@@ -432,6 +433,19 @@ def copy(source, target, n_threads=1):
 
 cdef float[::1] _flat(array):
     return array.reshape(-1)
+
+
+def relu_forward(x, y, n_threads=1):
+    """y = max(x, 0) (a NaN kept); returns y."""
+    who = "relu_forward"
+    _check(who, "x", x)
+    _check_output(who, "y", y, x.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] x_view = x.reshape(-1)
+    cdef float[::1] y_view = _flat(y)
+    with nogil:
+        cnnx_relu_forward(x_view.shape[0], &x_view[0], &y_view[0], threads)
+    return y
 
 
 def relu_backward(y, grad, n_threads=1):

@@ -92,6 +92,8 @@ void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry, const float *g
 /* target[i] = source[i] for i < n: the memory-bandwidth yardstick. */
 void cnnx_copy(long n, const float *source, float *target, int n_threads);
 
+/* y[i] = max(x[i], 0), a NaN kept (NumPy's maximum). */
+void cnnx_relu_forward(long n, const float *x, float *y, int n_threads);
 /* grad[i] *= (y[i] > 0): ReLU's backward from its output, in place. */
 void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads);
 

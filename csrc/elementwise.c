@@ -27,6 +27,17 @@ void cnnx_copy(long n, const float *source, float *target, int n_threads)
 static long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
 static long block_end(long block, long n) { return block * BLOCK + BLOCK < n ? block * BLOCK + BLOCK : n; }
 
+void cnnx_relu_forward(long n, const float *restrict x, float *restrict y, int n_threads)
+{
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long b = 0; b < blocks_of(n); ++b)
+        for (long i = b * BLOCK; i < block_end(b, n); ++i) {
+            float v = x[i];
+            y[i] = (v > 0.0f || v != v) ? v : 0.0f;       /* NumPy's maximum(x, 0): NaN kept */
+        }
+}
+
 void cnnx_relu_backward(long n, const float *restrict y, float *restrict grad, int n_threads)
 {
     (void)n_threads;

@@ -179,3 +179,18 @@ def test_adamax_update_keeps_numpys_nan_rule(rng):
     expected_u = np.maximum(np.array([np.nan, 1.0, 0.0], np.float32) * np.float32(0.999),
                             np.abs(grad))
     np.testing.assert_array_equal(u, expected_u)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_relu_forward_is_numpys_maximum(size, rng):
+    from cnnx.nn import activations
+    x = rng.standard_normal(size).astype(np.float32)
+    x[::7] = np.nan
+    expected = np.maximum(x, 0)
+    for n_threads in (1, 2, 3):
+        got = _kernels.relu_forward(x, np.empty_like(x), n_threads=n_threads)
+        np.testing.assert_array_equal(got, expected)
+    out = np.full_like(x, 5.0)
+    assert activations.relu(x, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(activations.relu(x.astype(np.float64)), np.maximum(x, 0))
