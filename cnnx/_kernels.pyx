@@ -63,10 +63,12 @@ cdef extern from "cnnx_kernels.h" nogil:
                             float *y, int n_threads)
     long cnnx_channel_sums_partials(long rows, int channels)
     void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
-                           double *sums, double *product_sums, double *partials, int n_threads)
-    void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_scale,
-                             const float *b, const float *b_scale, const float *shift,
-                             float *out, int n_threads)
+                           const float *a_shift, const float *b_shift, double *sums,
+                           double *product_sums, double *partials, int n_threads)
+    void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
+                             const float *a_scale, const float *b, const float *b_shift,
+                             const float *b_scale, const float *shift, float *out,
+                             int n_threads)
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
         float m_scale, grad_scale
@@ -544,16 +546,21 @@ def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint 
 
 # ------------------------------------------------------------------------------ per channel
 
-def channel_sums(a, b=None, n_threads=1):
-    """(sum over rows of a, sum over rows of a * b (b None: a * a)), float64 per channel, for
-    a (rows, channels) float32 array; the same bits for any n_threads."""
+def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
+    """(sum over rows of a - a_shift, sum over rows of (a - a_shift) * (b - b_shift)), float64 per
+    channel, for (rows, channels) float32 arrays (b None: a; a shift None: 0). A shift near
+    the mean keeps E[x^2] - E[x]^2 free of cancellation. The same bits for any n_threads."""
     who = "channel_sums"
     _check(who, "a", a, (-1, -1))
     if b is not None:
         _check(who, "b", b, a.shape)
-    cdef int threads = _threads(who, n_threads)
     cdef long rows = a.shape[0]
     cdef int channels = a.shape[1]
+    a_shift = np.zeros(channels, np.float32) if a_shift is None else a_shift
+    b_shift = np.zeros(channels, np.float32) if b_shift is None else b_shift
+    _check(who, "a_shift", a_shift, (channels,))
+    _check(who, "b_shift", b_shift, (channels,))
+    cdef int threads = _threads(who, n_threads)
     sums, product_sums = np.empty(channels), np.empty(channels)
     partials = np.empty(cnnx_channel_sums_partials(rows, channels))
     cdef const float[:, ::1] a_view = a
@@ -562,25 +569,34 @@ def channel_sums(a, b=None, n_threads=1):
     if b is not None:
         b_view = b
         b_pointer = &b_view[0, 0]
+    cdef const float[::1] a_shift_view = a_shift
+    cdef const float[::1] b_shift_view = b_shift
     cdef double[::1] sums_view = sums
     cdef double[::1] product_view = product_sums
     cdef double[::1] partials_view = partials
     with nogil:
-        cnnx_channel_sums(rows, channels, &a_view[0, 0], b_pointer, &sums_view[0],
-                          &product_view[0], &partials_view[0], threads)
+        cnnx_channel_sums(rows, channels, &a_view[0, 0], b_pointer, &a_shift_view[0],
+                          &b_shift_view[0], &sums_view[0], &product_view[0],
+                          &partials_view[0], threads)
     return sums, product_sums
 
 
-def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, n_threads=1):
-    """out = a * a_scale (+ b * b_scale) + shift, per channel of (rows, channels) arrays."""
+def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b_shift=None,
+                   n_threads=1):
+    """out = (a - a_shift) * a_scale (+ (b - b_shift) * b_scale) + shift, per channel of
+    (rows, channels) float32 arrays (a missing shift is 0)."""
     who = "channel_affine"
     _check(who, "a", a, (-1, -1))
     cdef int channels = a.shape[1]
-    _check(who, "a_scale", a_scale, (channels,))
-    _check(who, "shift", shift, (channels,))
     _check_output(who, "out", out, a.shape)
     if (b is None) != (b_scale is None):
         raise ValueError(f"{who}: give both b and b_scale, or neither")
+    zeros = np.zeros(channels, np.float32)
+    a_shift = zeros if a_shift is None else a_shift
+    b_shift = zeros if b_shift is None else b_shift
+    for name, vector in (("a_scale", a_scale), ("shift", shift), ("a_shift", a_shift),
+                         ("b_shift", b_shift)):
+        _check(who, name, vector, (channels,))
     cdef const float[:, ::1] b_view
     cdef const float[::1] b_scale_view
     cdef const float *b_pointer = NULL
@@ -593,12 +609,15 @@ def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, n_threads=1):
     cdef int threads = _threads(who, n_threads)
     cdef const float[:, ::1] a_view = a
     cdef const float[::1] a_scale_view = a_scale
+    cdef const float[::1] a_shift_view = a_shift
+    cdef const float[::1] b_shift_view = b_shift
     cdef const float[::1] shift_view = shift
     cdef float[:, ::1] out_view = out
     cdef long rows = a.shape[0]
     with nogil:
-        cnnx_channel_affine(rows, channels, &a_view[0, 0], &a_scale_view[0], b_pointer,
-                            b_scale_pointer, &shift_view[0], &out_view[0, 0], threads)
+        cnnx_channel_affine(rows, channels, &a_view[0, 0], &a_shift_view[0], &a_scale_view[0],
+                            b_pointer, &b_shift_view[0], b_scale_pointer, &shift_view[0],
+                            &out_view[0, 0], threads)
     return out
 
 

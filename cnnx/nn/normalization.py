@@ -68,39 +68,47 @@ class BatchNormalization(Layer):
         one pass for y = x * scale + shift."""
         flat = x.reshape(-1, x.shape[-1])                      # (M, C)
         n_threads = _threads.get_num_threads()
-        sums, squares = _kernels.channel_sums(flat, n_threads=n_threads)
+        # shifted by the first sample: sum (x - k)^2 has no cancellation when |mean| >> std
+        shift = np.ascontiguousarray(flat[0])
+        sums, squares = _kernels.channel_sums(flat, a_shift=shift, b_shift=shift,
+                                              n_threads=n_threads)
         count = len(flat)
-        mean = sums / count
-        variance = np.maximum(squares / count - mean * mean, 0.0)
+        offset = sums / count                                  # mean of x - k
+        mean = shift + offset
+        variance = np.maximum(squares / count - offset * offset, 0.0)
         inv_std = 1 / np.sqrt(variance + self.epsilon)
         self._cache = (flat, mean, inv_std)
         for name, batch in (("moving_mean", mean), ("moving_variance", variance)):
             moving = self.state[name]
             moving[...] = self.momentum * moving + (1 - self.momentum) * batch
         scale = (self.params["gamma"] * inv_std).astype(np.float32)
-        shift = (self.params["beta"] - mean * scale).astype(np.float32)
-        y = _kernels.channel_affine(flat, scale, shift,
+        # (x - mean) * scale + beta: centred first, as the maths reads (x * scale - mean *
+        # scale would cancel in float32 when |mean| >> std)
+        y = _kernels.channel_affine(flat, scale, self.params["beta"],
                                     self._workspace("output", flat.shape, np.float32),
-                                    n_threads=n_threads)
+                                    a_shift=mean.astype(np.float32), n_threads=n_threads)
         return y.reshape(x.shape)
 
     def _backward_float32(self, grad_output):
         flat, mean, inv_std = self._cache
         grad = grad_output.reshape(-1, grad_output.shape[-1])  # (M, C)
         n_threads = _threads.get_num_threads()
-        grad_beta, grad_times_x = _kernels.channel_sums(grad, flat, n_threads=n_threads)
+        shift = mean.astype(np.float32)                        # near the mean: no cancellation
+        grad_beta, grad_times_x = _kernels.channel_sums(grad, flat, b_shift=shift,
+                                                        n_threads=n_threads)
         # sum(g * x_hat) with x_hat = (x - mean) * inv_std, without forming x_hat
-        grad_gamma = inv_std * (grad_times_x - mean * grad_beta)
+        grad_gamma = inv_std * (grad_times_x - (mean - shift) * grad_beta)
         self.grads["beta"] = grad_beta.astype(np.float32)
         self.grads["gamma"] = grad_gamma.astype(np.float32)
-        # dx = k g + b x + c per channel (see backward)
+        # dx = k g + b (x - mean) + c per channel (backward's regrouping, x centred)
         count = len(grad)
         k = self.params["gamma"] * inv_std
         b = -k * inv_std * grad_gamma / count
-        c = k * (mean * inv_std * grad_gamma - grad_beta) / count
+        c = -k * grad_beta / count
         out = self._workspace("backward", grad.shape, np.float32)
         _kernels.channel_affine(grad, k.astype(np.float32), c.astype(np.float32), out,
-                                b=flat, b_scale=b.astype(np.float32), n_threads=n_threads)
+                                b=flat, b_scale=b.astype(np.float32), b_shift=shift,
+                                n_threads=n_threads)
         return out.reshape(grad_output.shape)
 
     def backward(self, grad_output):
