@@ -53,7 +53,10 @@ if omp is None:
 
 # -O3 but no -march=native and no -ffast-math: AVX2/FMA code carries target attributes and
 # is chosen at run time, so one wheel runs on any x86-64 and results stay IEEE-exact.
-compile_args = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wno-unused-function"]
+compile_args = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wno-unused-function",
+                # sqrtf without errno: lets gcc vectorise the optimizer updates (errno is
+                # never read)
+                "-fno-math-errno"]
 compile_args += omp or []
 link_args = list(omp or [])
 

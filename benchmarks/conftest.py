@@ -2,6 +2,7 @@
 import ctypes
 import glob
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -44,10 +45,30 @@ def medians():
     return {}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--torch-python", default=sys.executable,
+                     help="the Python whose torch the PyTorch yardsticks run on, in their own "
+                          "process (default: this one)")
+
+
+@pytest.fixture(scope="session")
+def torch_python(request):
+    return request.config.getoption("--torch-python")
+
+
 @pytest.fixture
 def peak():
-    """fp32 FMA peak (GFLOP/s) per thread count, measured right before the benchmark: the
-    machine is shared, and the peak this process can reach moves with the load."""
+    """fp32 FMA peak (GFLOP/s) per thread count, measured right before the benchmark by
+    cnnx.roofline's probe: the machine is shared, and the peak this process can reach moves
+    with the load."""
     return {n: roofline.measure_fma_peak_gflops(n_threads=n, seconds=0.05, repeats=3)
+            for n in THREAD_COUNTS}
+
+
+@pytest.fixture
+def copy_bandwidth():
+    """GB/s (read + written) of cnnx's threaded copy of 256 MB per thread count, measured
+    right before the benchmark: the yardstick of the memory-bound kernels."""
+    return {n: roofline.measure_copy_gbytes_per_s(n_threads=n, megabytes=256, repeats=3)
             for n in THREAD_COUNTS}
 

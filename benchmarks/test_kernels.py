@@ -11,7 +11,6 @@ shared machine). Fractions of peak use an FMA peak measured just before each ben
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -121,12 +120,12 @@ def test_conv3x3_backward(benchmark, shape, n_threads, medians, peak):
            conv_flops(shape, passes), n_threads, peak[n_threads])
 
 
-def torch_median(shape, n_threads, channels_last, tcmalloc):
+def torch_median(python, shape, n_threads, channels_last, tcmalloc):
     """Median seconds of PyTorch conv forward+backward on one shape, in a fresh process."""
     env = dict(os.environ, OMP_NUM_THREADS=str(n_threads))
     if tcmalloc:
         env["LD_PRELOAD"] = "libtcmalloc_minimal.so.4"
-    command = [sys.executable, os.path.join(HERE, "torch_conv.py"), "--threads", str(n_threads),
+    command = [python, os.path.join(HERE, "torch_conv.py"), "--threads", str(n_threads),
                "--shape", conv_id(shape)]
     command += ["--channels-last"] if channels_last else []
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -135,9 +134,8 @@ def torch_median(shape, n_threads, channels_last, tcmalloc):
     return json.loads(done.stdout.strip().splitlines()[-1])[conv_id(shape)]
 
 
-def torch_installed():
-    import importlib.util
-    return importlib.util.find_spec("torch") is not None
+def torch_installed(python):
+    return subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
 
 
 def conv_layer_step(x, kernel, bias, grad_output, n_threads, input_grad):
@@ -147,11 +145,11 @@ def conv_layer_step(x, kernel, bias, grad_output, n_threads, input_grad):
 
 @pytest.mark.benchmark(group="conv-layer-vs-torch")
 @pytest.mark.parametrize("shape", CONVS, ids=conv_id)
-def test_conv_layer_against_torch(benchmark, shape, n_threads, peak):
+def test_conv_layer_against_torch(benchmark, shape, n_threads, peak, torch_python):
     """One conv layer forward + backward (input gradient skipped for the RGB layer, as in
     torch_conv.py). PyTorch runs in its own process right after ours, so both see the same
     load: best = channels_last + tcmalloc, default = NCHW + glibc malloc."""
-    if not torch_installed():
+    if not torch_installed(torch_python):
         pytest.skip("torch is not installed")
     x, kernel, bias, grad_output = conv_operands(shape)
     benchmark(conv_layer_step, x, kernel, bias, grad_output, n_threads, need_input_grad(shape))
@@ -162,7 +160,7 @@ def test_conv_layer_against_torch(benchmark, shape, n_threads, peak):
     info["gflops"] = round(conv_flops(shape, passes) / median / 1e9, 2)
     info["fraction_of_peak"] = round(conv_flops(shape, passes) / median / 1e9 / peak[n_threads], 3)
     for config, channels_last, tcmalloc in (("best", True, True), ("default", False, False)):
-        torch_time = torch_median(shape, n_threads, channels_last, tcmalloc)
+        torch_time = torch_median(torch_python, shape, n_threads, channels_last, tcmalloc)
         if torch_time is not None:
             info[f"torch_{config}_ms"] = round(torch_time * 1e3, 2)
             info[f"speedup_vs_torch_{config}"] = round(torch_time / median, 3)

@@ -1,18 +1,22 @@
-"""Full training step (forward, backward, Adam) in images/s on the issue's networks, against
-PyTorch in separate processes: its best configuration (channels_last, tcmalloc preloaded)
-and out of the box (NCHW, glibc malloc).
+"""Full training step (`Sequential.train_step`: forward, backward, Adam) in images/s on the
+networks of cnnx.architectures, against PyTorch in separate processes: its best configuration
+(channels_last, tcmalloc preloaded) and out of the box (NCHW, glibc malloc).
 
-    pytest benchmarks/test_training.py --benchmark-only -p no:xdist
-    pytest benchmarks/test_training.py -k "fashion and 64" --benchmark-only     # one cell
+    pytest benchmarks/test_training.py --benchmark-only -p no:xdist \\
+        --torch-python /path/to/python-with-torch
+    pytest benchmarks/test_training.py -k "fashion and batch64" --benchmark-only   # one cell
 
-extra_info per case: images_per_s, torch_best / torch_default images/s, the ratios, and the
-OpenMP threads in force.  Glasses also reports the fraction of the FMA peak reached.
+test_training_step, per cell: images_per_s, torch_best / torch_default images/s, the ratios,
+the fraction of the FMA peak (measured alongside by cnnx.roofline's probe) the step's
+convolutions and matrix products reach, and the OpenMP threads in force.
+test_step_profile (batch 64): where a step's time goes, layer by layer, as a fraction of the
+FMA peak (convolution, dense) or of the copy bandwidth (memory-bound layers), and each
+convolution inside the step against the same convolution alone.
 """
 import ctypes.util
 import json
 import os
 import subprocess
-import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,57 +24,17 @@ import numpy as np
 import pytest
 
 import cnnx
-from cnnx import nn, optim
+from cnnx import bench
 
 TORCH_SCRIPT = Path(__file__).with_name("torch_training.py")
 TCMALLOC = "libtcmalloc_minimal.so.4"
-# measured FMA peak of this machine (GFLOP/s; issue 3) and the glasses step's cost per image
-PEAK_GFLOPS = {1: 102.0, 2: 198.0}
-GLASSES_GFLOP_PER_IMAGE = 0.32
-
-
-def glasses():
-    return nn.Sequential([
-        nn.Conv2D(16, 3, padding="same", activation="relu"),
-        nn.Conv2D(16, 3, padding="same", activation="relu"),
-        nn.Conv2D(32, 3, padding="same", activation="relu"),
-        nn.MaxPool2D(2), nn.Flatten(),
-        nn.Dense(128, activation="relu"), nn.Dropout(0.5),
-        nn.Dense(128, activation="relu"), nn.Dropout(0.5),
-        nn.Dense(2, activation="softmax"),
-    ], input_shape=(80, 80, 3), seed=0)
-
-
-def comics(batch_norm=False):
-    def bn():
-        return [nn.BatchNormalization()] if batch_norm else []
-    return nn.Sequential([
-        nn.Conv2D(32, 3, activation="relu"), *bn(), nn.MaxPool2D(2),
-        nn.Conv2D(32, 3, activation="relu"), *bn(), nn.MaxPool2D(2), nn.Flatten(),
-        nn.Dense(128, activation="relu"), *([nn.Dropout(0.5)] if batch_norm else []),
-        nn.Dense(1, activation="sigmoid"),
-    ], input_shape=(100, 100, 1), seed=0)
-
-
-def fashion():
-    return nn.Sequential([
-        nn.Conv2D(32, 3, activation="relu"), nn.MaxPool2D(2),
-        nn.Conv2D(64, 3, activation="relu"), nn.MaxPool2D(2), nn.Flatten(),
-        nn.Dense(128, activation="relu"), nn.Dense(10, activation="softmax"),
-    ], input_shape=(28, 28, 1), seed=0)
-
-
-NETWORKS = {"glasses": (glasses, "sparse_categorical_crossentropy", 2),
-            "comics": (comics, "binary_crossentropy", 2),
-            "comics_bn": (lambda: comics(batch_norm=True), "binary_crossentropy", 2),
-            "fashion": (fashion, "sparse_categorical_crossentropy", 10)}
 
 
 @lru_cache(maxsize=None)
-def torch_images_per_s(net, batch, threads, best):
+def torch_images_per_s(python, net, batch, threads, best):
     """PyTorch in a child process; None when torch (or tcmalloc for `best`) is missing."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, str(TORCH_SCRIPT), net, str(batch), str(threads)]
+    command = [python, str(TORCH_SCRIPT), net, str(batch), str(threads)]
     if best:
         if ctypes.util.find_library("tcmalloc_minimal") is None:
             return None
@@ -87,33 +51,49 @@ def torch_images_per_s(net, batch, threads, best):
 @pytest.mark.benchmark(group="training step")
 @pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"{t}thr")
 @pytest.mark.parametrize("batch", [16, 32, 64], ids=lambda b: f"batch{b}")
-@pytest.mark.parametrize("net", list(NETWORKS))
-def test_training_step(benchmark, net, batch, threads):
-    build, loss, classes = NETWORKS[net]
-    model = build()
-    model.compile(optim.Adam(1e-3), loss)
-    rng = np.random.default_rng(0)
-    x = rng.random((batch, *model.input_shape), dtype=np.float32)
-    y = rng.integers(0, 2 if loss == "binary_crossentropy" else classes, batch)
-    step = [0]
-
-    def train_step():
-        result = model.gradient(x, y, key=(0, step[0], 0))
-        model.apply_gradients(result.mean_grads(), result.state)
-        step[0] += 1
-
+@pytest.mark.parametrize("net", list(bench.NETWORKS))
+def test_training_step(benchmark, net, batch, threads, peak, torch_python):
+    model, x, y = bench.training_setup(net, batch)
     with cnnx.num_threads(threads):
-        benchmark.pedantic(train_step, rounds=10, warmup_rounds=2)
+        benchmark.pedantic(bench.step_function(model, x, y), rounds=10, warmup_rounds=2)
         kernel_threads = cnnx.get_num_threads()          # what the kernels were told
     ours = batch / benchmark.stats["median"]
     info = benchmark.extra_info
     info.update(images_per_s=ours, threads=threads, kernel_threads=kernel_threads,
-                omp_num_threads_env=os.environ.get("OMP_NUM_THREADS"))
+                omp_num_threads_env=os.environ.get("OMP_NUM_THREADS"),
+                peak_gflops=peak[threads],
+                fraction_of_fma_peak=bench.step_flops(model, batch) / benchmark.stats["median"]
+                / 1e9 / peak[threads])
     for config, best in (("torch_best", True), ("torch_default", False)):
-        theirs = torch_images_per_s(net, batch, threads, best)
+        theirs = torch_images_per_s(torch_python, net, batch, threads, best)
         if theirs is not None:
             info[f"{config}_images_per_s"] = theirs
             info[f"ratio_vs_{config}"] = ours / theirs
-    if net == "glasses":
-        info["fraction_of_fma_peak"] = ours * GLASSES_GFLOP_PER_IMAGE / PEAK_GFLOPS[threads]
     assert np.isfinite(model.params[f"{model.layers[0].name}/kernel"]).all()
+
+
+@pytest.mark.benchmark(group="step profile")
+@pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"{t}thr")
+@pytest.mark.parametrize("net", list(bench.NETWORKS))
+def test_step_profile(benchmark, net, threads, peak, copy_bandwidth):
+    batch = 64
+    model, x, y = bench.training_setup(net, batch)
+    profile = bench.profile_step(model, x, y, threads, rounds=5, peak_gflops=peak[threads],
+                                 copy_gbytes_per_s=copy_bandwidth[threads])
+    alone = bench.conv_alone(model, batch, threads, rounds=5, peak_gflops=peak[threads])
+    with cnnx.num_threads(threads):
+        benchmark.pedantic(bench.step_function(model, x, y), rounds=3, warmup_rounds=1)
+    info = benchmark.extra_info
+    info.update(step_ms=profile["step_ms"], fraction_of_fma_peak=profile["fraction_of_fma_peak"],
+                peak_gflops=peak[threads], copy_gbytes_per_s=copy_bandwidth[threads])
+    for row in profile["layers"]:
+        key = f"{row['layer']} {row['pass']}".replace(" ", "_")
+        info[f"{key}_share"] = row["share"]
+        for fraction in ("fraction_of_fma_peak", "fraction_of_copy_bandwidth"):
+            if fraction in row:
+                info[f"{key}_{fraction}"] = row[fraction]
+    for index, fractions in alone.items():
+        for kind, value in fractions.items():
+            info[f"{index}_Conv2D_alone_{kind}"] = value
+    print(f"\n{net}, {threads} thread(s), batch {batch}:\n{bench.format_profile(profile)}\n"
+          f"convolutions alone (fraction of peak): {alone}")

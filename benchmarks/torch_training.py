@@ -15,26 +15,32 @@ import time
 import torch
 from torch import nn
 
-SHAPES = {"glasses": (3, 80, 80), "comics": (1, 100, 100), "comics_bn": (1, 100, 100),
+SHAPES = {"glasses": (3, 80, 80), "comics": (1, 100, 100), "comics_bn_dropout": (1, 100, 100),
           "fashion": (1, 28, 28)}
+CLASSES = {"glasses": 2, "comics": 2, "comics_bn_dropout": 2, "fashion": 10}
 
 
 def network(name):
-    """The same networks as benchmarks/test_training.py (Keras 'same' = padding=1 for 3x3)."""
+    """The networks of cnnx.architectures (Keras 'same' = padding=1 for 3x3; the softmax
+    lives in CrossEntropyLoss)."""
     if name == "glasses":
         return nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(40 * 40 * 32, 128), nn.ReLU(), nn.Dropout(0.5),
             nn.Linear(128, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 2))
-    if name in ("comics", "comics_bn"):
-        bn = name == "comics_bn"
-        layers = [nn.Conv2d(1, 32, 3), nn.ReLU(), *([nn.BatchNorm2d(32)] if bn else []),
-                  nn.MaxPool2d(2), nn.Conv2d(32, 32, 3), nn.ReLU(),
-                  *([nn.BatchNorm2d(32)] if bn else []), nn.MaxPool2d(2), nn.Flatten(),
-                  nn.Linear(23 * 23 * 32, 128), nn.ReLU(), *([nn.Dropout(0.5)] if bn else []),
-                  nn.Linear(128, 1)]
-        return nn.Sequential(*layers)
+    if name == "comics":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(23 * 23 * 32, 128), nn.ReLU(), nn.Linear(128, 2))
+    if name == "comics_bn_dropout":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.BatchNorm2d(32, eps=1e-3, momentum=0.01), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32, eps=1e-3, momentum=0.01), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.25),
+            nn.Linear(23 * 23 * 32, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 2))
     if name == "fashion":
         return nn.Sequential(
             nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
@@ -48,11 +54,7 @@ def measure(name, batch, threads, channels_last, steps, warmup=3):
     torch.manual_seed(0)
     model = network(name)
     x = torch.rand(batch, *SHAPES[name])
-    if name.startswith("comics"):
-        y, loss_fn = torch.randint(0, 2, (batch, 1)).float(), nn.BCEWithLogitsLoss()
-    else:
-        y, loss_fn = torch.randint(0, 2 if name == "glasses" else 10, (batch,)), \
-            nn.CrossEntropyLoss()
+    y, loss_fn = torch.randint(0, CLASSES[name], (batch,)), nn.CrossEntropyLoss()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ and what it got. Workspace is allocated here (NumPy), so the C side never alloca
 import threading
 
 import numpy as np
+from libc.stdint cimport uint32_t, uint64_t
 
 cdef extern from "cnnx_kernels.h" nogil:
     int cnnx_openmp_enabled()
@@ -52,6 +53,35 @@ cdef extern from "cnnx_kernels.h" nogil:
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
                                   const float *grad_output, float *grad_input, int n_threads)
     double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
+    double cnnx_add_chain_seconds(long n_iterations, long *sink)
+    void cnnx_copy(long n, const float *source, float *target, int n_threads)
+    void cnnx_relu_forward(long n, const float *x, float *y, int n_threads)
+    void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads)
+    void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
+                           unsigned char *keep, int n_threads)
+    void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
+                            float *y, int n_threads)
+    long cnnx_channel_sums_partials(long rows, int channels)
+    void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
+                           const float *a_shift, const float *b_shift, double *sums,
+                           double *product_sums, double *partials, int n_threads)
+    void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
+                             const float *a_scale, const float *b, const float *b_shift,
+                             const float *b_scale, const float *shift, float *out,
+                             int n_threads)
+    ctypedef struct cnnx_adam_scalars:
+        float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
+        float m_scale, grad_scale
+    void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square,
+                             float decay, float weight, float learning_rate, float epsilon,
+                             int n_threads)
+    void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
+                            float beta_1, float one_minus_beta_1, float beta_2, float step,
+                            float epsilon, int n_threads)
+    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                          const cnnx_adam_scalars *scalars, int n_threads)
+    void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
+                         float learning_rate, float momentum, int nesterov, int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
@@ -296,22 +326,35 @@ def max_pool2d_forward(x, y, argmax, pool_size, strides, pads=(0, 0), n_threads=
     return y, argmax
 
 
-def max_pool2d_backward(grad_output, argmax, grad_input, n_threads=1):
-    """grad_input[n, argmax, c] += grad_output (grad_input is overwritten)."""
+def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides=None,
+                        pads=(0, 0), n_threads=1):
+    """grad_input[n, argmax, c] += grad_output (grad_input is overwritten).
+
+    pool_size, strides and pads, when given, are those of the forward that made argmax:
+    windows that tile the input (strides == pool_size) then take one write pass."""
     who = "max_pool2d_backward"
     _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
     _check(who, "argmax", argmax, grad_output.shape, np.int32)
     _check_output(who, "grad_input", grad_input,
                   (grad_output.shape[0], -1, -1, grad_output.shape[3]))
     cdef int threads = _threads(who, n_threads)
-    cells = grad_input.shape[1] * grad_input.shape[2]
-    low, high = int(argmax.min()), int(argmax.max())
-    if low < 0 or high >= cells:
-        raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells of "
-                         f"the input plane {grad_input.shape[1:3]}")
     cdef cnnx_pool_geometry g
-    g.batch, g.in_h, g.in_w, g.channels = grad_input.shape
-    g.out_h, g.out_w = grad_output.shape[1:3]
+    if pool_size is not None:
+        g = _pool_geometry(grad_input.shape, grad_output.shape[1:3], tuple(pool_size),
+                           tuple(strides if strides is not None else pool_size), tuple(pads))
+    else:
+        g.batch, g.in_h, g.in_w, g.channels = grad_input.shape
+        g.out_h, g.out_w = grad_output.shape[1:3]
+        g.pool_h = g.pool_w = 1
+        g.stride_h = g.stride_w = 0              # geometry unknown: scatter by argmax
+        g.pad_top = g.pad_left = 0
+    if g.stride_h != g.pool_h or g.stride_w != g.pool_w:
+        # the scatter writes at argmax: it must lie inside the input plane
+        cells = grad_input.shape[1] * grad_input.shape[2]
+        low, high = int(argmax.min()), int(argmax.max())
+        if low < 0 or high >= cells:
+            raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells "
+                             f"of the input plane {grad_input.shape[1:3]}")
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
     cdef const int[:, :, :, ::1] argmax_view = argmax
     cdef float[:, :, :, ::1] grad_input_view = grad_input
@@ -364,3 +407,251 @@ def fma_peak_seconds(long n_iterations, n_threads=1):
     with nogil:
         seconds = cnnx_fma_peak_seconds(n_iterations, threads, &sink)
     return seconds
+
+
+def add_chain_seconds(long n_iterations):
+    """Seconds for n_iterations of 64 dependent integer adds (one cycle each) on this thread."""
+    cdef long sink = n_iterations
+    cdef double seconds
+    with nogil:
+        seconds = cnnx_add_chain_seconds(n_iterations, &sink)
+    return seconds
+
+
+def copy(source, target, n_threads=1):
+    """target[...] = source: the threaded copy the memory-bound kernels are measured against."""
+    who = "copy"
+    _check(who, "source", source)
+    _check_output(who, "target", target, source.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] source_view = source.reshape(-1)
+    cdef float[::1] target_view = target.reshape(-1)
+    with nogil:
+        cnnx_copy(source_view.shape[0], &source_view[0], &target_view[0], threads)
+    return target
+
+
+# ------------------------------------------------------------------------------ element-wise
+
+cdef float[::1] _flat(array):
+    return array.reshape(-1)
+
+
+def relu_forward(x, y, n_threads=1):
+    """y = max(x, 0) (a NaN kept); returns y."""
+    who = "relu_forward"
+    _check(who, "x", x)
+    _check_output(who, "y", y, x.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] x_view = x.reshape(-1)
+    cdef float[::1] y_view = _flat(y)
+    with nogil:
+        cnnx_relu_forward(x_view.shape[0], &x_view[0], &y_view[0], threads)
+    return y
+
+
+def relu_backward(y, grad, n_threads=1):
+    """grad *= (y > 0) in place (ReLU's backward from its output); returns grad."""
+    who = "relu_backward"
+    _check(who, "y", y)
+    _check_output(who, "grad", grad, y.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] y_view = y.reshape(-1)
+    cdef float[::1] grad_view = _flat(grad)
+    with nogil:
+        cnnx_relu_backward(y_view.shape[0], &y_view[0], &grad_view[0], threads)
+    return grad
+
+
+cdef _check_update(who, param, grad, slots):
+    _check_output(who, "param", param, None)
+    _check(who, "grad", grad, param.shape)
+    for name, slot in slots.items():
+        _check_output(who, name, slot, param.shape)
+
+
+def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float beta_2,
+                float one_minus_beta_2, float step, float epsilon, float m_scale=1,
+                float grad_scale=0, n_threads=1):
+    """One fused Adam pass: m, v and param updated in place (see cnnx_adam_update; Nadam
+    passes its m_scale and grad_scale)."""
+    who = "adam_update"
+    _check_update(who, param, grad, {"m": m, "v": v})
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_adam_scalars scalars
+    scalars.beta_1, scalars.one_minus_beta_1 = beta_1, one_minus_beta_1
+    scalars.beta_2, scalars.one_minus_beta_2 = beta_2, one_minus_beta_2
+    scalars.step, scalars.epsilon = step, epsilon
+    scalars.m_scale, scalars.grad_scale = m_scale, grad_scale
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] m_view = _flat(m)
+    cdef float[::1] v_view = _flat(v)
+    with nogil:
+        cnnx_adam_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
+                         &v_view[0], &scalars, threads)
+
+
+def rmsprop_update(param, grad, square, float decay, float weight, float learning_rate,
+                   float epsilon, n_threads=1):
+    """One fused RMSprop (Adagrad: decay = weight = 1) pass, in place."""
+    who = "rmsprop_update"
+    _check_update(who, param, grad, {"square": square})
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] square_view = _flat(square)
+    with nogil:
+        cnnx_rmsprop_update(param_view.shape[0], &param_view[0], &grad_view[0],
+                            &square_view[0], decay, weight, learning_rate, epsilon, threads)
+
+
+def adamax_update(param, grad, m, u, float beta_1, float one_minus_beta_1, float beta_2,
+                  float step, float epsilon, n_threads=1):
+    """One fused AdaMax pass, in place."""
+    who = "adamax_update"
+    _check_update(who, param, grad, {"m": m, "u": u})
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] m_view = _flat(m)
+    cdef float[::1] u_view = _flat(u)
+    with nogil:
+        cnnx_adamax_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
+                           &u_view[0], beta_1, one_minus_beta_1, beta_2, step, epsilon,
+                           threads)
+
+
+def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint nesterov,
+               n_threads=1):
+    """One fused SGD pass (velocity None: plain SGD), in place."""
+    who = "sgd_update"
+    _check_output(who, "param", param, None)
+    _check(who, "grad", grad, param.shape)
+    if velocity is not None:
+        _check_output(who, "velocity", velocity, param.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] velocity_view
+    cdef float *velocity_pointer = NULL
+    if velocity is not None:
+        velocity_view = _flat(velocity)
+        velocity_pointer = &velocity_view[0]
+    cdef int use_nesterov = nesterov
+    with nogil:
+        cnnx_sgd_update(param_view.shape[0], &param_view[0], &grad_view[0], velocity_pointer,
+                        learning_rate, momentum, use_nesterov, threads)
+
+
+# ------------------------------------------------------------------------------ per channel
+
+def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
+    """(sum over rows of a - a_shift, sum over rows of (a - a_shift) * (b - b_shift)), float64 per
+    channel, for (rows, channels) float32 arrays (b None: a; a shift None: 0). A shift near
+    the mean keeps E[x^2] - E[x]^2 free of cancellation. The same bits for any n_threads."""
+    who = "channel_sums"
+    _check(who, "a", a, (-1, -1))
+    if b is not None:
+        _check(who, "b", b, a.shape)
+    cdef long rows = a.shape[0]
+    cdef int channels = a.shape[1]
+    a_shift = np.zeros(channels, np.float32) if a_shift is None else a_shift
+    b_shift = np.zeros(channels, np.float32) if b_shift is None else b_shift
+    _check(who, "a_shift", a_shift, (channels,))
+    _check(who, "b_shift", b_shift, (channels,))
+    cdef int threads = _threads(who, n_threads)
+    sums, product_sums = np.empty(channels), np.empty(channels)
+    partials = np.empty(cnnx_channel_sums_partials(rows, channels))
+    cdef const float[:, ::1] a_view = a
+    cdef const float[:, ::1] b_view
+    cdef const float *b_pointer = NULL
+    if b is not None:
+        b_view = b
+        b_pointer = &b_view[0, 0]
+    cdef const float[::1] a_shift_view = a_shift
+    cdef const float[::1] b_shift_view = b_shift
+    cdef double[::1] sums_view = sums
+    cdef double[::1] product_view = product_sums
+    cdef double[::1] partials_view = partials
+    with nogil:
+        cnnx_channel_sums(rows, channels, &a_view[0, 0], b_pointer, &a_shift_view[0],
+                          &b_shift_view[0], &sums_view[0], &product_view[0],
+                          &partials_view[0], threads)
+    return sums, product_sums
+
+
+def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b_shift=None,
+                   n_threads=1):
+    """out = (a - a_shift) * a_scale (+ (b - b_shift) * b_scale) + shift, per channel of
+    (rows, channels) float32 arrays (a missing shift is 0)."""
+    who = "channel_affine"
+    _check(who, "a", a, (-1, -1))
+    cdef int channels = a.shape[1]
+    _check_output(who, "out", out, a.shape)
+    if (b is None) != (b_scale is None):
+        raise ValueError(f"{who}: give both b and b_scale, or neither")
+    zeros = np.zeros(channels, np.float32)
+    a_shift = zeros if a_shift is None else a_shift
+    b_shift = zeros if b_shift is None else b_shift
+    for name, vector in (("a_scale", a_scale), ("shift", shift), ("a_shift", a_shift),
+                         ("b_shift", b_shift)):
+        _check(who, name, vector, (channels,))
+    cdef const float[:, ::1] b_view
+    cdef const float[::1] b_scale_view
+    cdef const float *b_pointer = NULL
+    cdef const float *b_scale_pointer = NULL
+    if b is not None:
+        _check(who, "b", b, a.shape)
+        _check(who, "b_scale", b_scale, (channels,))
+        b_view, b_scale_view = b, b_scale
+        b_pointer, b_scale_pointer = &b_view[0, 0], &b_scale_view[0]
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[:, ::1] a_view = a
+    cdef const float[::1] a_scale_view = a_scale
+    cdef const float[::1] a_shift_view = a_shift
+    cdef const float[::1] b_shift_view = b_shift
+    cdef const float[::1] shift_view = shift
+    cdef float[:, ::1] out_view = out
+    cdef long rows = a.shape[0]
+    with nogil:
+        cnnx_channel_affine(rows, channels, &a_view[0, 0], &a_shift_view[0], &a_scale_view[0],
+                            b_pointer, &b_shift_view[0], b_scale_pointer, &shift_view[0],
+                            &out_view[0, 0], threads)
+    return out
+
+
+# ------------------------------------------------------------------------------ dropout
+
+def dropout_mask(keep, key, double rate, n_threads=1):
+    """keep[i] = 1 with probability 1 - rate, from Philox4x64-10 keyed by key (two uint64):
+    element i's 32 bits are those numpy.random.Philox(key=key) gives as its i-th 32-bit half
+    word. keep: a C-contiguous uint8 array, overwritten; returned."""
+    who = "dropout_mask"
+    _check_output(who, "keep", keep, None, np.uint8)
+    if not 0 <= rate < 1:
+        raise ValueError(f"{who}: rate must be in [0, 1), got {rate}")
+    key0, key1 = (int(k) for k in key)
+    cdef int threads = _threads(who, n_threads)
+    cdef unsigned char[::1] keep_view = keep.reshape(-1)
+    cdef uint32_t threshold = <uint32_t>min(round(rate * 2.0**32), 2**32 - 1)
+    cdef uint64_t k0 = key0, k1 = key1
+    with nogil:
+        cnnx_dropout_mask(keep_view.shape[0], k0, k1, threshold, &keep_view[0], threads)
+    return keep
+
+
+def dropout_apply(x, keep, float scale, out, n_threads=1):
+    """out = x * (keep ? scale : 0), float32 (dropout forward, and backward on gradients)."""
+    who = "dropout_apply"
+    _check(who, "x", x)
+    _check(who, "keep", keep, x.shape, np.uint8)
+    _check_output(who, "out", out, x.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] x_view = x.reshape(-1)
+    cdef const unsigned char[::1] keep_view = keep.reshape(-1)
+    cdef float[::1] out_view = _flat(out)
+    with nogil:
+        cnnx_dropout_apply(x_view.shape[0], &x_view[0], &keep_view[0], scale, &out_view[0],
+                           threads)
+    return out

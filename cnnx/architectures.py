@@ -27,6 +27,18 @@ def comics(input_shape=(100, 100, 1), n_classes=2, seed=0):
     ], input_shape=input_shape, seed=seed)
 
 
+def comics_bn_dropout(input_shape=(100, 100, 1), n_classes=2, seed=0):
+    """[CONV32 -> BN -> RELU -> POOL]*2 -> DROPOUT 0.25 -> FC128 -> DROPOUT 0.5 -> FC: the
+    comics paper's "dropout + BatchNormalization" variant of its base model."""
+    return nn.Sequential([
+        nn.Conv2D(32, 3), nn.BatchNormalization(), nn.ReLU(), nn.MaxPool2D(2),
+        nn.Conv2D(32, 3), nn.BatchNormalization(), nn.ReLU(), nn.MaxPool2D(2),
+        nn.Flatten(), nn.Dropout(0.25),
+        nn.Dense(128, activation="relu"), nn.Dropout(0.5),
+        nn.Dense(n_classes, activation="softmax"),
+    ], input_shape=input_shape, seed=seed)
+
+
 def fashion(input_shape=(28, 28, 1), n_classes=10, seed=0):
     """CONV32 -> POOL -> CONV64 -> POOL -> FC128 -> FC (the Fashion-MNIST study's CNN)."""
     return nn.Sequential([
@@ -49,7 +61,8 @@ def small(input_shape=(25, 25, 1), n_classes=2, seed=0):
     ], input_shape=input_shape, seed=seed)
 
 
-ARCHITECTURES = {"glasses": glasses, "comics": comics, "fashion": fashion, "small": small}
+ARCHITECTURES = {"glasses": glasses, "comics": comics, "comics_bn_dropout": comics_bn_dropout,
+                 "fashion": fashion, "small": small}
 
 
 def default_for(image_shape):

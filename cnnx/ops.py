@@ -2,12 +2,12 @@
 
 Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output.
 float32 arrays run on the C kernels (every operand must then be float32); float64 arrays
-take the NumPy path below, which the gradient checks use (same maths, no rounding noise).
+take the NumPy path of cnnx.ops_float64, which the gradient checks use (same maths, no
+rounding noise). Checks and geometry live here, once for both paths.
 """
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from cnnx import _kernels, _threads
+from cnnx import _kernels, _threads, ops_float64
 
 PADDINGS = ("valid", "same")
 
@@ -49,23 +49,6 @@ def _geometry(h, w, kh, kw, strides, padding):
     return oh, ow, padding_before(h, kh, sh, padding), padding_before(w, kw, sw, padding)
 
 
-def _padded(x, top, left, oh, ow, kh, kw, strides, fill=0.0):
-    """x padded so that every window of the output grid lies inside it."""
-    n, h, w, c = x.shape
-    need_h = (oh - 1) * strides[0] + kh
-    need_w = (ow - 1) * strides[1] + kw
-    bottom, right = max(need_h - h - top, 0), max(need_w - w - left, 0)
-    if top == bottom == left == right == 0:
-        return x
-    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
-
-
-def _windows(xp, kh, kw, strides, oh, ow):
-    # (N, OH, OW, C, KH, KW) view of the padded input, one window per output pixel
-    view = sliding_window_view(xp, (kh, kw), axis=(1, 2))
-    return view[:, : (oh - 1) * strides[0] + 1 : strides[0], : (ow - 1) * strides[1] + 1 : strides[1]]
-
-
 def _check_nhwc(x, what):
     if not isinstance(x, np.ndarray) or x.ndim != 4:
         raise ValueError(f"{what} expects x of shape (N, H, W, C), got "
@@ -76,15 +59,32 @@ def _check_nhwc(x, what):
         raise ValueError(f"{what} got an empty input of shape {x.shape}")
 
 
+def _check_operand(array, what, name, ndim, layout):
+    """array must be a float32/float64 ndarray of ndim dimensions (layout names them)."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what} expects {name} as a numpy.ndarray {layout}, got "
+                        f"{type(array).__name__}; convert it with numpy.asarray(..., "
+                        f"dtype=numpy.float32)")
+    if array.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{what} expects {name} of dtype float32 (or float64), got "
+                        f"{array.dtype}; convert it with {name}.astype(numpy.float32)")
+    if array.ndim != ndim:
+        raise ValueError(f"{what} expects {name} of shape {layout}, got {array.shape}")
+
+
 def _c(array):
     return np.ascontiguousarray(array)
 
 
 # ---------------------------------------------------------------------------- convolution
 
-def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None):
-    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F)."""
+def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None,
+                   out=None):
+    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F).
+
+    out: optional float32 (N,OH,OW,F) array to write y into (a layer's reused buffer)."""
     _check_nhwc(x, "conv2d_forward")
+    _check_operand(kernel, "conv2d_forward", "kernel", 4, "(KH, KW, C, F)")
     strides = _pair(strides, "strides")
     kh, kw, c, f = kernel.shape
     if x.shape[3] != c:
@@ -95,24 +95,20 @@ def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False,
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
         # one GEMM (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) with im2col built panel by panel
-        y = np.empty((n, oh, ow, f), np.float32)
+        y = out if out is not None else np.empty((n, oh, ow, f), np.float32)
         return _kernels.conv2d_forward(_c(x), _c(kernel), None if bias is None else _c(bias),
                                        y, strides, (top, left), relu, n_threads=n_threads)
-    xp = _padded(x, top, left, oh, ow, kh, kw, strides)
-    cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
-    # (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) -> (N*OH*OW, F), already NHWC
-    y = cols.reshape(n * oh * ow, kh * kw * c) @ kernel.reshape(kh * kw * c, f)
-    if bias is not None:
-        y += bias
-    if relu:
-        np.maximum(y, 0, out=y)
-    return y.reshape(n, oh, ow, f).astype(x.dtype, copy=False)
+    return ops_float64.conv2d_forward(x, kernel, bias, strides, relu, oh, ow, top, left)
 
 
 def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
-                    need_input_grad=True, n_threads=None):
-    """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
+                    need_input_grad=True, n_threads=None, out=None):
+    """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias).
+
+    out: optional float32 array shaped like x to write grad_input into."""
     _check_nhwc(x, "conv2d_backward")
+    _check_operand(kernel, "conv2d_backward", "kernel", 4, "(KH, KW, C, F)")
+    _check_operand(grad_output, "conv2d_backward", "grad_output", 4, "(N, OH, OW, F)")
     strides = _pair(strides, "strides")
     kh, kw, c, f = kernel.shape
     n, h, w, _ = x.shape
@@ -123,28 +119,13 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
         return _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad,
-                                        (top, left), n_threads)
-    xp = _padded(x, top, left, oh, ow, kh, kw, strides)
-    cols = _windows(xp, kh, kw, strides, oh, ow).transpose(0, 1, 2, 4, 5, 3)
-    g = grad_output.reshape(n * oh * ow, f)
-    # (KH*KW*C, N*OH*OW) @ (N*OH*OW, F) -> (KH*KW*C, F)
-    grad_kernel = (cols.reshape(-1, kh * kw * c).T @ g).reshape(kernel.shape)
-    grad_bias = g.sum(axis=0)
-    grad_input = None
-    if need_input_grad:
-        # (N*OH*OW, F) @ (F, KH*KW*C) -> per-pixel column gradients, scattered back (col2im)
-        grad_cols = (g @ kernel.reshape(-1, f).T).reshape(n, oh, ow, kh, kw, c)
-        grad_xp = np.zeros(xp.shape, x.dtype)
-        sh, sw = strides
-        for i in range(kh):
-            for j in range(kw):
-                grad_xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] += grad_cols[:, :, :, i, j]
-        grad_input = np.ascontiguousarray(grad_xp[:, top : top + h, left : left + w])
-    return grad_input, grad_kernel.astype(x.dtype, copy=False), grad_bias.astype(x.dtype, copy=False)
+                                        (top, left), n_threads, out)
+    return ops_float64.conv2d_backward(x, kernel, grad_output, strides, need_input_grad,
+                                       oh, ow, top, left)
 
 
 def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, pads,
-                             n_threads):
+                             n_threads, out):
     kh, kw, c, f = kernel.shape
     x, grad_output = _c(x), _c(grad_output)
     grad_kernel = np.empty(kernel.shape, np.float32)
@@ -157,7 +138,7 @@ def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, p
         # grad_input is a convolution of grad_output (input dilated by the stride) with the
         # kernel flipped in space and transposed in channels: (KH, KW, F, C)
         flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-        grad_input = np.empty(x.shape, np.float32)
+        grad_input = out if out is not None else np.empty(x.shape, np.float32)
         _kernels.conv2d_forward(grad_output, flipped, None, grad_input, (1, 1),
                                 (kh - 1 - pads[0], kw - 1 - pads[1]), False, strides,
                                 n_threads=n_threads)
@@ -166,8 +147,11 @@ def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, p
 
 # -------------------------------------------------------------------------------- pooling
 
-def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
-    """y = max over each window -> (y, argmax); argmax is the int32 index h*W+w in the input plane."""
+def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None, out=None):
+    """y = max over each window -> (y, argmax); argmax is the int32 index h*W+w in the input plane.
+
+    out: optional (y, argmax) arrays to write into (float32 only; a layer's buffers reused
+    from step to step, which saves the page faults of fresh big arrays)."""
     _check_nhwc(x, "max_pool2d_forward")
     ph, pw = _pair(pool_size, "pool_size")
     strides = _pair(strides if strides is not None else (ph, pw), "strides")
@@ -175,43 +159,36 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
     oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
-        y, argmax = np.empty((n, oh, ow, c), np.float32), np.empty((n, oh, ow, c), np.int32)
+        y, argmax = out if out is not None else (np.empty((n, oh, ow, c), np.float32),
+                                                 np.empty((n, oh, ow, c), np.int32))
         return _kernels.max_pool2d_forward(_c(x), y, argmax, (ph, pw), strides, (top, left),
                                            n_threads=n_threads)
-    xp = _padded(x, top, left, oh, ow, ph, pw, strides, fill=-np.inf)
-    windows = _windows(xp, ph, pw, strides, oh, ow).reshape(n, oh, ow, c, ph * pw)
-    flat = windows.argmax(axis=-1)                                  # first max wins, like Keras
-    y = np.take_along_axis(windows, flat[..., None], axis=-1)[..., 0]
-    rows = np.arange(oh)[:, None, None] * strides[0] - top + flat // pw   # (N,OH,OW,C) broadcast
-    cols = np.arange(ow)[None, :, None] * strides[1] - left + flat % pw
-    return np.ascontiguousarray(y), (rows * w + cols).astype(np.int32)
+    return ops_float64.max_pool2d_forward(x, (ph, pw), strides, oh, ow, top, left)
 
 
-def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None):
-    """Route each output gradient to the input cell that held the max."""
+def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_size=None,
+                        strides=None, padding="valid", out=None):
+    """Route each output gradient to the input cell that held the max.
+
+    pool_size, strides and padding, when given, must be the forward's: windows that tile the
+    input (strides == pool_size) then take one write pass instead of zeroing and a scatter.
+    out: optional float32 array of input_shape to write grad_input into."""
     n, h, w, c = input_shape
     if argmax.shape != grad_output.shape:
         raise ValueError(f"max_pool2d_backward: argmax {argmax.shape} and grad_output "
                          f"{grad_output.shape} differ")
     n_threads = _threads.resolve(n_threads)
     if grad_output.dtype == np.float32:
-        grad_input = np.empty((n, h, w, c), np.float32)
+        grad_input = out if out is not None else np.empty((n, h, w, c), np.float32)
+        geometry = {}
+        if pool_size is not None:
+            ph, pw = _pair(pool_size, "pool_size")
+            strides = _pair(strides if strides is not None else (ph, pw), "strides")
+            _, _, top, left = _geometry(h, w, ph, pw, strides, padding)
+            geometry = dict(pool_size=(ph, pw), strides=strides, pads=(top, left))
         return _kernels.max_pool2d_backward(_c(grad_output), _c(argmax), grad_input,
-                                            n_threads=n_threads)
-    grad_input = np.zeros((n, h * w, c), grad_output.dtype)
-    batch = np.arange(n)[:, None, None, None]
-    channel = np.arange(c)[None, None, None, :]
-    np.add.at(grad_input, (batch, argmax, channel), grad_output)
-    return grad_input.reshape(n, h, w, c)
-
-
-def _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left):
-    # how many real (unpadded) cells each window covers: (OH, OW, 1)
-    rows = np.arange(oh) * strides[0] - top
-    cols = np.arange(ow) * strides[1] - left
-    count_h = np.minimum(rows + ph, h) - np.maximum(rows, 0)
-    count_w = np.minimum(cols + pw, w) - np.maximum(cols, 0)
-    return (count_h[:, None] * count_w[None, :])[:, :, None]
+                                            n_threads=n_threads, **geometry)
+    return ops_float64.max_pool2d_backward(grad_output, argmax, input_shape)
 
 
 def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
@@ -226,10 +203,7 @@ def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
         y = np.empty((n, oh, ow, c), np.float32)
         return _kernels.avg_pool2d_forward(_c(x), y, (ph, pw), strides, (top, left),
                                            n_threads=n_threads)
-    xp = _padded(x, top, left, oh, ow, ph, pw, strides)
-    sums = _windows(xp, ph, pw, strides, oh, ow).sum(axis=(-2, -1))
-    counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
-    return (sums / counts).astype(x.dtype, copy=False)
+    return ops_float64.avg_pool2d_forward(x, (ph, pw), strides, oh, ow, top, left)
 
 
 def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, padding="valid",
@@ -247,38 +221,31 @@ def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, paddi
         grad_input = np.empty((n, h, w, c), np.float32)
         return _kernels.avg_pool2d_backward(_c(grad_output), grad_input, (ph, pw), strides,
                                             (top, left), n_threads=n_threads)
-    counts = _valid_counts(h, w, ph, pw, strides, padding, oh, ow, top, left)
-    share = grad_output / counts
-    need_h, need_w = (oh - 1) * strides[0] + ph, (ow - 1) * strides[1] + pw
-    grad_xp = np.zeros((n, max(need_h, top + h), max(need_w, left + w), c), grad_output.dtype)
-    sh, sw = strides
-    for i in range(ph):
-        for j in range(pw):
-            grad_xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw] += share
-    return np.ascontiguousarray(grad_xp[:, top : top + h, left : left + w])
+    return ops_float64.avg_pool2d_backward(grad_output, input_shape, (ph, pw), strides, oh, ow,
+                                           top, left)
 
 
 # ---------------------------------------------------------------------------------- dense
 
 def dense_forward(x, kernel, bias, relu=False, n_threads=None):
     """y = x @ kernel + bias (ReLU if asked).  x (N,I), kernel (I,U) -> (N,U)."""
-    if x.ndim != 2 or x.shape[1] != kernel.shape[0]:
+    _check_operand(x, "dense_forward", "x", 2, "(N, I)")
+    _check_operand(kernel, "dense_forward", "kernel", 2, "(I, U)")
+    if x.shape[1] != kernel.shape[0]:
         raise ValueError(f"dense_forward: x is {x.shape} but the kernel is {kernel.shape}")
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
         y = np.empty((x.shape[0], kernel.shape[1]), np.float32)   # (N, I) @ (I, U)
         return _kernels.sgemm(_c(x), _c(kernel), y, None if bias is None else _c(bias), relu,
                               n_threads=n_threads)
-    y = x @ kernel
-    if bias is not None:
-        y += bias
-    if relu:
-        np.maximum(y, 0, out=y)
-    return y
+    return ops_float64.dense_forward(x, kernel, bias, relu)
 
 
 def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None):
     """Gradients of dense_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias)."""
+    _check_operand(x, "dense_backward", "x", 2, "(N, I)")
+    _check_operand(kernel, "dense_backward", "kernel", 2, "(I, U)")
+    _check_operand(grad_output, "dense_backward", "grad_output", 2, "(N, U)")
     if grad_output.shape != (x.shape[0], kernel.shape[1]):
         raise ValueError(f"dense_backward: grad_output is {grad_output.shape}, expected "
                          f"{(x.shape[0], kernel.shape[1])}")
@@ -295,7 +262,4 @@ def dense_backward(x, kernel, grad_output, need_input_grad=True, n_threads=None)
             _kernels.sgemm(grad_output, kernel, grad_input, transpose_b=True,
                            n_threads=n_threads)
         return grad_input, grad_kernel, grad_bias
-    grad_kernel = x.T @ grad_output              # (I, N) @ (N, U) -> (I, U)
-    grad_bias = grad_output.sum(axis=0)
-    grad_input = grad_output @ kernel.T if need_input_grad else None
-    return grad_input, grad_kernel, grad_bias
+    return ops_float64.dense_backward(x, kernel, grad_output, need_input_grad)

@@ -4,8 +4,13 @@ An optimizer updates a flat dict of parameters in place from a dict of gradients
 same keys ("layer_name/param").  Its state is keyed by those names too, so state_dict()
 is a flat dict of arrays that goes into .npz checkpoints and over Dask as it is.
 Each optimizer implements one _update(name, param, grad, lr); the update rules are Keras'.
+SGD, Adagrad, RMSprop, Adam, AdaMax and Nadam update float32 parameters in one fused,
+threaded C pass per parameter (each element independent: the same bits for any thread
+count); other dtypes take NumPy. (Adadelta and LARS stay NumPy.)
 """
 import numpy as np
+
+from cnnx import _kernels, _threads
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -167,6 +172,11 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = momentum, nesterov
 
     def _update(self, name, param, grad, lr):
+        if _fused(param, grad):
+            velocity = None if self.momentum == 0 else self._slot("velocity", name, param)
+            _kernels.sgd_update(param, grad, velocity, lr, self.momentum, self.nesterov,
+                                n_threads=_threads.get_num_threads())
+            return
         step = np.multiply(grad, lr, out=self._scratch(name, param))        # lr g
         if self.momentum == 0:
             param -= step
@@ -202,6 +212,10 @@ class Adagrad(Optimizer):
 
     def _update(self, name, param, grad, lr):
         accumulator = self._slot("accumulator", name, param, self.initial_accumulator_value)
+        if _fused(param, grad, accumulator):
+            _kernels.rmsprop_update(param, grad, accumulator, 1.0, 1.0, lr, self.epsilon,
+                                    n_threads=_threads.get_num_threads())
+            return
         work = self._scratch(name, param)
         accumulator += np.multiply(grad, grad, out=work)
         _step_by_root(param, grad, accumulator, lr, self.epsilon, work)
@@ -242,6 +256,10 @@ class RMSprop(Optimizer):
 
     def _update(self, name, param, grad, lr):
         velocity = self._slot("velocity", name, param)
+        if _fused(param, grad, velocity):
+            _kernels.rmsprop_update(param, grad, velocity, self.rho, 1 - self.rho, lr,
+                                    self.epsilon, n_threads=_threads.get_num_threads())
+            return
         work = self._scratch(name, param)
         _moving_average(velocity, np.multiply(grad, grad, out=work), self.rho)
         _step_by_root(param, grad, velocity, lr, self.epsilon, work)
@@ -261,8 +279,14 @@ class Adam(Optimizer):
 
     def _update(self, name, param, grad, lr):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
-        work = self._scratch(name, param)
         t = self.iterations
+        if _fused(param, grad, m, v):
+            root = np.sqrt(1 - self.beta_2 ** t)
+            _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
+                                 1 - self.beta_2, lr * root / (1 - self.beta_1 ** t),
+                                 self.epsilon * root, n_threads=_threads.get_num_threads())
+            return
+        work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
         # m_hat / (sqrt(v_hat) + eps) with the bias corrections folded into two scalars:
@@ -285,6 +309,11 @@ class AdaMax(Adam):
 
     def _update(self, name, param, grad, lr):
         m, u = self._slot("m", name, param), self._slot("u", name, param)
+        if _fused(param, grad, m, u):
+            _kernels.adamax_update(param, grad, m, u, self.beta_1, 1 - self.beta_1, self.beta_2,
+                                   lr / (1 - self.beta_1 ** self.iterations), self.epsilon,
+                                   n_threads=_threads.get_num_threads())
+            return
         work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         u *= self.beta_2
@@ -313,12 +342,20 @@ class Nadam(Adam):
 
     def _update(self, name, param, grad, lr):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
+        m_scale = self._mu_next / (1 - self._product_t * self._mu_next)
+        grad_scale = (1 - self._mu_t) / (1 - self._product_t)
+        root = np.sqrt(1 - self.beta_2 ** self.iterations)      # v_hat = v / root^2
+        if _fused(param, grad, m, v):
+            _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
+                                 1 - self.beta_2, lr * root, self.epsilon * root,
+                                 m_scale=m_scale, grad_scale=grad_scale,
+                                 n_threads=_threads.get_num_threads())
+            return
         work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
-        m_hat = np.multiply(m, self._mu_next / (1 - self._product_t * self._mu_next))
-        m_hat += np.multiply(grad, (1 - self._mu_t) / (1 - self._product_t), out=work)
-        root = np.sqrt(1 - self.beta_2 ** self.iterations)      # v_hat = v / root^2
+        m_hat = np.multiply(m, m_scale)
+        m_hat += np.multiply(grad, grad_scale, out=work)
         _step_by_root(param, m_hat, v, lr * root, self.epsilon * root, work)
 
 
@@ -347,6 +384,12 @@ class LARS(Optimizer):
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
                 "weight_decay": self.weight_decay, "eta": self.eta}
+
+
+def _fused(*arrays):
+    """True when the C update applies: float32, C-contiguous, writeable, not empty."""
+    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.size > 0
+               for a in arrays) and arrays[0].flags.writeable
 
 
 def _moving_average(average, value, decay, work=None):

@@ -7,6 +7,8 @@
 #ifndef CNNX_KERNELS_H
 #define CNNX_KERNELS_H
 
+#include <stdint.h>
+
 /* 1 when built with OpenMP, 0 otherwise. */
 int cnnx_openmp_enabled(void);
 
@@ -74,7 +76,10 @@ typedef struct {
 /* y = max over the window, argmax = h*in_w + w of the first maximum (row-major scan). */
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
                              int *argmax, int n_threads);
-/* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. */
+/* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. When the pool
+ * geometry is known and windows tile the input (stride == pool), one write pass instead,
+ * with argmax only compared to each cell (so it needs no range check); stride_h = 0 marks
+ * the geometry unknown (argmax must then lie inside the input plane). */
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
                               const int *argmax, float *grad_input, int n_threads);
 /* y = mean over the window's cells inside the input. */
@@ -84,8 +89,69 @@ void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
 void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
                               float *grad_input, int n_threads);
 
+/* target[i] = source[i] for i < n: the memory-bandwidth yardstick. */
+void cnnx_copy(long n, const float *source, float *target, int n_threads);
+
+/* y[i] = max(x[i], 0), a NaN kept (NumPy's maximum). */
+void cnnx_relu_forward(long n, const float *x, float *y, int n_threads);
+/* grad[i] *= (y[i] > 0): ReLU's backward from its output, in place. */
+void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads);
+
+/* Adam (Kingma & Ba, Algorithm 1) with the bias corrections folded into step and epsilon:
+ * m = beta_1 m + (1 - beta_1) g;  v = beta_2 v + (1 - beta_2) g^2;
+ * param -= m / (sqrt(v) + epsilon) * step.  With grad_scale != 0 (Nadam) the numerator is
+ * m * m_scale + g * grad_scale. float32 throughout, in the NumPy formulas' order. */
+typedef struct {
+    float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon;
+    float m_scale, grad_scale;
+} cnnx_adam_scalars;
+void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                      const cnnx_adam_scalars *scalars, int n_threads);
+
+/* RMSprop (Adagrad: decay = weight = 1): square = decay square + weight g^2;
+ * param -= g / (sqrt(square) + epsilon) * learning_rate. */
+void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square, float decay,
+                         float weight, float learning_rate, float epsilon, int n_threads);
+
+/* AdaMax (Kingma & Ba, Algorithm 2): m = beta_1 m + (1 - beta_1) g;
+ * u = max(beta_2 u, |g|);  param -= m / (u + epsilon) * step. */
+void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
+                        float beta_1, float one_minus_beta_1, float beta_2, float step,
+                        float epsilon, int n_threads);
+
+/* SGD: velocity NULL: param -= lr g.  Else v = momentum v - lr g, then param += v
+ * (nesterov: param = (param - lr g) + momentum v). */
+void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
+                     float learning_rate, float momentum, int nesterov, int n_threads);
+
+/* Per-channel sums over a (rows, channels) array: sums[c] = sum_r (a[r, c] - a_shift[c]) and
+ * product_sums[c] = sum_r (a[r, c] - a_shift[c]) * (b[r, c] - b_shift[c]) (b NULL: a).
+ * In double across fixed chunks of rows (float within a chunk when channels is 16 or 32).
+ * partials holds cnnx_channel_sums_partials(rows, channels) doubles of scratch. */
+long cnnx_channel_sums_partials(long rows, int channels);
+void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
+                       const float *a_shift, const float *b_shift, double *sums,
+                       double *product_sums, double *partials, int n_threads);
+/* out[r, c] = (a[r, c] - a_shift[c]) * a_scale[c]
+ *             (+ (b[r, c] - b_shift[c]) * b_scale[c] unless b is NULL) + shift[c].
+ * Shifts near the data's mean keep the products small: no cancellation against shift. */
+void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
+                         const float *a_scale, const float *b, const float *b_shift,
+                         const float *b_scale, const float *shift, float *out, int n_threads);
+
+/* keep[i] = (32 random bits of element i) >= threshold, from Philox4x64-10 keyed by
+ * (key0, key1): P(keep) = 1 - threshold / 2^32, a pure function of (key, i). */
+void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
+                       unsigned char *keep, int n_threads);
+/* y[i] = x[i] * (keep[i] ? scale : 0): dropout forward, and its backward on the gradient. */
+void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
+                        float *y, int n_threads);
+
 /* Seconds to run n_iterations of 12 independent 8-wide FMA chains on each of n_threads
  * threads (2 * 8 * 12 * n_iterations * n_threads flops); generic code if no AVX2+FMA. */
 double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink);
+/* Seconds to run n_iterations of 64 dependent integer adds on the calling thread (one
+ * cycle each): 64 * n_iterations / seconds is the clock. *sink seeds the chain, gets its end. */
+double cnnx_add_chain_seconds(long n_iterations, long *sink);
 
 #endif

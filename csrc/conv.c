@@ -19,6 +19,8 @@
  *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped
  *     (grad kernel: their grad_output rows are zeros). Bands are fixed by the geometry, so
  *     the grad-kernel partials are per band and added in band order.
+ *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
+ *     neither calls back into it. The im2col rows it packs from live in packing.c.
  */
 #include <string.h>
 
@@ -36,6 +38,9 @@
 #define MAX_TAPS 64                /* fast path for kernels up to 8x8 */
 #define EDGE_FLOATS (GEMM_MR * GEMM_NR + GEMM_NR)
 #define GRAD_SLACK (GEMM_NR + GEMM_MR)
+/* grad_output rows read in place by the grad-kernel fast path only when this wide: each
+ * micro-tile call then runs k = out_w deep; narrower rows take the virtual-row layout. */
+#define IN_PLACE_MIN_WIDTH 32
 
 static int use_fast_path(const cnnx_conv_geometry *g)
 {
@@ -140,7 +145,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 if (whole && cols == GEMM_NR) {
                     float *c = y_band + ((long)(v0 / width) * g->out_w + out_x) * filters
                                + panel * GEMM_NR;
-                    conv_micro_kernel(taps, tap_offsets, g->channels, a, g->channels, b, c,
+                    micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, c,
                                       filters, panel_bias, relu);
                     continue;
                 }
@@ -148,7 +153,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                     memset(edge_bias, 0, sizeof(float) * GEMM_NR);
                     memcpy(edge_bias, panel_bias, sizeof(float) * cols);
                 }
-                conv_micro_kernel(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
+                micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
                                   GEMM_NR, bias ? edge_bias : NULL, relu);
                 for (int r = 0; r < GEMM_MR; ++r) {
                     int v = v0 + r, row_x = v % width;
@@ -160,44 +165,6 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 }
             }
         }
-    }
-}
-
-void im2col_row_segment(const cnnx_conv_geometry *g, const float *source, long pixel, int k0,
-                        int length, float *dst, int dst_stride)
-{
-    int out_x = (int)(pixel % g->out_w);
-    long rest = pixel / g->out_w;
-    int out_y = (int)(rest % g->out_h);
-    long image = rest / g->out_h;
-    int channels = g->channels;
-    const float *source_image = source + image * g->in_h * g->in_w * channels;
-    int tap = k0 / channels, channel = k0 % channels;
-    while (length > 0) {
-        int run = channels - channel < length ? channels - channel : length;
-        int tap_y = tap / g->kernel_w, tap_x = tap % g->kernel_w;
-        int q_y = out_y * g->stride_h + tap_y - g->pad_top;
-        int q_x = out_x * g->stride_w + tap_x - g->pad_left;
-        const float *cell = NULL;
-        if (q_y >= 0 && q_x >= 0 && q_y % g->dilation_h == 0 && q_x % g->dilation_w == 0) {
-            int in_y = q_y / g->dilation_h, in_x = q_x / g->dilation_w;
-            if (in_y < g->in_h && in_x < g->in_w)
-                cell = source_image + ((long)in_y * g->in_w + in_x) * channels + channel;
-        }
-        if (cell) {
-            if (dst_stride == 1)
-                memcpy(dst, cell, sizeof(float) * run);
-            else
-                for (int t = 0; t < run; ++t)
-                    dst[t * dst_stride] = cell[t];
-        } else {
-            for (int t = 0; t < run; ++t)
-                dst[t * dst_stride] = 0.0f;
-        }
-        dst += (long)run * dst_stride;
-        length -= run;
-        channel = 0;
-        ++tap;
     }
 }
 
@@ -232,6 +199,25 @@ static long chunk_count(const cnnx_conv_geometry *g)
     return (pixels + PIXEL_CHUNK - 1) / PIXEL_CHUNK;
 }
 
+/* grad_kernel[e] (e < kernel_size), then grad_bias, = the sum over parts of
+ * partials[part * (kernel_size + filters) + e], added in part order: the same bits for any
+ * n_threads. Called inside a parallel region; its orphaned omp for shares out the elements. */
+static void sum_partials_in_order(const float *partials, long parts, long kernel_size,
+                                  int filters, float *grad_kernel, float *grad_bias)
+{
+    long size = kernel_size + filters;
+    #pragma omp for schedule(static)
+    for (long e = 0; e < size; ++e) {
+        float total = partials[e];
+        for (long part = 1; part < parts; ++part)
+            total += partials[part * size + e];
+        if (e < kernel_size)
+            grad_kernel[e] = total;
+        else
+            grad_bias[e - kernel_size] = total;
+    }
+}
+
 /* Per thread: band, virtual grad_output (+ slack for ragged column panels), an edge tile. */
 static long grad_kernel_thread_floats(const cnnx_conv_geometry *g, int filters)
 {
@@ -244,6 +230,42 @@ static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters,
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
     return (long)n_threads * grad_kernel_thread_floats(g, filters)
            + band_count(g) * (depth * filters + filters);
+}
+
+/* partial[depth, F] (=, or += when accumulate) = im2col(band)^T @ grad[pixels, F] over
+ * `pixels` virtual rows from band. The KW*C k indices (j, c) of one kernel row i are
+ * contiguous in the band: im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. Six k rows are
+ * read in place (pixel stride C), adjacent when they share a kernel row; a narrow kernel
+ * row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at gathered
+ * offsets instead of leaving half of it empty. */
+static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, int pixels,
+                             const float *grad, int filters, float *partial, int accumulate,
+                             float *edge_tile)
+{
+    int depth = g->kernel_h * g->kernel_w * g->channels, row_span = g->kernel_w * g->channels;
+    long width = padded_width(g);
+    for (int k0 = 0; k0 < depth; ) {
+        /* one tile: the rest of this kernel row, or (narrow rows) up to 6 k rows across rows */
+        int rest_of_row = row_span - k0 % row_span;
+        int k_rows = row_span >= GEMM_MR ? (rest_of_row < GEMM_MR ? rest_of_row : GEMM_MR)
+                                         : (depth - k0 < GEMM_MR ? depth - k0 : GEMM_MR);
+        long offsets[GEMM_MR];
+        for (int r = 0; r < GEMM_MR; ++r) {
+            int k = k0 + (r < k_rows ? r : 0);
+            offsets[r] = (k / row_span) * width * g->channels + k % row_span;
+        }
+        for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
+            int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+            float *c = partial + (long)k0 * filters + f0;
+            if (k_rows <= rest_of_row)        /* rows adjacent in the band: constant stride */
+                gemm_micro_tile(pixels, band + offsets[0], 1, g->channels, grad + f0, filters,
+                                c, filters, k_rows, cols, accumulate, edge_tile);
+            else
+                gemm_gathered_tile(pixels, band, offsets, g->channels, grad + f0, filters, c,
+                                   filters, k_rows, cols, accumulate, edge_tile);
+        }
+        k0 += k_rows;
+    }
 }
 
 /* grad_kernel[depth, F] per band = im2col(band)^T @ grad_output(band), both read in place
@@ -277,8 +299,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
             float *bias_partial = partial + (long)depth * filters;
             copy_band(g, x, image, y0, rows, band);
             memset(bias_partial, 0, sizeof(float) * filters);
-            int row_span = g->kernel_w * g->channels;
-            if (filters % GEMM_NR == 0) {
+            if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
                 /* grad_output read in place, one output row at a time (no junk columns);
                  * rows are added into the partial in order */
                 for (int y = 0; y < rows; ++y) {
@@ -286,16 +307,8 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                     for (int out_x = 0; out_x < g->out_w; ++out_x)
                         for (int f = 0; f < filters; ++f)
                             bias_partial[f] += grad_row[(long)out_x * filters + f];
-                    for (int i = 0; i < g->kernel_h; ++i)
-                        for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
-                            int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
-                            int k0 = i * row_span + t0;
-                            const float *a = band + (long)(y + i) * width * g->channels + t0;
-                            for (int f0 = 0; f0 < filters; f0 += GEMM_NR)
-                                gemm_micro_tile(g->out_w, a, 1, g->channels, grad_row + f0,
-                                                filters, partial + (long)k0 * filters + f0,
-                                                filters, k_rows, GEMM_NR, y > 0, edge_tile);
-                        }
+                    grad_kernel_rows(g, band + (long)y * width * g->channels, g->out_w,
+                                     grad_row, filters, partial, y > 0, edge_tile);
                 }
                 continue;
             }
@@ -313,33 +326,11 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                     bias_partial[f] += src[f];
             }
             memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * GRAD_SLACK);
-            /* For one kernel row i, the KW*C k indices (j, c) are contiguous in the band:
-             * im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. So six k rows are read in
-             * place (row stride 1, pixel stride C), and grad_output columns too. */
-            for (int i = 0; i < g->kernel_h; ++i)
-                for (int t0 = 0; t0 < row_span; t0 += GEMM_MR) {
-                    int k_rows = row_span - t0 < GEMM_MR ? row_span - t0 : GEMM_MR;
-                    int k0 = i * row_span + t0;
-                    const float *a = band + (long)i * width * g->channels + t0;
-                    for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
-                        int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
-                        gemm_micro_tile(virtual_rows, a, 1, g->channels, grad_virtual + f0,
-                                        filters, partial + (long)k0 * filters + f0, filters,
-                                        k_rows, cols, 0, edge_tile);
-                    }
-                }
+            grad_kernel_rows(g, band, virtual_rows, grad_virtual, filters, partial, 0,
+                             edge_tile);
         }
-        /* fixed-order sum over bands, parallel over elements */
-        #pragma omp for schedule(static)
-        for (long e = 0; e < partial_size; ++e) {
-            float total = partials[e];
-            for (long b = 1; b < bands; ++b)
-                total += partials[b * partial_size + e];
-            if (e < (long)depth * filters)
-                grad_kernel[e] = total;
-            else
-                grad_bias[e - (long)depth * filters] = total;
-        }
+        sum_partials_in_order(partials, bands, (long)depth * filters, filters, grad_kernel,
+                              grad_bias);
     }
 }
 
@@ -395,16 +386,7 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                 for (int f = 0; f < filters; ++f)
                     bias_partial[f] += grad_output[(long)p * filters + f];
         }
-        /* Fixed-order sum of the chunk partials, parallel over elements. */
-        #pragma omp for schedule(static)
-        for (long e = 0; e < partial_size; ++e) {
-            float total = partials[e];
-            for (long chunk = 1; chunk < chunks; ++chunk)
-                total += partials[chunk * partial_size + e];
-            if (e < (long)depth * filters)
-                grad_kernel[e] = total;
-            else
-                grad_bias[e - (long)depth * filters] = total;
-        }
+        sum_partials_in_order(partials, chunks, (long)depth * filters, filters, grad_kernel,
+                              grad_bias);
     }
 }

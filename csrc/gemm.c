@@ -1,4 +1,4 @@
-/* BLIS-style single-precision GEMM with a fused bias/ReLU epilogue.
+/* The GEMM frame: BLIS-style blocked single-precision GEMM with a fused bias/ReLU epilogue.
  *
  * Design:
  *   - Output is cut into MC x NC tiles; OpenMP threads take whole tiles, so every output
@@ -13,8 +13,8 @@
  *     straight from the NHWC tensor, so the batch's im2col matrix never exists.
  *   - Operands already in the right shape are read in place (no packing) when packing would
  *     not pay: a row-major A feeding few column panels, a row-major B feeding few rows.
- *   - Micro-kernels: AVX2+FMA intrinsics (target attribute, picked at run time with
- *     __builtin_cpu_supports) and a portable C kernel; cnnx_set_isa forces the latter.
+ *   - Packing lives in packing.c, the micro-kernels (and the ISA choice) in microkernel.c;
+ *     this file only blocks, schedules and handles the edges.
  */
 #include <string.h>
 
@@ -26,329 +26,6 @@
 #else
 #define THREAD_ID() 0
 #endif
-
-#if defined(__x86_64__) || defined(__i386__)
-#define CNNX_X86 1
-#include <immintrin.h>
-#else
-#define CNNX_X86 0
-#endif
-
-/* A micro-kernel: c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j), then
- * + bias[j] and ReLU when given. a(r, p) = a[r*a_row_stride + p*a_k_stride];
- * b(p, j) = b[p*b_k_stride + j]. */
-typedef void (*micro_kernel_fn)(int kc, const float *a, long a_row_stride, long a_k_stride,
-                                const float *b, long b_k_stride, float *c, long ldc,
-                                int accumulate, const float *bias, int relu);
-
-/* ------------------------------------------------------------------ portable micro-kernel */
-
-static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long a_k_stride,
-                                 const float *b, long b_k_stride, float *c, long ldc,
-                                 int accumulate, const float *bias, int relu)
-{
-    float acc[GEMM_MR][GEMM_NR];
-    memset(acc, 0, sizeof(acc));
-    for (int p = 0; p < kc; ++p) {
-        for (int r = 0; r < GEMM_MR; ++r) {
-            float a_value = a[r * a_row_stride];
-            for (int j = 0; j < GEMM_NR; ++j)
-                acc[r][j] += a_value * b[j];
-        }
-        a += a_k_stride;
-        b += b_k_stride;
-    }
-    for (int r = 0; r < GEMM_MR; ++r) {
-        float *row = c + r * ldc;
-        for (int j = 0; j < GEMM_NR; ++j) {
-            float value = accumulate ? row[j] + acc[r][j] : acc[r][j];
-            if (bias) value += bias[j];
-            if (relu) value = value < 0.0f ? 0.0f : value;   /* NaN stays NaN */
-            row[j] = value;
-        }
-    }
-}
-
-/* ------------------------------------------------------------------ AVX2 + FMA micro-kernel */
-#if CNNX_X86
-
-#define AVX2 __attribute__((target("avx2,fma")))
-
-/* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
-/* taps > 1 (direct convolution): k runs over taps x kc, tap t reading a + tap_offsets[t]. */
-static inline __attribute__((always_inline)) AVX2 void
-micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
-                       long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
-                       float *c, long ldc, int accumulate, const float *bias, int relu)
-{
-    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-    for (int tap = 0; tap < taps; ++tap) {
-      const float *a_tap = taps == 1 ? a : a + tap_offsets[tap];
-      #pragma GCC unroll 4
-      for (int p = 0; p < kc; ++p) {
-        const float *a = a_tap + p * a_k_stride;
-        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-        __m256 a_value = _mm256_broadcast_ss(a);
-        c00 = _mm256_fmadd_ps(a_value, b0, c00);
-        c01 = _mm256_fmadd_ps(a_value, b1, c01);
-        a_value = _mm256_broadcast_ss(a + a_row_stride);
-        c10 = _mm256_fmadd_ps(a_value, b0, c10);
-        c11 = _mm256_fmadd_ps(a_value, b1, c11);
-        a_value = _mm256_broadcast_ss(a + 2 * a_row_stride);
-        c20 = _mm256_fmadd_ps(a_value, b0, c20);
-        c21 = _mm256_fmadd_ps(a_value, b1, c21);
-        a_value = _mm256_broadcast_ss(a + 3 * a_row_stride);
-        c30 = _mm256_fmadd_ps(a_value, b0, c30);
-        c31 = _mm256_fmadd_ps(a_value, b1, c31);
-        a_value = _mm256_broadcast_ss(a + 4 * a_row_stride);
-        c40 = _mm256_fmadd_ps(a_value, b0, c40);
-        c41 = _mm256_fmadd_ps(a_value, b1, c41);
-        a_value = _mm256_broadcast_ss(a + 5 * a_row_stride);
-        c50 = _mm256_fmadd_ps(a_value, b0, c50);
-        c51 = _mm256_fmadd_ps(a_value, b1, c51);
-        b += b_k_stride;
-      }
-    }
-    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-    if (bias) {
-        bias0 = _mm256_loadu_ps(bias);
-        bias1 = _mm256_loadu_ps(bias + 8);
-    }
-    const __m256 zero = _mm256_setzero_ps();
-#define STORE_ROW(r, x0, x1)                                                      \
-    do {                                                                          \
-        float *row = c + (r) * ldc;                                               \
-        __m256 v0 = (x0), v1 = (x1);                                              \
-        if (accumulate) {                                                         \
-            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
-            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
-        }                                                                         \
-        if (bias) {                                                               \
-            v0 = _mm256_add_ps(v0, bias0);                                        \
-            v1 = _mm256_add_ps(v1, bias1);                                        \
-        }                                                                         \
-        /* max_ps returns its second operand when either is NaN: NaN propagates */ \
-        if (relu) {                                                               \
-            v0 = _mm256_max_ps(zero, v0);                                         \
-            v1 = _mm256_max_ps(zero, v1);                                         \
-        }                                                                         \
-        _mm256_storeu_ps(row, v0);                                                \
-        _mm256_storeu_ps(row + 8, v1);                                            \
-    } while (0)
-    STORE_ROW(0, c00, c01);
-    STORE_ROW(1, c10, c11);
-    STORE_ROW(2, c20, c21);
-    STORE_ROW(3, c30, c31);
-    STORE_ROW(4, c40, c41);
-    STORE_ROW(5, c50, c51);
-#undef STORE_ROW
-}
-
-/* Packed panels: constant strides let gcc use fixed addressing. */
-static AVX2 void micro_kernel_avx2_packed(int kc, const float *a, long a_row_stride,
-                                          long a_k_stride, const float *b, long b_k_stride,
-                                          float *c, long ldc, int accumulate,
-                                          const float *bias, int relu)
-{
-    (void)a_row_stride;
-    (void)a_k_stride;
-    (void)b_k_stride;
-    micro_kernel_avx2_body(1, NULL, kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias,
-                           relu);
-}
-
-static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_stride,
-                                           long a_k_stride, const float *b, long b_k_stride,
-                                           float *c, long ldc, int accumulate,
-                                           const float *bias, int relu)
-{
-    micro_kernel_avx2_body(1, NULL, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc,
-                           accumulate, bias, relu);
-}
-
-/* Rows of A adjacent in memory (the grad-kernel GEMM): constant offsets for the broadcasts. */
-static AVX2 void micro_kernel_avx2_adjacent_rows(int kc, const float *a, long a_row_stride,
-                                                 long a_k_stride, const float *b,
-                                                 long b_k_stride, float *c, long ldc,
-                                                 int accumulate, const float *bias, int relu)
-{
-    (void)a_row_stride;
-    micro_kernel_avx2_body(1, NULL, kc, a, 1, a_k_stride, b, b_k_stride, c, ldc, accumulate,
-                           bias, relu);
-}
-
-static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, int channels,
-                                  const float *a, long a_row_stride, const float *b, float *c,
-                                  long ldc, const float *bias, int relu)
-{
-    micro_kernel_avx2_body(taps, tap_offsets, channels, a, a_row_stride, 1, b, GEMM_NR, c, ldc,
-                           0, bias, relu);
-}
-#endif
-
-static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
-                                const float *a, long a_row_stride, const float *b, float *c,
-                                long ldc, const float *bias, int relu)
-{
-    float acc[GEMM_MR][GEMM_NR];
-    memset(acc, 0, sizeof(acc));
-    for (int tap = 0; tap < taps; ++tap) {
-        const float *a_tap = a + tap_offsets[tap];
-        for (int p = 0; p < channels; ++p, b += GEMM_NR)
-            for (int r = 0; r < GEMM_MR; ++r) {
-                float a_value = a_tap[r * a_row_stride + p];
-                for (int j = 0; j < GEMM_NR; ++j)
-                    acc[r][j] += a_value * b[j];
-            }
-    }
-    for (int r = 0; r < GEMM_MR; ++r)
-        for (int j = 0; j < GEMM_NR; ++j) {
-            float value = acc[r][j];
-            if (bias) value += bias[j];
-            if (relu) value = value < 0.0f ? 0.0f : value;   /* NaN stays NaN */
-            c[r * ldc + j] = value;
-        }
-}
-
-/* ------------------------------------------------------------------ run-time dispatch */
-
-static void micro_tile(micro_kernel_fn kernel, int kc, const float *a, long a_row_stride,
-                       long a_k_stride, const float *b, long b_k_stride, float *c, long ldc,
-                       int rows, int cols, int accumulate, const float *bias, int relu,
-                       float *edge_tile, float *edge_bias);
-
-static int current_isa = CNNX_ISA_AUTO;    /* resolved on first use */
-
-int cnnx_cpu_has_avx2_fma(void)
-{
-#if CNNX_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
-
-int cnnx_set_isa(int isa)
-{
-    if (isa == CNNX_ISA_AUTO || (isa == CNNX_ISA_AVX2 && !cnnx_cpu_has_avx2_fma()))
-        isa = cnnx_cpu_has_avx2_fma() ? CNNX_ISA_AVX2 : CNNX_ISA_GENERIC;
-    current_isa = isa;
-    return current_isa;
-}
-
-int cnnx_get_isa(void)
-{
-    if (current_isa == CNNX_ISA_AUTO)
-        cnnx_set_isa(CNNX_ISA_AUTO);
-    return current_isa;
-}
-
-static micro_kernel_fn packed_kernel(void)
-{
-#if CNNX_X86
-    if (cnnx_get_isa() == CNNX_ISA_AVX2)
-        return micro_kernel_avx2_packed;
-#endif
-    return micro_kernel_generic;
-}
-
-static micro_kernel_fn strided_kernel(void)
-{
-#if CNNX_X86
-    if (cnnx_get_isa() == CNNX_ISA_AVX2)
-        return micro_kernel_avx2_strided;
-#endif
-    return micro_kernel_generic;
-}
-
-void conv_micro_kernel(int taps, const int *tap_offsets, int channels, const float *a,
-                       long a_row_stride, const float *b, float *c, long ldc, const float *bias,
-                       int relu)
-{
-#if CNNX_X86
-    if (cnnx_get_isa() == CNNX_ISA_AVX2) {
-        conv_kernel_avx2(taps, tap_offsets, channels, a, a_row_stride, b, c, ldc, bias, relu);
-        return;
-    }
-#endif
-    conv_kernel_generic(taps, tap_offsets, channels, a, a_row_stride, b, c, ldc, bias, relu);
-}
-
-void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
-                     const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
-                     int accumulate, float *edge_tile)
-{
-    micro_kernel_fn kernel = strided_kernel();
-#if CNNX_X86
-    if (a_row_stride == 1 && kernel == micro_kernel_avx2_strided)
-        kernel = micro_kernel_avx2_adjacent_rows;
-#endif
-    micro_tile(kernel, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows, cols,
-               accumulate, NULL, 0, edge_tile, NULL);
-}
-
-/* ------------------------------------------------------------------ packing */
-
-/* dst[p*6 + r] = a(i0 + r, k0 + p) for r < rows, zero for the rows past the edge. */
-static void pack_a_panel(const gemm_operand *a, int i0, int rows, int k0, int kc, float *dst)
-{
-    if (rows < GEMM_MR)
-        memset(dst, 0, sizeof(float) * GEMM_MR * kc);
-    if (a->kind == OPERAND_MATRIX) {
-        const float *base = a->data + i0 * a->row_stride + k0 * a->col_stride;
-        if (a->row_stride == 1) {                       /* transposed: 6 rows contiguous */
-            for (int p = 0; p < kc; ++p)
-                for (int r = 0; r < rows; ++r)
-                    dst[p * GEMM_MR + r] = base[p * a->col_stride + r];
-        } else if (rows == GEMM_MR && a->col_stride == 1) {
-            /* six rows walked side by side: the writes stay sequential */
-            const float *row0 = base, *row1 = base + a->row_stride;
-            const float *row2 = row1 + a->row_stride, *row3 = row2 + a->row_stride;
-            const float *row4 = row3 + a->row_stride, *row5 = row4 + a->row_stride;
-            for (int p = 0; p < kc; ++p, dst += GEMM_MR) {
-                dst[0] = row0[p];
-                dst[1] = row1[p];
-                dst[2] = row2[p];
-                dst[3] = row3[p];
-                dst[4] = row4[p];
-                dst[5] = row5[p];
-            }
-        } else {
-            for (int r = 0; r < rows; ++r)
-                for (int p = 0; p < kc; ++p)
-                    dst[p * GEMM_MR + r] = base[r * a->row_stride + p * a->col_stride];
-        }
-    } else if (a->kind == OPERAND_IM2COL) {
-        for (int r = 0; r < rows; ++r)
-            im2col_row_segment(a->geometry, a->data, (long)i0 + r, k0, kc, dst + r, GEMM_MR);
-    } else {                                            /* rows are (tap, channel) indices */
-        for (int p = 0; p < kc; ++p)
-            im2col_row_segment(a->geometry, a->data, (long)k0 + p, i0, rows,
-                               dst + p * GEMM_MR, 1);
-    }
-}
-
-/* dst[p*16 + j] = b(k0 + p, j0 + j) for j < cols, zero past the edge. */
-static void pack_b_panel(const gemm_operand *b, int k0, int kc, int j0, int cols, float *dst)
-{
-    const float *base = b->data + k0 * b->row_stride + j0 * b->col_stride;
-    if (cols < GEMM_NR)
-        memset(dst, 0, sizeof(float) * GEMM_NR * kc);
-    if (b->col_stride == 1) {
-        for (int p = 0; p < kc; ++p)
-            memcpy(dst + p * GEMM_NR, base + p * b->row_stride, sizeof(float) * cols);
-    } else {                                            /* transposed: walk k contiguously */
-        for (int j = 0; j < cols; ++j)
-            for (int p = 0; p < kc; ++p)
-                dst[p * GEMM_NR + j] = base[j * b->col_stride + p * b->row_stride];
-    }
-}
 
 /* ------------------------------------------------------------------ driver */
 
@@ -390,7 +67,8 @@ void gemm_tile(int i0, int mc, int j0, int nc, int k0, int k1, const gemm_operan
     float *packed_b = packed_a + (long)GEMM_MC * GEMM_KC;
     float *edge_tile = packed_b + (long)GEMM_KC * GEMM_NC;
     float *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
-    micro_kernel_fn packed = packed_kernel(), strided = strided_kernel();
+    const micro_kernel_table *kernels = micro_kernels();
+    micro_kernel_fn packed = kernels->packed, strided = kernels->strided;
     int kc_max = gemm_k_block(k1 - k0);
     int a_panels = (mc + GEMM_MR - 1) / GEMM_MR, b_panels = (nc + GEMM_NR - 1) / GEMM_NR;
     /* A read in place pays when each A panel meets few B panels (conv-shaped GEMMs) and its
@@ -459,7 +137,7 @@ static void gemm_run_shared_b(int m, int n, int k, const gemm_operand *a, const 
     int mc_step = (m + blocks - 1) / blocks;
     mc_step = (mc_step + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
     blocks = (m + mc_step - 1) / mc_step;
-    micro_kernel_fn kernel = packed_kernel();
+    micro_kernel_fn kernel = micro_kernels()->packed;
     (void)n_threads;
 
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
@@ -534,6 +212,33 @@ void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b,
         gemm_tile(i0, mc, j0, nc, 0, k, a, b, c + (long)i0 * ldc + j0, ldc, bias, relu,
                   direct_b, workspace + THREAD_ID() * GEMM_WORKSPACE_FLOATS);
     }
+}
+
+void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
+                     const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                     int accumulate, float *edge_tile)
+{
+    const micro_kernel_table *kernels = micro_kernels();
+    micro_kernel_fn kernel = a_row_stride == 1 ? kernels->adjacent_rows : kernels->strided;
+    micro_tile(kernel, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc, rows, cols,
+               accumulate, NULL, 0, edge_tile, NULL);
+}
+
+void gemm_gathered_tile(int kc, const float *a, const long *row_offsets, long a_k_stride,
+                        const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                        int accumulate, float *edge_tile)
+{
+    gathered_kernel_fn kernel = micro_kernels()->gathered_rows;
+    if (rows == GEMM_MR && cols == GEMM_NR) {
+        kernel(kc, a, row_offsets, a_k_stride, b, b_k_stride, c, ldc, accumulate);
+        return;
+    }
+    for (int r = 0; r < rows; ++r)
+        if (accumulate)
+            memcpy(edge_tile + r * GEMM_NR, c + r * ldc, sizeof(float) * cols);
+    kernel(kc, a, row_offsets, a_k_stride, b, b_k_stride, edge_tile, GEMM_NR, accumulate);
+    for (int r = 0; r < rows; ++r)
+        memcpy(c + r * ldc, edge_tile + r * GEMM_NR, sizeof(float) * cols);
 }
 
 long cnnx_gemm_workspace_floats(int n_threads)

@@ -1,11 +1,10 @@
-/* The GEMM engine shared by sgemm and the convolutions (not part of the Python contract). */
+/* The GEMM engine shared by sgemm and the convolutions (not part of the Python contract):
+ * operands and packing (packing.c), the blocked frame (gemm.c). The micro-kernels behind
+ * it are in microkernel.c. Callers: gemm.c, conv.c; packing.c calls nothing of theirs. */
 #ifndef CNNX_GEMM_INTERNAL_H
 #define CNNX_GEMM_INTERNAL_H
 
-#include "cnnx_kernels.h"
-
-#define GEMM_MR 6      /* micro-tile rows: 6x16 = 12 ymm accumulators + 2 for b + 1 for a */
-#define GEMM_NR 16
+#include "microkernel.h"
 #define GEMM_MC 96     /* rows of a packed A block: 96 x 256 floats = 96 KiB, in L2 */
 #define GEMM_NC 256    /* columns of a packed B block */
 #define GEMM_KC 256    /* depth of one block; k is split into equal blocks of at most this */
@@ -42,20 +41,26 @@ void gemm_tile(int i0, int mc, int j0, int nc, int k0, int k1, const gemm_operan
 void gemm_run(int m, int n, int k, const gemm_operand *a, const gemm_operand *b, float *c,
               long ldc, const float *bias, int relu, int n_threads, float *workspace);
 
+/* dst[p*6 + r] = a(i0 + r, k0 + p) for r < rows, zero for the rows past the edge. */
+void pack_a_panel(const gemm_operand *a, int i0, int rows, int k0, int kc, float *dst);
+
+/* dst[p*16 + j] = b(k0 + p, j0 + j) for j < cols, zero past the edge. */
+void pack_b_panel(const gemm_operand *b, int k0, int kc, int j0, int cols, float *dst);
+
 /* dst[t*dst_stride] = im2col(source)[pixel, k0 + t] for t < length (zeros in the padding). */
 void im2col_row_segment(const cnnx_conv_geometry *g, const float *source, long pixel, int k0,
                         int length, float *dst, int dst_stride);
-
-/* Direct convolution micro-tile: c[0:6, 0:16] = sum over taps t, channels p of
- * a[r*a_row_stride + tap_offsets[t] + p] * b[(t*channels + p)*16 + j] (+ bias) (relu). */
-void conv_micro_kernel(int taps, const int *tap_offsets, int channels, const float *a,
-                       long a_row_stride, const float *b, float *c, long ldc, const float *bias,
-                       int relu);
 
 /* c[0:rows, 0:cols] (=, or += when accumulate) a @ b over kc (strided operands, as a
  * micro-kernel reads them; reads 6 full rows of a and 16 full columns of b). */
 void gemm_micro_tile(int kc, const float *a, long a_row_stride, long a_k_stride,
                      const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
                      int accumulate, float *edge_tile);
+
+/* gemm_micro_tile for rows of a at any offsets: a(r, p) = a[row_offsets[r] + p*a_k_stride]
+ * for r < rows (row_offsets holds 6 entries; those past rows must point at readable data). */
+void gemm_gathered_tile(int kc, const float *a, const long *row_offsets, long a_k_stride,
+                        const float *b, long b_k_stride, float *c, long ldc, int rows, int cols,
+                        int accumulate, float *edge_tile);
 
 #endif

@@ -19,43 +19,137 @@ static void clip_window(int start, int pool, int size, int *first, int *end)
     *end = start + pool > size ? size - start : pool;
 }
 
+/* One output row (image, out_y) of max-pool forward. Branch-free over channels (a select
+ * per lane), so it vectorises: strict > keeps the first maximum of the row-major scan, like
+ * argmax; like argmax too, the first NaN wins (so a NaN reaches the loss). */
+static inline __attribute__((always_inline)) void max_pool_forward_row(
+    const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
+    int *restrict argmax, long row)
+{
+    int channels = g->channels;
+    long image = row / g->out_h;
+    int out_y = (int)(row % g->out_h);
+    const float *x_image = x + image * g->in_h * g->in_w * channels;
+    int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
+    clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
+    for (int out_x = 0; out_x < g->out_w; ++out_x) {
+        long out = (row * g->out_w + out_x) * channels;
+        float *restrict best = y + out;
+        int *restrict best_index = argmax + out;
+        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+        int first_cell = (start_y + first_i) * g->in_w + start_x + first_j;
+        const float *restrict first = x_image + (long)first_cell * channels;
+        for (int c = 0; c < channels; ++c) {
+            best[c] = first[c];
+            best_index[c] = first_cell;
+        }
+        for (int i = first_i; i < end_i; ++i)
+            for (int j = first_j; j < end_j; ++j) {
+                int cell = (start_y + i) * g->in_w + start_x + j;
+                if (cell == first_cell)
+                    continue;
+                const float *restrict values = x_image + (long)cell * channels;
+                for (int c = 0; c < channels; ++c) {
+                    float v = values[c], b = best[c];
+                    int take = (v > b) | ((v != v) & (b == b));
+                    best[c] = take ? v : b;
+                    best_index[c] = take ? cell : best_index[c];
+                }
+            }
+    }
+}
+
+/* One output row of max-pool backward when windows tile the input (stride == pool): every
+ * input cell of the window rows gets its gradient or 0 in one write pass, no scatter. */
+static inline __attribute__((always_inline)) void max_pool_backward_row(
+    const cnnx_pool_geometry *g, const float *restrict grad_output,
+    const int *restrict argmax, float *restrict grad_input, long row)
+{
+    int channels = g->channels;
+    long image = row / g->out_h;
+    int out_y = (int)(row % g->out_h);
+    float *grad_image = grad_input + image * g->in_h * g->in_w * channels;
+    int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
+    clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
+    for (int i = first_i; i < end_i; ++i) {
+        int in_y = start_y + i;
+        for (int out_x = 0; out_x < g->out_w; ++out_x) {
+            long out = (row * g->out_w + out_x) * channels;
+            const float *restrict grad = grad_output + out;
+            const int *restrict index = argmax + out;
+            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+            for (int j = first_j; j < end_j; ++j) {
+                int cell = in_y * g->in_w + start_x + j;
+                float *restrict target = grad_image + (long)cell * channels;
+                for (int c = 0; c < channels; ++c)
+                    target[c] = index[c] == cell ? grad[c] : 0.0f;
+            }
+        }
+    }
+}
+
+static void max_pool_forward_row_generic(const cnnx_pool_geometry *g, const float *x,
+                                         float *y, int *argmax, long row)
+{
+    max_pool_forward_row(g, x, y, argmax, row);
+}
+
+static void max_pool_backward_row_generic(const cnnx_pool_geometry *g,
+                                          const float *grad_output, const int *argmax,
+                                          float *grad_input, long row)
+{
+    max_pool_backward_row(g, grad_output, argmax, grad_input, row);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+/* the same loops compiled for AVX2: 8 lanes per select instead of SSE2's 4 */
+static __attribute__((target("avx2,fma"))) void max_pool_forward_row_avx2(
+    const cnnx_pool_geometry *g, const float *x, float *y, int *argmax, long row)
+{
+    max_pool_forward_row(g, x, y, argmax, row);
+}
+
+static __attribute__((target("avx2,fma"))) void max_pool_backward_row_avx2(
+    const cnnx_pool_geometry *g, const float *grad_output, const int *argmax,
+    float *grad_input, long row)
+{
+    max_pool_backward_row(g, grad_output, argmax, grad_input, row);
+}
+#endif
+
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float *y,
                              int *argmax, int n_threads)
 {
-    int channels = g->channels;
     long rows = (long)g->batch * g->out_h;
+    void (*forward_row)(const cnnx_pool_geometry *, const float *, float *, int *, long) =
+        max_pool_forward_row_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        forward_row = max_pool_forward_row_avx2;
+#endif
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-    for (long row = 0; row < rows; ++row) {
-        long image = row / g->out_h;
-        int out_y = (int)(row % g->out_h);
-        const float *x_image = x + image * g->in_h * g->in_w * channels;
-        int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
-        clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
-        for (int out_x = 0; out_x < g->out_w; ++out_x) {
-            long out = (row * g->out_w + out_x) * channels;
-            float *best = y + out;
-            int *best_index = argmax + out;
-            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
-            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
-            for (int c = 0; c < channels; ++c) {
-                best[c] = -FLT_MAX;
-                best_index[c] = -1;
-            }
-            for (int i = first_i; i < end_i; ++i)
-                for (int j = first_j; j < end_j; ++j) {
-                    int cell = (start_y + i) * g->in_w + start_x + j;
-                    const float *values = x_image + (long)cell * channels;
-                    /* strict > keeps the first maximum of the row-major scan, like argmax;
-                     * like argmax too, the first NaN wins (so a NaN reaches the loss) */
-                    for (int c = 0; c < channels; ++c)
-                        if (best_index[c] < 0 || values[c] > best[c]
-                            || (values[c] != values[c] && best[c] == best[c])) {
-                            best[c] = values[c];
-                            best_index[c] = cell;
-                        }
-                }
-        }
+    for (long row = 0; row < rows; ++row)
+        forward_row(g, x, y, argmax, row);
+}
+
+/* Zero the input cells no window covers (rows and columns past the last window). */
+static void zero_uncovered(const cnnx_pool_geometry *g, float *grad_image)
+{
+    int channels = g->channels;
+    int end_y = (g->out_h - 1) * g->stride_h - g->pad_top + g->pool_h;
+    int end_x = (g->out_w - 1) * g->stride_w - g->pad_left + g->pool_w;
+    end_y = end_y < g->in_h ? end_y : g->in_h;
+    end_x = end_x < g->in_w ? end_x : g->in_w;
+    for (int in_y = 0; in_y < g->in_h; ++in_y) {
+        float *row = grad_image + (long)in_y * g->in_w * channels;
+        if (in_y >= end_y)
+            memset(row, 0, sizeof(float) * g->in_w * channels);
+        else if (end_x < g->in_w)
+            memset(row + (long)end_x * channels, 0,
+                   sizeof(float) * (g->in_w - end_x) * channels);
     }
 }
 
@@ -66,6 +160,27 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
     long plane_in = (long)g->in_h * g->in_w * channels;
     long plane_out = (long)g->out_h * g->out_w * channels;
     (void)n_threads;
+    if (g->stride_h == g->pool_h && g->stride_w == g->pool_w) {
+        /* windows tile the input: every cell lies in at most one window and is written
+         * once, gradient or zero; argmax is only compared, never used as an address */
+        long rows = (long)g->batch * g->out_h;
+        void (*backward_row)(const cnnx_pool_geometry *, const float *, const int *, float *,
+                             long) = max_pool_backward_row_generic;
+#if defined(__x86_64__) || defined(__i386__)
+        if (cnnx_get_isa() == CNNX_ISA_AVX2)
+            backward_row = max_pool_backward_row_avx2;
+#endif
+        #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+        {
+            #pragma omp for schedule(static) nowait
+            for (long image = 0; image < g->batch; ++image)
+                zero_uncovered(g, grad_input + image * plane_in);
+            #pragma omp for schedule(static)
+            for (long row = 0; row < rows; ++row)
+                backward_row(g, grad_output, argmax, grad_input, row);
+        }
+        return;
+    }
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (long image = 0; image < g->batch; ++image) {
         float *grad_image = grad_input + image * plane_in;

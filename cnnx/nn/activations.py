@@ -1,6 +1,8 @@
 """Element-wise activations.  Each backward needs only the output y, so layers cache y alone."""
 import numpy as np
 
+from cnnx import _kernels, _threads
+
 
 class Activation:
     name = None
@@ -17,10 +19,13 @@ class ReLU(Activation):
     name = "relu"
 
     def forward(self, x):
-        return np.maximum(x, 0)
+        return relu(x)
 
     def backward(self, y, grad_output):
         # in place: on conv outputs a fresh array costs as much as the multiply itself
+        if (y.dtype == grad_output.dtype == np.float32 and y.flags.c_contiguous
+                and grad_output.flags.c_contiguous and grad_output.flags.writeable):
+            return _kernels.relu_backward(y, grad_output, n_threads=_threads.get_num_threads())
         return np.multiply(grad_output, y > 0, out=grad_output)
 
 
@@ -69,6 +74,15 @@ class Softmax(Activation):
 
     def backward(self, y, grad_output):
         return y * (grad_output - (grad_output * y).sum(axis=-1, keepdims=True))
+
+
+def relu(x, out=None):
+    """max(x, 0) (a NaN kept), into `out` when given (a layer's buffer reused across steps):
+    threaded C for float32, NumPy otherwise."""
+    if x.dtype == np.float32 and x.flags.c_contiguous and x.size:
+        out = np.empty_like(x) if out is None else out
+        return _kernels.relu_forward(x, out, n_threads=_threads.get_num_threads())
+    return np.maximum(x, 0, out=out)
 
 
 def sigmoid(x):

@@ -1,10 +1,13 @@
 """Conv2D: y = activation(conv(x, kernel) + bias), NHWC input, HWIO kernel (like Keras)."""
+import numpy as np
+
 from cnnx import ops
 from cnnx.nn.layer import WeightedLayer
 
 
 class Conv2D(WeightedLayer):
-    """x (N, H, W, C) -> y (N, OH, OW, filters); kernel (KH, KW, C, filters), bias (filters,)."""
+    """x (N, H, W, C) -> y (N, OH, OW, filters); kernel (KH, KW, C, filters), bias (filters,).
+    In training, the output and grad_input live in buffers the next training step overwrites."""
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None,
                  use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
@@ -38,14 +41,27 @@ class Conv2D(WeightedLayer):
 
     def forward(self, x, training=False, rng=None):
         self._x = x if training else None          # backward needs x for grads["kernel"]
+        out = None
+        if training and x.dtype == np.float32 and x.ndim == 4:
+            # reused from step to step: a fresh 80 MB output page-faults on every step
+            out = self._workspace("output", self._output_shape(x.shape), np.float32)
         z = ops.conv2d_forward(x, self.params["kernel"], self.params.get("bias"),
-                               self.strides, self.padding, relu=self.fused_relu)
+                               self.strides, self.padding, relu=self.fused_relu, out=out)
         return self._activate(z, training)
 
+    def _output_shape(self, x_shape):
+        n, h, w, _ = x_shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        return (n, ops.output_size(h, kh, sh, self.padding),
+                ops.output_size(w, kw, sw, self.padding), self.filters)
+
     def _backward_linear(self, grad_z):
+        out = None
+        if self.need_input_grad and self._x.dtype == np.float32:
+            out = self._workspace("grad_input", self._x.shape, np.float32)
         grad_input, grad_kernel, grad_bias = ops.conv2d_backward(
             self._x, self.params["kernel"], grad_z, self.strides, self.padding,
-            need_input_grad=self.need_input_grad)
+            need_input_grad=self.need_input_grad, out=out)
         self.grads["kernel"] = grad_kernel
         if self.use_bias:
             self.grads["bias"] = grad_bias

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from cnnx import ops
+from cnnx import _kernels, _threads, ops
 from cnnx.nn import activations
 from cnnx.nn.layer import ActivatedLayer, Layer, WeightedLayer
 
@@ -60,30 +60,44 @@ class Flatten(Layer):
 
 
 class Dropout(Layer):
-    """Training: y = x * mask / (1 - rate), mask ~ Bernoulli(1 - rate) from the rng passed in.
-    Inference: y = x."""
+    """Training: y = x * keep / (1 - rate), keep ~ Bernoulli(1 - rate). Inference: y = x.
+
+    The mask comes from a counter-based generator (Philox4x64-10, in C) keyed by two draws
+    from the rng passed in, so it depends on (seed, epoch, step, shard) and the layer's
+    place only, never on the thread count. In training the output and grad_input live in
+    buffers the next training step overwrites."""
 
     def __init__(self, rate, name=None):
         super().__init__(name)
         if not 0 <= rate < 1:
             raise ValueError(f"Dropout expects 0 <= rate < 1, got {rate}")
         self.rate = float(rate)
-        self._mask = None
+        self._keep = None
 
     def forward(self, x, training=False, rng=None):
         if not training or self.rate == 0:
-            self._mask = None
+            self._keep = None
             return x
         if rng is None:
             raise ValueError(f"layer {self.name!r} (Dropout) needs an rng in training; "
                              f"Sequential passes np.random.default_rng((seed, epoch, step, shard))")
-        keep = rng.random(x.shape, dtype=np.float32) >= self.rate
-        # the mask carries the 1/(1-rate) scale, so backward is one multiply
-        self._mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - self.rate))
-        return x * self._mask
+        key = rng.integers(0, 2**64, size=2, dtype=np.uint64)
+        n_threads = _threads.get_num_threads()
+        self._keep = _kernels.dropout_mask(self._workspace("keep", x.shape, np.uint8), key,
+                                           self.rate, n_threads=n_threads)
+        return self._apply(x, "output")
+
+    def _apply(self, values, buffer):
+        """values * (keep ? 1 / (1 - rate) : 0): the forward on x, the backward on grads."""
+        scale = values.dtype.type(1 / (1 - self.rate))
+        if values.dtype == np.float32 and values.flags.c_contiguous:
+            return _kernels.dropout_apply(values, self._keep, scale,
+                                          self._workspace(buffer, values.shape, np.float32),
+                                          n_threads=_threads.get_num_threads())
+        return values * np.where(self._keep, scale, values.dtype.type(0))
 
     def backward(self, grad_output):
-        return grad_output if self._mask is None else grad_output * self._mask
+        return grad_output if self._keep is None else self._apply(grad_output, "grad_input")
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate}

@@ -1,6 +1,7 @@
 """BatchNormalization over the last axis (channels of NHWC, features of (N, F))."""
 import numpy as np
 
+from cnnx import _kernels, _threads
 from cnnx.nn.layer import Layer
 
 
@@ -11,6 +12,8 @@ class BatchNormalization(Layer):
     toward them: moving = momentum * moving + (1 - momentum) * batch.  Inference uses the
     moving statistics.  Defaults are Keras': momentum 0.99, epsilon 1e-3.
     In training the output lives in a buffer the next training forward overwrites.
+    float32 training runs on the C kernels (per-channel sums in double, fixed order: the
+    same bits for any thread count); float64 (the gradient checks) on NumPy.
     """
 
     def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
@@ -35,6 +38,8 @@ class BatchNormalization(Layer):
     # possible (BatchNorm is memory-bound); big results go to reused work buffers.
 
     def forward(self, x, training=False, rng=None):
+        if training and _fast(x):
+            return self._forward_float32(x)
         gamma = self.params["gamma"].astype(x.dtype, copy=False)
         beta = self.params["beta"].astype(x.dtype, copy=False)
         flat = x.reshape(-1, x.shape[-1])                      # (M, C)
@@ -58,7 +63,57 @@ class BatchNormalization(Layer):
         y += beta
         return y.reshape(x.shape)
 
+    def _forward_float32(self, x):
+        """The training forward on the C kernels: one read pass for both sums (in double),
+        one pass for y = x * scale + shift."""
+        flat = x.reshape(-1, x.shape[-1])                      # (M, C)
+        n_threads = _threads.get_num_threads()
+        # shifted by the first sample: sum (x - k)^2 has no cancellation when |mean| >> std
+        shift = np.ascontiguousarray(flat[0])
+        sums, squares = _kernels.channel_sums(flat, a_shift=shift, b_shift=shift,
+                                              n_threads=n_threads)
+        count = len(flat)
+        offset = sums / count                                  # mean of x - k
+        mean = shift + offset
+        variance = np.maximum(squares / count - offset * offset, 0.0)
+        inv_std = 1 / np.sqrt(variance + self.epsilon)
+        self._cache = (flat, mean, inv_std)
+        for name, batch in (("moving_mean", mean), ("moving_variance", variance)):
+            moving = self.state[name]
+            moving[...] = self.momentum * moving + (1 - self.momentum) * batch
+        scale = (self.params["gamma"] * inv_std).astype(np.float32)
+        # (x - mean) * scale + beta: centred first, as the maths reads (x * scale - mean *
+        # scale would cancel in float32 when |mean| >> std)
+        y = _kernels.channel_affine(flat, scale, self.params["beta"],
+                                    self._workspace("output", flat.shape, np.float32),
+                                    a_shift=mean.astype(np.float32), n_threads=n_threads)
+        return y.reshape(x.shape)
+
+    def _backward_float32(self, grad_output):
+        flat, mean, inv_std = self._cache
+        grad = grad_output.reshape(-1, grad_output.shape[-1])  # (M, C)
+        n_threads = _threads.get_num_threads()
+        shift = mean.astype(np.float32)                        # near the mean: no cancellation
+        grad_beta, grad_times_x = _kernels.channel_sums(grad, flat, b_shift=shift,
+                                                        n_threads=n_threads)
+        # sum(g * x_hat) with x_hat = (x - mean) * inv_std, without forming x_hat
+        grad_gamma = inv_std * (grad_times_x - (mean - shift) * grad_beta)
+        self.grads["beta"] = grad_beta.astype(np.float32)
+        self.grads["gamma"] = grad_gamma.astype(np.float32)
+        # dx = k g + b (x - mean) + c per channel (backward's regrouping, x centred)
+        count = len(grad)
+        k = self.params["gamma"] * inv_std
+        b = -k * inv_std * grad_gamma / count
+        c = -k * grad_beta / count
+        out = self._workspace("backward", grad.shape, np.float32)
+        _kernels.channel_affine(grad, k.astype(np.float32), c.astype(np.float32), out,
+                                b=flat, b_scale=b.astype(np.float32), b_shift=shift,
+                                n_threads=n_threads)
+        return out.reshape(grad_output.shape)
+
     def backward(self, grad_output):
+        if _fast(grad_output) and self._cache[0].dtype == np.float32:
+            return self._backward_float32(grad_output)
         flat, mean, inv_std = self._cache
         grad = grad_output.reshape(-1, grad_output.shape[-1])  # (M, C)
         count = len(grad)
@@ -78,3 +133,8 @@ class BatchNormalization(Layer):
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
+
+
+def _fast(array):
+    """float32, C-contiguous, not empty: the C kernels' operands."""
+    return array.dtype == np.float32 and array.flags.c_contiguous and array.size > 0

@@ -19,6 +19,10 @@ CASES = [
     ((2, 6, 7, 32), (3, 3, 32, 20), (1, 1), "same"),
     ((2, 9, 7, 3), (3, 3, 3, 16), (1, 1), "same"),        # F % 16 == 0: grad_output in place
     ((1, 5, 6, 16), (3, 3, 16, 32), (1, 1), "valid"),
+    # kernel rows narrower than a micro-tile (KW*C < 6): tiles span kernel rows
+    ((2, 6, 40, 1), (3, 3, 1, 32), (1, 1), "same"),       # grad_output rows in place
+    ((1, 7, 9, 2), (2, 2, 2, 19), (1, 1), "valid"),        # virtual rows, 6 + 2 k rows
+    ((2, 5, 8, 1), (3, 3, 1, 16), (1, 1), "valid"),
 ]
 IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1][0]}x{c[1][1]}-s{c[2][0]}{c[2][1]}-{c[3]}" for c in CASES]
 
@@ -78,7 +82,8 @@ def test_conv2d_random_geometry(n, h, w, c, f, kh, kw, sh, sw, padding, seed):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels, filters, strides", [(5, 18, 1), (16, 32, 1), (5, 18, 2)])
+@pytest.mark.parametrize("channels, filters, strides",
+                         [(5, 18, 1), (16, 32, 1), (5, 18, 2), (1, 32, 1), (2, 7, 1)])
 def test_conv2d_is_bit_identical_for_any_thread_count(channels, filters, strides, rng):
     # 4*48*48 = 9216 output pixels: 12 bands (stride 1) or 3 pixel chunks (stride 2)
     x, kernel = f32(rng, (4, 48, 48, channels)), f32(rng, (3, 3, channels, filters))
@@ -135,3 +140,27 @@ def test_fused_relu_keeps_nan_like_numpy(strides, isa, rng):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     assert np.isnan(got).any()
     assert (got[~np.isnan(got)] >= 0).all()
+
+
+def test_conv2d_forward_refuses_a_list_kernel(rng):
+    # used to fail with a raw AttributeError: 'list' object has no attribute 'shape'
+    kernel = f32(rng, (3, 3, 2, 4)).tolist()
+    with pytest.raises(TypeError, match=r"conv2d_forward expects kernel as a numpy.ndarray "
+                                        r"\(KH, KW, C, F\), got list"):
+        ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), kernel, None)
+
+
+def test_conv2d_forward_names_the_shapes_of_a_3d_kernel(rng):
+    # used to fail with "not enough values to unpack (expected 4, got 3)"
+    with pytest.raises(ValueError, match=r"conv2d_forward expects kernel of shape "
+                                         r"\(KH, KW, C, F\), got \(3, 3, 4\)"):
+        ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), f32(rng, (3, 3, 4)), None)
+    with pytest.raises(ValueError, match=r"conv2d_backward expects kernel of shape "
+                                         r"\(KH, KW, C, F\), got \(3, 3, 4\)"):
+        ops.conv2d_backward(f32(rng, (1, 5, 5, 2)), f32(rng, (3, 3, 4)), f32(rng, (1, 3, 3, 4)))
+
+
+def test_conv2d_forward_refuses_an_integer_kernel(rng):
+    with pytest.raises(TypeError, match=r"conv2d_forward expects kernel of dtype float32 "
+                                        r".*got int64"):
+        ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), np.ones((3, 3, 2, 4), np.int64), None)

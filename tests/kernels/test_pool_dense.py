@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import cnnx
 from cnnx import _kernels, ops
+
 import reference
 
 POOLS = [  # (x shape, pool, strides, padding)
@@ -145,11 +146,6 @@ def test_set_isa_rejects_unknown_names():
         _kernels.set_isa("sse9")
 
 
-def test_roofline_measures_a_positive_peak():
-    from cnnx import roofline
-    assert roofline.fma_peak_gflops(n_threads=1, seconds=0.01) > 1.0
-
-
 @pytest.mark.parametrize("nan_cell", [0, 1, 3], ids=["first", "second", "last"])
 def test_max_pool_propagates_nan_like_the_float64_path(nan_cell, isa):
     # window [1, 2, 3, 0.5] with one NaN: float32 kernels and the NumPy path both yield NaN
@@ -160,3 +156,80 @@ def test_max_pool_propagates_nan_like_the_float64_path(nan_cell, isa):
     y64, argmax64 = ops.max_pool2d_forward(x, 2, 2, "valid")
     assert np.isnan(y32[0, 0, 0, 0]) and np.isnan(y64[0, 0, 0, 0])
     assert argmax32[0, 0, 0, 0] == argmax64[0, 0, 0, 0] == nan_cell
+
+
+@pytest.mark.parametrize("dtype", [np.int64, object])
+def test_dense_refuses_non_float_arrays(dtype, rng):
+    # integer or object arrays used to run through the NumPy path and return int64/object
+    x, kernel = np.ones((2, 3), dtype), f32(rng, (3, 4))
+    name = np.dtype(dtype).name
+    with pytest.raises(TypeError, match=rf"dense_forward expects x of dtype float32 .*got {name}"):
+        ops.dense_forward(x, kernel, None)
+    with pytest.raises(TypeError, match=rf"dense_forward expects kernel .*got {name}"):
+        ops.dense_forward(f32(rng, (2, 3)), kernel.astype(dtype), None)
+    with pytest.raises(TypeError, match=rf"dense_backward expects x .*got {name}"):
+        ops.dense_backward(x, kernel, f32(rng, (2, 4)))
+
+
+def test_dense_refuses_lists_and_wrong_ranks(rng):
+    with pytest.raises(TypeError, match=r"dense_forward expects kernel as a numpy.ndarray "
+                                        r"\(I, U\), got list"):
+        ops.dense_forward(f32(rng, (2, 3)), [[1.0] * 4] * 3, None)
+    with pytest.raises(ValueError, match=r"dense_forward expects x of shape \(N, I\), "
+                                         r"got \(2, 3, 1\)"):
+        ops.dense_forward(f32(rng, (2, 3, 1)), f32(rng, (3, 4)), None)
+
+
+TILING_POOLS = [  # windows that tile the input (strides == pool): the one-pass backward
+    ((2, 6, 5, 3), 2, 2, "valid"),        # odd width: last column belongs to no window
+    ((2, 7, 7, 5), 2, 2, "same"),         # padding: last window clipped
+    ((1, 9, 8, 17), 3, 3, "valid"),
+    ((3, 5, 9, 1), (1, 3), (1, 3), "same"),
+    ((1, 11, 10, 33), (2, 3), (2, 3), "valid"),
+]
+
+
+@pytest.mark.parametrize("x_shape, pool, strides, padding", TILING_POOLS,
+                         ids=[f"{'x'.join(map(str, p[0]))}-p{p[1]}-{p[3]}" for p in TILING_POOLS])
+def test_max_pool2d_one_pass_backward_matches_reference(x_shape, pool, strides, padding,
+                                                        isa, rng):
+    x = f32(rng, x_shape)
+    y, argmax = ops.max_pool2d_forward(x, pool, strides, padding, n_threads=2)
+    expected_y, expected_argmax = reference.max_pool2d(x, pool, strides, padding)
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_array_equal(argmax, expected_argmax)
+    grad_output = f32(rng, y.shape)
+    stale = np.full(x.shape, 7.0, np.float32)          # a reused buffer: every cell rewritten
+    grads = [ops.max_pool2d_backward(grad_output, argmax, x.shape, n_threads=t,
+                                     pool_size=pool, strides=strides, padding=padding,
+                                     out=stale.copy()) for t in (1, 2, 3)]
+    expected = reference.max_pool2d_backward(grad_output, argmax, x.shape)
+    np.testing.assert_array_equal(grads[0], expected.astype(np.float32))
+    for other in grads[1:]:
+        assert np.array_equal(grads[0], other)
+
+
+def test_max_pool2d_forward_is_bit_identical_for_any_thread_count_and_isa(rng):
+    x = f32(rng, (5, 13, 11, 19))
+    x[0, 3, 4, 2] = np.nan
+    runs = []
+    for isa_name in (["avx2", "generic"] if _kernels.cpu_has_avx2_fma() else ["generic"]):
+        _kernels.set_isa(isa_name)
+        runs += [ops.max_pool2d_forward(x, 2, 2, "same", n_threads=t) for t in (1, 2, 3)]
+    _kernels.set_isa("auto")
+    for y, argmax in runs[1:]:
+        np.testing.assert_array_equal(y, runs[0][0])
+        assert np.array_equal(argmax, runs[0][1])
+
+
+def test_max_pool2d_layer_reuses_its_buffers_across_training_steps(rng):
+    layer = cnnx.nn.MaxPool2D(2)
+    layer.build((6, 6, 3), rng)
+    x = f32(rng, (2, 6, 6, 3))
+    first = layer.forward(x, training=True)
+    first_grad = layer.backward(np.ones_like(first))
+    second = layer.forward(x * 2, training=True)
+    second_grad = layer.backward(np.ones_like(second))
+    assert second is first and second_grad is first_grad        # no fresh big arrays per step
+    np.testing.assert_array_equal(second, reference.max_pool2d(x * 2, 2, 2, "valid")[0])
+    assert layer.forward(x) is not first                          # inference: a fresh array

@@ -1,0 +1,312 @@
+/* Micro-kernels: the only code that knows the instruction set (BLIS's kernels/ layer).
+ *
+ * Design: one portable C kernel set and one AVX2+FMA set (intrinsics with named
+ * accumulators, target attribute, no -march flag); cnnx_set_isa / cnnx_get_isa pick one at
+ * run time with __builtin_cpu_supports, and micro_kernels() hands the frame the chosen
+ * table. Nothing else in csrc/ dispatches on the ISA for the GEMM.
+ */
+#include <string.h>
+
+#include "microkernel.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CNNX_X86 1
+#include <immintrin.h>
+#else
+#define CNNX_X86 0
+#endif
+
+/* ------------------------------------------------------------------ portable micro-kernel */
+
+static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long a_k_stride,
+                                 const float *b, long b_k_stride, float *c, long ldc,
+                                 int accumulate, const float *bias, int relu)
+{
+    float acc[GEMM_MR][GEMM_NR];
+    memset(acc, 0, sizeof(acc));
+    for (int p = 0; p < kc; ++p) {
+        for (int r = 0; r < GEMM_MR; ++r) {
+            float a_value = a[r * a_row_stride];
+            for (int j = 0; j < GEMM_NR; ++j)
+                acc[r][j] += a_value * b[j];
+        }
+        a += a_k_stride;
+        b += b_k_stride;
+    }
+    for (int r = 0; r < GEMM_MR; ++r) {
+        float *row = c + r * ldc;
+        for (int j = 0; j < GEMM_NR; ++j) {
+            float value = accumulate ? row[j] + acc[r][j] : acc[r][j];
+            if (bias) value += bias[j];
+            if (relu) value = value < 0.0f ? 0.0f : value;   /* NaN stays NaN */
+            row[j] = value;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 + FMA micro-kernel */
+#if CNNX_X86
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
+/* taps > 1 (direct convolution): k runs over taps x kc, tap t reading a + tap_offsets[t]. */
+static inline __attribute__((always_inline)) AVX2 void
+micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
+                       long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
+                       float *c, long ldc, int accumulate, const float *bias, int relu)
+{
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int tap = 0; tap < taps; ++tap) {
+      const float *a_tap = taps == 1 ? a : a + tap_offsets[tap];
+      #pragma GCC unroll 4
+      for (int p = 0; p < kc; ++p) {
+        const float *a = a_tap + p * a_k_stride;
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 a_value = _mm256_broadcast_ss(a);
+        c00 = _mm256_fmadd_ps(a_value, b0, c00);
+        c01 = _mm256_fmadd_ps(a_value, b1, c01);
+        a_value = _mm256_broadcast_ss(a + a_row_stride);
+        c10 = _mm256_fmadd_ps(a_value, b0, c10);
+        c11 = _mm256_fmadd_ps(a_value, b1, c11);
+        a_value = _mm256_broadcast_ss(a + 2 * a_row_stride);
+        c20 = _mm256_fmadd_ps(a_value, b0, c20);
+        c21 = _mm256_fmadd_ps(a_value, b1, c21);
+        a_value = _mm256_broadcast_ss(a + 3 * a_row_stride);
+        c30 = _mm256_fmadd_ps(a_value, b0, c30);
+        c31 = _mm256_fmadd_ps(a_value, b1, c31);
+        a_value = _mm256_broadcast_ss(a + 4 * a_row_stride);
+        c40 = _mm256_fmadd_ps(a_value, b0, c40);
+        c41 = _mm256_fmadd_ps(a_value, b1, c41);
+        a_value = _mm256_broadcast_ss(a + 5 * a_row_stride);
+        c50 = _mm256_fmadd_ps(a_value, b0, c50);
+        c51 = _mm256_fmadd_ps(a_value, b1, c51);
+        b += b_k_stride;
+      }
+    }
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    if (bias) {
+        bias0 = _mm256_loadu_ps(bias);
+        bias1 = _mm256_loadu_ps(bias + 8);
+    }
+    const __m256 zero = _mm256_setzero_ps();
+#define STORE_ROW(r, x0, x1)                                                      \
+    do {                                                                          \
+        float *row = c + (r) * ldc;                                               \
+        __m256 v0 = (x0), v1 = (x1);                                              \
+        if (accumulate) {                                                         \
+            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
+            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
+        }                                                                         \
+        if (bias) {                                                               \
+            v0 = _mm256_add_ps(v0, bias0);                                        \
+            v1 = _mm256_add_ps(v1, bias1);                                        \
+        }                                                                         \
+        /* max_ps returns its second operand when either is NaN: NaN propagates */ \
+        if (relu) {                                                               \
+            v0 = _mm256_max_ps(zero, v0);                                         \
+            v1 = _mm256_max_ps(zero, v1);                                         \
+        }                                                                         \
+        _mm256_storeu_ps(row, v0);                                                \
+        _mm256_storeu_ps(row + 8, v1);                                            \
+    } while (0)
+    STORE_ROW(0, c00, c01);
+    STORE_ROW(1, c10, c11);
+    STORE_ROW(2, c20, c21);
+    STORE_ROW(3, c30, c31);
+    STORE_ROW(4, c40, c41);
+    STORE_ROW(5, c50, c51);
+#undef STORE_ROW
+}
+
+/* Packed panels: constant strides let gcc use fixed addressing. */
+static AVX2 void micro_kernel_avx2_packed(int kc, const float *a, long a_row_stride,
+                                          long a_k_stride, const float *b, long b_k_stride,
+                                          float *c, long ldc, int accumulate,
+                                          const float *bias, int relu)
+{
+    (void)a_row_stride;
+    (void)a_k_stride;
+    (void)b_k_stride;
+    micro_kernel_avx2_body(1, NULL, kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias,
+                           relu);
+}
+
+static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_stride,
+                                           long a_k_stride, const float *b, long b_k_stride,
+                                           float *c, long ldc, int accumulate,
+                                           const float *bias, int relu)
+{
+    micro_kernel_avx2_body(1, NULL, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc,
+                           accumulate, bias, relu);
+}
+
+/* Rows of A adjacent in memory (the grad-kernel GEMM): constant offsets for the broadcasts. */
+static AVX2 void micro_kernel_avx2_adjacent_rows(int kc, const float *a, long a_row_stride,
+                                                 long a_k_stride, const float *b,
+                                                 long b_k_stride, float *c, long ldc,
+                                                 int accumulate, const float *bias, int relu)
+{
+    (void)a_row_stride;
+    micro_kernel_avx2_body(1, NULL, kc, a, 1, a_k_stride, b, b_k_stride, c, ldc, accumulate,
+                           bias, relu);
+}
+
+static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, int channels,
+                                  const float *a, long a_row_stride, const float *b, float *c,
+                                  long ldc, const float *bias, int relu)
+{
+    micro_kernel_avx2_body(taps, tap_offsets, channels, a, a_row_stride, 1, b, GEMM_NR, c, ldc,
+                           0, bias, relu);
+}
+#endif
+
+static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
+                                const float *a, long a_row_stride, const float *b, float *c,
+                                long ldc, const float *bias, int relu)
+{
+    float acc[GEMM_MR][GEMM_NR];
+    memset(acc, 0, sizeof(acc));
+    for (int tap = 0; tap < taps; ++tap) {
+        const float *a_tap = a + tap_offsets[tap];
+        for (int p = 0; p < channels; ++p, b += GEMM_NR)
+            for (int r = 0; r < GEMM_MR; ++r) {
+                float a_value = a_tap[r * a_row_stride + p];
+                for (int j = 0; j < GEMM_NR; ++j)
+                    acc[r][j] += a_value * b[j];
+            }
+    }
+    for (int r = 0; r < GEMM_MR; ++r)
+        for (int j = 0; j < GEMM_NR; ++j) {
+            float value = acc[r][j];
+            if (bias) value += bias[j];
+            if (relu) value = value < 0.0f ? 0.0f : value;   /* NaN stays NaN */
+            c[r * ldc + j] = value;
+        }
+}
+
+static void gathered_kernel_generic(int kc, const float *a, const long *row_offsets,
+                                    long a_k_stride, const float *b, long b_k_stride, float *c,
+                                    long ldc, int accumulate)
+{
+    float acc[GEMM_MR][GEMM_NR];
+    memset(acc, 0, sizeof(acc));
+    for (int p = 0; p < kc; ++p, b += b_k_stride)
+        for (int r = 0; r < GEMM_MR; ++r) {
+            float a_value = a[row_offsets[r] + p * a_k_stride];
+            for (int j = 0; j < GEMM_NR; ++j)
+                acc[r][j] += a_value * b[j];
+        }
+    for (int r = 0; r < GEMM_MR; ++r)
+        for (int j = 0; j < GEMM_NR; ++j)
+            c[r * ldc + j] = accumulate ? c[r * ldc + j] + acc[r][j] : acc[r][j];
+}
+
+#if CNNX_X86
+static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_offsets,
+                                      long a_k_stride, const float *b, long b_k_stride,
+                                      float *c, long ldc, int accumulate)
+{
+    const float *a0 = a + row_offsets[0], *a1 = a + row_offsets[1], *a2 = a + row_offsets[2];
+    const float *a3 = a + row_offsets[3], *a4 = a + row_offsets[4], *a5 = a + row_offsets[5];
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    #pragma GCC unroll 4
+    for (long p = 0; p < (long)kc * a_k_stride; p += a_k_stride) {
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 a_value = _mm256_broadcast_ss(a0 + p);
+        c00 = _mm256_fmadd_ps(a_value, b0, c00);
+        c01 = _mm256_fmadd_ps(a_value, b1, c01);
+        a_value = _mm256_broadcast_ss(a1 + p);
+        c10 = _mm256_fmadd_ps(a_value, b0, c10);
+        c11 = _mm256_fmadd_ps(a_value, b1, c11);
+        a_value = _mm256_broadcast_ss(a2 + p);
+        c20 = _mm256_fmadd_ps(a_value, b0, c20);
+        c21 = _mm256_fmadd_ps(a_value, b1, c21);
+        a_value = _mm256_broadcast_ss(a3 + p);
+        c30 = _mm256_fmadd_ps(a_value, b0, c30);
+        c31 = _mm256_fmadd_ps(a_value, b1, c31);
+        a_value = _mm256_broadcast_ss(a4 + p);
+        c40 = _mm256_fmadd_ps(a_value, b0, c40);
+        c41 = _mm256_fmadd_ps(a_value, b1, c41);
+        a_value = _mm256_broadcast_ss(a5 + p);
+        c50 = _mm256_fmadd_ps(a_value, b0, c50);
+        c51 = _mm256_fmadd_ps(a_value, b1, c51);
+        b += b_k_stride;
+    }
+#define STORE_ROW(r, x0, x1)                                                      \
+    do {                                                                          \
+        float *row = c + (r) * ldc;                                               \
+        __m256 v0 = (x0), v1 = (x1);                                              \
+        if (accumulate) {                                                         \
+            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
+            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
+        }                                                                         \
+        _mm256_storeu_ps(row, v0);                                                \
+        _mm256_storeu_ps(row + 8, v1);                                            \
+    } while (0)
+    STORE_ROW(0, c00, c01);
+    STORE_ROW(1, c10, c11);
+    STORE_ROW(2, c20, c21);
+    STORE_ROW(3, c30, c31);
+    STORE_ROW(4, c40, c41);
+    STORE_ROW(5, c50, c51);
+#undef STORE_ROW
+}
+#endif
+
+/* ------------------------------------------------------------------ run-time choice */
+
+static int current_isa = CNNX_ISA_AUTO;    /* resolved on first use */
+
+int cnnx_cpu_has_avx2_fma(void)
+{
+#if CNNX_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+int cnnx_set_isa(int isa)
+{
+    if (isa == CNNX_ISA_AUTO || (isa == CNNX_ISA_AVX2 && !cnnx_cpu_has_avx2_fma()))
+        isa = cnnx_cpu_has_avx2_fma() ? CNNX_ISA_AVX2 : CNNX_ISA_GENERIC;
+    current_isa = isa;
+    return current_isa;
+}
+
+int cnnx_get_isa(void)
+{
+    if (current_isa == CNNX_ISA_AUTO)
+        cnnx_set_isa(CNNX_ISA_AUTO);
+    return current_isa;
+}
+
+static const micro_kernel_table generic_table = {
+    micro_kernel_generic, micro_kernel_generic, micro_kernel_generic, conv_kernel_generic,
+    gathered_kernel_generic};
+#if CNNX_X86
+static const micro_kernel_table avx2_table = {
+    micro_kernel_avx2_packed, micro_kernel_avx2_strided, micro_kernel_avx2_adjacent_rows,
+    conv_kernel_avx2, gathered_kernel_avx2};
+#endif
+
+const micro_kernel_table *micro_kernels(void)
+{
+#if CNNX_X86
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        return &avx2_table;
+#endif
+    return &generic_table;
+}

@@ -1,0 +1,40 @@
+/* The micro-kernel contract (internal): every kernel computes one GEMM_MR x GEMM_NR tile. */
+#ifndef CNNX_MICROKERNEL_H
+#define CNNX_MICROKERNEL_H
+
+#include "cnnx_kernels.h"
+
+#define GEMM_MR 6      /* micro-tile rows: 6x16 = 12 ymm accumulators + 2 for b + 1 for a */
+#define GEMM_NR 16
+
+/* c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j), then + bias[j] and ReLU
+ * when given. a(r, p) = a[r*a_row_stride + p*a_k_stride]; b(p, j) = b[p*b_k_stride + j]. */
+typedef void (*micro_kernel_fn)(int kc, const float *a, long a_row_stride, long a_k_stride,
+                                const float *b, long b_k_stride, float *c, long ldc,
+                                int accumulate, const float *bias, int relu);
+
+/* Direct convolution tile: c[0:6, 0:16] = sum over taps t, channels p of
+ * a[r*a_row_stride + tap_offsets[t] + p] * b[(t*channels + p)*16 + j] (+ bias) (relu). */
+typedef void (*conv_kernel_fn)(int taps, const int *tap_offsets, int channels, const float *a,
+                               long a_row_stride, const float *b, float *c, long ldc,
+                               const float *bias, int relu);
+
+/* c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j) with rows at any offsets:
+ * a(r, p) = a[row_offsets[r] + p*a_k_stride] (the grad-kernel GEMM of a convolution whose
+ * kernel row is narrower than 6 k rows: one tile then spans several kernel rows). */
+typedef void (*gathered_kernel_fn)(int kc, const float *a, const long *row_offsets,
+                                   long a_k_stride, const float *b, long b_k_stride, float *c,
+                                   long ldc, int accumulate);
+
+typedef struct {
+    micro_kernel_fn packed;          /* a packed (row stride 1, k stride 6), b packed (16) */
+    micro_kernel_fn strided;         /* any strides */
+    micro_kernel_fn adjacent_rows;   /* a row stride 1, any k stride (grad-kernel GEMM) */
+    conv_kernel_fn conv;
+    gathered_kernel_fn gathered_rows;
+} micro_kernel_table;
+
+/* The kernels of the instruction set in use (cnnx_set_isa); resolve it before threads start. */
+const micro_kernel_table *micro_kernels(void);
+
+#endif

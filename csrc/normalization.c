@@ -1,0 +1,134 @@
+/* Per-channel reductions and affine maps over (rows, channels) arrays: BatchNormalization.
+ *
+ * Design: rows are cut into fixed chunks of CHUNK_ROWS (independent of the thread count);
+ * each chunk's sums go to its own row of a partials buffer in double, and the partials are
+ * added in chunk order afterwards: the same bits for any n_threads. One read pass gives
+ * both sums a channel needs (sum x and sum (x - k)^2 forward; sum g and sum g (x - k)
+ * backward, k a per-channel shift near the mean: no cancellation in E[x^2] - E[x]^2).
+ */
+#include <stddef.h>
+
+#include "cnnx_kernels.h"
+
+#define CHUNK_ROWS 512L
+
+long cnnx_channel_sums_partials(long rows, int channels)
+{
+    return 2 * ((rows + CHUNK_ROWS - 1) / CHUNK_ROWS) * (long)channels;
+}
+
+/* A chunk's sums for a channel count known at compile time: the per-channel sums live in
+ * registers as float over the chunk's rows (at most CHUNK_ROWS, so float's rounding stays
+ * small), then go to double for the sum across chunks. */
+static inline __attribute__((always_inline)) void chunk_sums_fixed(
+    long row0, long row1, const int channels, const float *restrict a,
+    const float *restrict b, const float *restrict a_shift, const float *restrict b_shift,
+    double *restrict sum, double *restrict product)
+{
+    float s[64], q[64];
+    for (int c = 0; c < channels; ++c)
+        s[c] = q[c] = 0.0f;
+    for (long row = row0; row < row1; ++row)
+        for (int c = 0; c < channels; ++c) {
+            s[c] += a[row * channels + c] - a_shift[c];
+            q[c] += (a[row * channels + c] - a_shift[c]) * (b[row * channels + c] - b_shift[c]);
+        }
+    for (int c = 0; c < channels; ++c) {
+        sum[c] = s[c];
+        product[c] = q[c];
+    }
+}
+
+typedef void (*chunk_sums_fn)(long, long, const float *, const float *, const float *,
+                              const float *, double *, double *);
+
+#define CHUNK_SUMS(name, channels, attributes)                                            \
+    static attributes void name(long row0, long row1, const float *a, const float *b,    \
+                                const float *a_shift, const float *b_shift, double *sum,  \
+                                double *product)                                          \
+    {                                                                                     \
+        chunk_sums_fixed(row0, row1, channels, a, b, a_shift, b_shift, sum, product);    \
+    }
+CHUNK_SUMS(chunk_sums_16_generic, 16, )
+CHUNK_SUMS(chunk_sums_32_generic, 32, )
+#if defined(__x86_64__) || defined(__i386__)
+CHUNK_SUMS(chunk_sums_16_avx2, 16, __attribute__((target("avx2,fma"))))
+CHUNK_SUMS(chunk_sums_32_avx2, 32, __attribute__((target("avx2,fma"))))
+#endif
+
+/* The register-resident chunk sums for this channel count and ISA, or NULL. */
+static chunk_sums_fn chunk_sums_for(int channels)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        return channels == 16 ? chunk_sums_16_avx2 : channels == 32 ? chunk_sums_32_avx2 : NULL;
+#endif
+    return channels == 16 ? chunk_sums_16_generic
+                          : channels == 32 ? chunk_sums_32_generic : NULL;
+}
+
+void cnnx_channel_sums(long rows, int channels, const float *restrict a,
+                       const float *restrict b, const float *restrict a_shift,
+                       const float *restrict b_shift, double *restrict sums,
+                       double *restrict product_sums, double *restrict partials,
+                       int n_threads)
+{
+    long chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    const float *restrict second = b != NULL ? b : a;
+    chunk_sums_fn chunk_sums = chunk_sums_for(channels);
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long chunk = 0; chunk < chunks; ++chunk) {
+        double *restrict sum = partials + 2 * chunk * channels;
+        double *restrict product = sum + channels;
+        long end = (chunk + 1) * CHUNK_ROWS < rows ? (chunk + 1) * CHUNK_ROWS : rows;
+        if (chunk_sums != NULL) {
+            chunk_sums(chunk * CHUNK_ROWS, end, a, second, a_shift, b_shift, sum, product);
+            continue;
+        }
+        for (int c = 0; c < channels; ++c)
+            sum[c] = product[c] = 0.0;
+        for (long row = chunk * CHUNK_ROWS; row < end; ++row) {
+            const float *restrict a_row = a + row * channels;
+            const float *restrict b_row = second + row * channels;
+            for (int c = 0; c < channels; ++c) {
+                sum[c] += (double)(a_row[c] - a_shift[c]);
+                product[c] += (double)(a_row[c] - a_shift[c]) * (double)(b_row[c] - b_shift[c]);
+            }
+        }
+    }
+    for (int c = 0; c < channels; ++c)
+        sums[c] = product_sums[c] = 0.0;
+    for (long chunk = 0; chunk < chunks; ++chunk)           /* chunk order: deterministic */
+        for (int c = 0; c < channels; ++c) {
+            sums[c] += partials[2 * chunk * channels + c];
+            product_sums[c] += partials[(2 * chunk + 1) * channels + c];
+        }
+}
+
+void cnnx_channel_affine(long rows, int channels, const float *restrict a,
+                         const float *restrict a_shift, const float *restrict a_scale,
+                         const float *restrict b, const float *restrict b_shift,
+                         const float *restrict b_scale, const float *restrict shift,
+                         float *restrict out, int n_threads)
+{
+    long chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long chunk = 0; chunk < chunks; ++chunk) {
+        long end = (chunk + 1) * CHUNK_ROWS < rows ? (chunk + 1) * CHUNK_ROWS : rows;
+        for (long row = chunk * CHUNK_ROWS; row < end; ++row) {
+            const float *restrict a_row = a + row * channels;
+            float *restrict out_row = out + row * channels;
+            if (b == NULL) {
+                for (int c = 0; c < channels; ++c)
+                    out_row[c] = (a_row[c] - a_shift[c]) * a_scale[c] + shift[c];
+            } else {
+                const float *restrict b_row = b + row * channels;
+                for (int c = 0; c < channels; ++c)
+                    out_row[c] = ((a_row[c] - a_shift[c]) * a_scale[c]
+                                  + (b_row[c] - b_shift[c]) * b_scale[c]) + shift[c];
+            }
+        }
+    }
+}
