@@ -110,7 +110,12 @@ class Activation(ActivatedLayer):
         super().__init__(activation, name)
 
     def forward(self, x, training=False, rng=None):
-        z = np.maximum(x, 0) if self.fused_relu else x
+        if self.fused_relu:
+            # training: a buffer reused across steps (a fresh 80 MB array page-faults each step)
+            out = self._workspace("output", x.shape, x.dtype) if training else None
+            z = activations.relu(x, out=out)
+        else:
+            z = x
         return self._activate(z, training)
 
     def _backward_linear(self, grad_z):

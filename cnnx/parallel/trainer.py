@@ -345,7 +345,7 @@ class DaskTrainer:
         loaded = checkpoint.load_checkpoint(directory)
         if loaded is None:
             self.echo(f"cnnx: no checkpoint in {directory}; starting from the beginning")
-            return 0, 0
+            return 0, 0, None
         weights, optimizer_state, meta = loaded
         for name in ("mode", "seed", "shards", "batch_size"):
             if meta[name] != self._meta[name]:

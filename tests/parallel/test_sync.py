@@ -161,6 +161,17 @@ def test_resumed_run_ends_bit_identical(reference, cluster, store, tmp_path):
     assert_same_history(trainer.history, reference[1].history)
 
 
+def test_resume_without_a_checkpoint_starts_from_the_beginning(reference, cluster, store,
+                                                                tmp_path):
+    model = tiny_model()
+    messages = []
+    trainer = DaskTrainer(model, cluster, shards=SHARDS, progress=False, echo=messages.append)
+    trainer.fit(store, epochs=EPOCHS, batch_size=BATCH, checkpoint_dir=tmp_path / "new",
+                resume=True)
+    assert any("no checkpoint" in message for message in messages)
+    assert_same_weights(model.get_weights(), reference[0])
+
+
 def assert_same_history(resumed, uninterrupted):
     """The resumed epoch's entry covers the steps before the crash too: equal to the
     uninterrupted run's (times and traffic aside: checkpoints pull the weights)."""
