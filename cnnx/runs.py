@@ -13,6 +13,7 @@ import contextlib
 import csv
 import datetime
 import json
+import logging
 import os
 import platform
 import shutil
@@ -37,6 +38,10 @@ ZIP_SIGNATURE = b"PK\x03\x04"                 # an .npz is a zip archive
 
 class UserError(Exception):
     """A problem the user can fix (the CLI prints it as one line)."""
+
+
+def _quiet_dask_logging():
+    logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -297,6 +302,11 @@ class TrainingRun:
     def close(self, failed=False):
         """Close the cluster; after a failure, remove the folder this run created unless
         it holds a checkpoint to resume."""
+        if failed and self._cluster is not None and self.client is not None:
+            # our own cluster, torn down mid-step: the workers' notes about the tasks the
+            # teardown cancels are noise to someone who pressed Ctrl-C or read our error
+            with contextlib.suppress(Exception):
+                self.client.run(_quiet_dask_logging)
         if self.client is not None:
             self.client.close()
         if self._cluster is not None:

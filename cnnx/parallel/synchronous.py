@@ -23,13 +23,15 @@ import collections
 import time
 import uuid
 
-from distributed import KilledWorker
+import distributed
 
 from cnnx.parallel import cluster, plan, replica, transport, wire, worker
 
 PIPELINE_DEPTH = 2                        # steps queued on the workers at a time
 PULL_EVERY = 8                            # steps between pulls: bounds the sums kept
-RECOVERABLE = (*transport.LOST, TimeoutError, replica.ReplicaMissing, KilledWorker)
+CLOSE_WAIT_S = 30                         # how long close() lets released steps finish
+RECOVERABLE = (*transport.LOST, TimeoutError, replica.ReplicaMissing,
+               distributed.KilledWorker)
 
 
 class _Step:
@@ -58,6 +60,8 @@ class ReplicatedSync:
         self.workers = []
         self.last_arrival = None
         self.pulled_bytes = 0             # weights and optimizer state the driver received
+        self.released = []                # summaries of steps nobody waits for any more
+        self.queue = collections.deque()  # the steps run_epoch has submitted, not yet yielded
 
     # ------------------------------------------------------------------ replicas
     def start(self):
@@ -66,6 +70,16 @@ class ReplicatedSync:
         self._install(self.workers)
 
     def close(self):
+        # a released step still running would find its replica gone, and its worker would
+        # log the failure with a traceback (after Ctrl-C, pages of them): let them finish.
+        # A consumer that stopped (Ctrl-C, an error) leaves run_epoch suspended, its own
+        # finally not run yet: release its queue here.
+        self._cancel(self.queue)
+        try:
+            distributed.wait(self.released, timeout=CLOSE_WAIT_S)
+        except Exception:                 # a timeout, or the cluster closing: drop anyway
+            pass
+        self.released = []
         try:
             self.client.run(replica.drop, self.run, on_error="return")
         except Exception:                 # the cluster may be closing; replicas die with it
@@ -87,13 +101,17 @@ class ReplicatedSync:
         self.previous = None
 
     # ------------------------------------------------------------------ the driver's model
-    def pull(self):
+    def pull(self, quiet=False):
         """Bring the driver's model (weights and optimizer state) to the replicas' version:
-        from a replica when one is there, else by applying the kept sums itself."""
+        from a replica when one is there, else by applying the kept sums itself.
+
+        quiet: on the way out of a failed fit, where released steps may have moved the
+        replicas past the version, ask only for a replica exactly at it (no task that
+        fails, whose worker would log a traceback)."""
         if self.model_version == self.version:
             return self.model
         state = None
-        if self.roots:
+        if self.roots and not quiet:
             try:
                 state = self.client.submit(
                     replica.state_at, self.run, self.version, self.roots[-1],
@@ -155,7 +173,7 @@ class ReplicatedSync:
     def run_epoch(self, epoch, epoch_plan, first_step):
         """Yield the record of each step from first_step on, in order, once its sum is known
         (a consumer may pull, checkpoint or stop between two records)."""
-        queue = collections.deque()
+        queue = self.queue = collections.deque()
         following, retries = first_step, 0
         try:
             while following < len(epoch_plan) or queue:
@@ -200,6 +218,8 @@ class ReplicatedSync:
         """Release the queued steps (they fail or finish unseen). Not client.cancel: this
         Dask's scheduler asserts on cancelling a task whose input erred and drops the
         client's connection with every future of the fit."""
+        self.released = [summary for summary in self.released if not summary.done()]
+        self.released += [step.summary for step in queue]
         queue.clear()
         self.previous = self.last_root
 

@@ -144,14 +144,14 @@ class DaskTrainer:
             self.model_future = None             # release the workers' copies
         return self.history
 
-    def pull(self):
+    def pull(self, quiet=False):
         """The model, brought up to date with the workers' replicas (sync mode keeps the
         weights on the workers during fit and updates the driver's model at checkpoints,
         epoch ends, every few steps and at the end; a callback that needs the weights of
-        the step it sees calls this)."""
+        the step it sees calls this).  quiet: see ReplicatedSync.pull."""
         if self._sync_driver is not None:
             before = self._sync_driver.pulled_bytes
-            self._sync_driver.pull()
+            self._sync_driver.pull(quiet)
             if self._tally is not None:           # what the driver received counts as bytes_in
                 self._tally.sums["bytes_in"] += self._sync_driver.pulled_bytes - before
         return self.model
@@ -160,7 +160,7 @@ class DaskTrainer:
         """On the way out of a failed fit: the model takes the last completed step if the
         cluster can still tell it (the error that stopped fit matters more than this one)."""
         try:
-            self.pull()
+            self.pull(quiet=True)
         except Exception as error:
             self.echo(f"cnnx: the model keeps the weights of an earlier step ({error})")
 
