@@ -33,7 +33,7 @@ from distributed import Client, LocalCluster, wait
 import cnnx
 from cnnx import architectures, data, optim
 from cnnx.nn import callbacks as callbacks_module
-from cnnx.parallel import DaskTrainer, Sync
+from cnnx.parallel import DaskTrainer, Sync, wiretap
 
 # net: (input shape, classes)
 NETS = {"glasses": ((80, 80, 3), 2), "fashion": ((28, 28, 1), 10)}
@@ -48,7 +48,7 @@ PHASES = ("time_s", "wait_s", "optimizer_s", "compute_s", "max_shard_compute_s",
 TCMALLOC = "libtcmalloc_minimal.so.4"
 RESULTS = {}
 
-cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers run the tap below
+cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers run functions here
 
 
 def make_store(folder, net, n, chunk_size):
@@ -156,31 +156,8 @@ def test_dask_against_fit(benchmark, tmp_path_factory, net, batch):
 
 # ---------------------------------------------------------------- per-node cost, N workers
 
-def install_tap():
-    """Count the bytes this process writes on each TCP connection (local, peer) from now on."""
-    from distributed.comm import tcp
-
-    if getattr(tcp.TCP, "_cnnx_tap", None) is not None:
-        return
-    tcp.TCP._cnnx_tap = collections.Counter()
-    write = tcp.TCP.write
-
-    async def counted_write(self, msg, serializers=None, on_error="message"):
-        n = await write(self, msg, serializers, on_error)
-        tcp.TCP._cnnx_tap[(self.local_address, self.peer_address)] += n
-        return n
-
-    tcp.TCP.write = counted_write
-
-
-def read_tap():
-    from distributed.comm import tcp
-
-    return dict(tcp.TCP._cnnx_tap)
-
-
 def snapshot(client):
-    return {"driver": read_tap(), **client.run(read_tap)}
+    return {"driver": wiretap.read(), **client.run(wiretap.read)}
 
 
 def bytes_per_process(before, after):
@@ -203,10 +180,10 @@ def measure_nodes(net, n_workers, folder):
     shard = SHARD_BATCH[net]
     batch = shard * n_workers
     dataset = make_store(folder, net, batch * SWEEP_STEPS, chunk_size=shard)
-    install_tap()
+    wiretap.install()
     with local_cluster(n_workers) as cluster, Client(cluster) as client:
         client.wait_for_workers(n_workers, timeout=120)
-        client.run(install_tap)
+        client.run(wiretap.install)
         model = build(net, dataset)
         params_bytes = sum(a.nbytes for a in model.params.values())
         marks = []

@@ -36,13 +36,14 @@ worker takes 64/N images).
 import collections
 import math
 import os
-import re
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+from cnnx.parallel import wiretap  # noqa: E402
 
 NAME = "communication"
 IMAGE_SHAPE = (80, 80, 3)
@@ -64,32 +65,8 @@ def add_arguments(parser):
 
 
 # ------------------------------------------------------------------------ the wire tap
-# These run in every process (the driver and, through client.run, each worker). The counts
-# live on Dask's TCP class, which each process imports once; functions from __main__ reach
-# the workers pickled by value, so a module global here would not be shared.
-
-def install_tap():
-    """Count the bytes this process writes on each TCP connection (local, peer) from now on."""
-    from distributed.comm import tcp
-
-    if getattr(tcp.TCP, "_cnnx_tap", None) is not None:
-        return
-    tcp.TCP._cnnx_tap = collections.Counter()
-    write = tcp.TCP.write
-
-    async def counted_write(self, msg, serializers=None, on_error="message"):
-        n = await write(self, msg, serializers, on_error)
-        tcp.TCP._cnnx_tap[(self.local_address, self.peer_address)] += n
-        return n
-
-    tcp.TCP.write = counted_write
-
-
-def read_tap():
-    from distributed.comm import tcp
-
-    return dict(tcp.TCP._cnnx_tap)
-
+# cnnx.parallel.wiretap counts the bytes on Dask's sockets in every process; this runs in
+# each worker too and reads what it fetched from other workers.
 
 def count_fetches(dask_worker):
     """What this worker has fetched from other workers so far, by kind of data (the keys
@@ -108,7 +85,7 @@ def count_fetches(dask_worker):
 
 def tap_snapshot(client):
     """Bytes written per connection by the driver and every worker, and the workers' fetches."""
-    return {"bytes": {"driver": read_tap(), **client.run(read_tap)},
+    return {"bytes": {"driver": wiretap.read(), **client.run(wiretap.read)},
             "fetches": client.run(count_fetches)}
 
 
@@ -200,14 +177,14 @@ def run_all(args, dataset, worker_counts, model_names):
 
     from cnnx.parallel.cluster import start_local_cluster
 
-    install_tap()
+    wiretap.install()
     rows, amm_policies, object_mb = [], [], {}
     for n_workers in worker_counts:
         saved = dict(os.environ)
         with start_local_cluster(n_workers, dashboard=False) as local, Client(local) as client:
             os.environ.clear()
             os.environ.update(saved)      # the nanny writes OMP_NUM_THREADS=1 into ours
-            client.run(install_tap)
+            client.run(wiretap.install)
             amm_policies = client.run_on_scheduler(active_memory_policies)
             for model_name in model_names:
                 for wire in WIRES:
