@@ -216,7 +216,7 @@ def wait_for_scheduler(address, workers, deadline):
 def test_bash_template_runs_with_local_values(block, reader_folder):
     values = template_values(block)
     assert values, f"{block}: a bash template names its values as NAME=value lines"
-    servers, scheduler = [], None
+    servers, scheduler, n_workers = [], None, 0
     try:
         for line in block.code.splitlines():
             if re.match(r"[A-Z_][A-Z0-9_]*=", line):

@@ -14,7 +14,7 @@ import numpy as np
 
 from cnnx.parallel import (checkpoint, cluster, modes, plan, records, synchronous, transport,
                            wire, worker)
-from cnnx.parallel.transport import LOST, preferred_worker  # noqa: F401  (older imports)
+from cnnx.parallel.transport import LOST, preferred_worker
 
 MODES = tuple(modes.MODES)
 OLDER_MODE_KEYWORDS = ("learning_rate", "tau", "alpha", "max_in_flight", "sync_weights")

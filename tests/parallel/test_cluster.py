@@ -1,6 +1,5 @@
 """Clusters: a scheduler address, our own LocalCluster, bad addresses, stores and elasticity."""
 import json
-import os
 import shutil
 import subprocess
 import sys
