@@ -190,7 +190,8 @@ def _connected(client, verbose):
         yield client
         return
     from cnnx.parallel.cluster import connect
-    connected, _ = connect(client, echo=print if verbose else (lambda *args: None))
+    connected, _ = connect(client, echo=print if verbose else (lambda *args: None),
+                           who="ingest")
     try:
         yield connected
     finally:

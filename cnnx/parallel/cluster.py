@@ -34,11 +34,12 @@ def _have_bokeh():
     return True
 
 
-def connect(client=None, timeout=DEFAULT_CONNECT_TIMEOUT, n_workers=None, echo=print):
+def connect(client=None, timeout=DEFAULT_CONNECT_TIMEOUT, n_workers=None, echo=print,
+            who="DaskTrainer"):
     """(client, owned) where owned is the LocalCluster we started (close it), or None.
 
     `client` is a distributed.Client, a scheduler address such as "tcp://127.0.0.1:8786",
-    or None for a LocalCluster on this machine."""
+    or None for a LocalCluster on this machine. `who` starts every error message."""
     from distributed import Client
     if isinstance(client, Client):
         return client, None
@@ -47,7 +48,7 @@ def connect(client=None, timeout=DEFAULT_CONNECT_TIMEOUT, n_workers=None, echo=p
         connected = Client(cluster)
         owned = cluster
     elif isinstance(client, str):
-        unreachable = (f"DaskTrainer: could not reach a Dask scheduler at {client!r} within "
+        unreachable = (f"{who}: could not reach a Dask scheduler at {client!r} within "
                        f"{timeout:g} s (is `dask scheduler` running there, and is the address "
                        f"right?)")
         check_scheduler(client, timeout, unreachable)
@@ -57,7 +58,7 @@ def connect(client=None, timeout=DEFAULT_CONNECT_TIMEOUT, n_workers=None, echo=p
             raise ConnectionError(f"{unreachable}: {error}") from None
         owned = None
     else:
-        raise TypeError(f"DaskTrainer: client must be a distributed.Client, a scheduler address "
+        raise TypeError(f"{who}: client must be a distributed.Client, a scheduler address "
                         f"string or None, got {type(client).__name__}")
     link = connected.dashboard_link if _have_bokeh() and owned is not None else None
     echo(f"cnnx: Dask scheduler {connected.scheduler.address}"

@@ -164,3 +164,10 @@ def test_memory_source_and_store_on_an_in_process_cluster(photos, local_store):
     np.testing.assert_array_equal(group["labels"][...], local["labels"][...])
     assert group.attrs["skipped"] == local.attrs["skipped"]
     assert group.attrs["mean"] == local.attrs["mean"]
+
+
+def test_an_unreachable_scheduler_is_reported_by_ingest_not_by_the_trainer(photos, tmp_path):
+    with pytest.raises(ConnectionError, match=r"^ingest: could not reach a Dask scheduler at "
+                                              r"'tcp://127.0.0.1:9'"):
+        data.ingest(photos, tmp_path / "s.zarr", client="tcp://127.0.0.1:9", **SETTINGS)
+    assert not (tmp_path / "s.zarr").exists()
