@@ -43,11 +43,13 @@ cdef extern from "cnnx_kernels.h" nogil:
         int pool_h, pool_w
         int stride_h, stride_w
         int pad_top, pad_left
+    enum: CNNX_ARGMAX_CELL
+    enum: CNNX_ARGMAX_WINDOW
     void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
-                                 float *y, int *argmax, int n_threads)
+                                 float *y, void *argmax, int argmax_kind, int n_threads)
     void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry,
-                                  const float *grad_output, const int *argmax,
-                                  float *grad_input, int n_threads)
+                                  const float *grad_output, const void *argmax,
+                                  int argmax_kind, float *grad_input, int n_threads)
     void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
                                  float *y, int n_threads)
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
@@ -308,33 +310,78 @@ cdef cnnx_pool_geometry _pool_geometry(tuple input_shape, tuple out_size, tuple 
     return g
 
 
+cdef int _argmax_kind(who, argmax, shape, tuple pool) except -1:
+    """CNNX_ARGMAX_CELL for int32 argmax, CNNX_ARGMAX_WINDOW for uint8 (window taps)."""
+    if isinstance(argmax, np.ndarray) and argmax.dtype == np.uint8:
+        _check(who, "argmax", argmax, shape, np.uint8)
+        if pool is None:
+            raise ValueError(f"{who}: a uint8 argmax holds taps inside each window; give "
+                             f"the forward's pool_size, strides and pads")
+        if pool[0] * pool[1] > 256:
+            raise ValueError(f"{who}: a uint8 argmax holds at most 256 taps, the pool "
+                             f"{pool} has {pool[0] * pool[1]}; use an int32 argmax")
+        return CNNX_ARGMAX_WINDOW
+    if isinstance(argmax, np.ndarray) and argmax.dtype not in (np.int32, np.uint8):
+        raise TypeError(f"{who}: argmax must be int32 (cells) or uint8 (window taps), "
+                        f"got {argmax.dtype}")
+    _check(who, "argmax", argmax, shape, np.int32)
+    return CNNX_ARGMAX_CELL
+
+
 def max_pool2d_forward(x, y, argmax, pool_size, strides, pads=(0, 0), n_threads=1):
-    """y = window max of x, argmax = h*W + w of the first max.  x (N,H,W,C) -> (N,OH,OW,C)."""
+    """y = window max of x; argmax = where the first max was: int32 h*W + w in the input
+    plane, or, for a uint8 argmax, the tap i*pool_w + j inside its window (a quarter of the
+    bytes).  x (N,H,W,C) -> (N,OH,OW,C)."""
     who = "max_pool2d_forward"
     _check(who, "x", x, (-1, -1, -1, -1))
     _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
-    _check_output(who, "argmax", argmax, y.shape, np.int32)
+    cdef int kind = _argmax_kind(who, argmax, y.shape, tuple(pool_size))
+    _check_output(who, "argmax", argmax, y.shape, argmax.dtype)
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_pool_geometry g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size),
                                                tuple(strides), tuple(pads))
     cdef const float[:, :, :, ::1] x_view = x
     cdef float[:, :, :, ::1] y_view = y
-    cdef int[:, :, :, ::1] argmax_view = argmax
+    cdef void *argmax_pointer = _pointer(argmax)
     with nogil:
         cnnx_max_pool2d_forward(&g, &x_view[0, 0, 0, 0], &y_view[0, 0, 0, 0],
-                                &argmax_view[0, 0, 0, 0], threads)
+                                argmax_pointer, kind, threads)
     return y, argmax
+
+
+cdef void *_pointer(array) except NULL:
+    """The data of a checked C-contiguous int32 or uint8 array."""
+    cdef const int[::1] cells
+    cdef const unsigned char[::1] taps
+    if array.dtype == np.uint8:
+        taps = array.reshape(-1)
+        return <void *>&taps[0]
+    cells = array.reshape(-1)
+    return <void *>&cells[0]
+
+
+def _check_taps(who, argmax, cnnx_pool_geometry g):
+    """Every uint8 tap must name a cell inside its clipped window (the scatter writes there)."""
+    taps = argmax.astype(np.int64)
+    rows = np.arange(g.out_h)[:, None, None] * g.stride_h - g.pad_top + taps // g.pool_w
+    columns = np.arange(g.out_w)[:, None] * g.stride_w - g.pad_left + taps % g.pool_w
+    if not ((taps < g.pool_h * g.pool_w) & (rows >= 0) & (rows < g.in_h)
+            & (columns >= 0) & (columns < g.in_w)).all():
+        raise ValueError(f"{who}: argmax holds window taps outside their windows inside "
+                         f"the input plane {(g.in_h, g.in_w)}")
 
 
 def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides=None,
                         pads=(0, 0), n_threads=1):
     """grad_input[n, argmax, c] += grad_output (grad_input is overwritten).
 
-    pool_size, strides and pads, when given, are those of the forward that made argmax:
-    windows that tile the input (strides == pool_size) then take one write pass."""
+    pool_size, strides and pads, when given, are those of the forward that made argmax
+    (required for a uint8 argmax of window taps): windows that tile the input
+    (strides == pool_size) then take one write pass."""
     who = "max_pool2d_backward"
     _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
-    _check(who, "argmax", argmax, grad_output.shape, np.int32)
+    cdef int kind = _argmax_kind(who, argmax, grad_output.shape,
+                                 None if pool_size is None else tuple(pool_size))
     _check_output(who, "grad_input", grad_input,
                   (grad_output.shape[0], -1, -1, grad_output.shape[3]))
     cdef int threads = _threads(who, n_threads)
@@ -348,7 +395,9 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
         g.pool_h = g.pool_w = 1
         g.stride_h = g.stride_w = 0              # geometry unknown: scatter by argmax
         g.pad_top = g.pad_left = 0
-    if g.stride_h != g.pool_h or g.stride_w != g.pool_w:
+    if (g.stride_h != g.pool_h or g.stride_w != g.pool_w) and kind == CNNX_ARGMAX_WINDOW:
+        _check_taps(who, argmax, g)
+    elif g.stride_h != g.pool_h or g.stride_w != g.pool_w:
         # the scatter writes at argmax: it must lie inside the input plane
         cells = grad_input.shape[1] * grad_input.shape[2]
         low, high = int(argmax.min()), int(argmax.max())
@@ -356,10 +405,10 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
             raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells "
                              f"of the input plane {grad_input.shape[1:3]}")
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
-    cdef const int[:, :, :, ::1] argmax_view = argmax
+    cdef const void *argmax_pointer = _pointer(argmax)
     cdef float[:, :, :, ::1] grad_input_view = grad_input
     with nogil:
-        cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], &argmax_view[0, 0, 0, 0],
+        cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], argmax_pointer, kind,
                                  &grad_input_view[0, 0, 0, 0], threads)
     return grad_input
 

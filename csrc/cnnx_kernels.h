@@ -73,15 +73,22 @@ typedef struct {
     int pad_top, pad_left;
 } cnnx_pool_geometry;
 
-/* y = max over the window, argmax = h*in_w + w of the first maximum (row-major scan). */
+/* Where each max-pool output's maximum came from: CNNX_ARGMAX_CELL, an int32 cell index
+ * h*in_w + w in the input plane; CNNX_ARGMAX_WINDOW, a uint8 tap i*pool_w + j inside the
+ * output's window (pool_h*pool_w <= 256; a quarter of the bytes to write and read back). */
+enum { CNNX_ARGMAX_CELL = 0, CNNX_ARGMAX_WINDOW = 1 };
+/* y = max over the window, argmax = the index (of argmax_kind) of the first maximum in
+ * row-major order. */
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
-                             int *argmax, int n_threads);
+                             void *argmax, int argmax_kind, int n_threads);
 /* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. When the pool
  * geometry is known and windows tile the input (stride == pool), one write pass instead,
  * with argmax only compared to each cell (so it needs no range check); stride_h = 0 marks
- * the geometry unknown (argmax must then lie inside the input plane). */
+ * the geometry unknown (CNNX_ARGMAX_CELL only; argmax must then lie inside the input
+ * plane; CNNX_ARGMAX_WINDOW taps must lie inside their clipped window). */
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
-                              const int *argmax, float *grad_input, int n_threads);
+                              const void *argmax, int argmax_kind, float *grad_input,
+                              int n_threads);
 /* y = mean over the window's cells inside the input. */
 void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
                              int n_threads);

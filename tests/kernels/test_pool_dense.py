@@ -102,7 +102,7 @@ def test_pooling_is_bit_identical_for_any_thread_count(rng):
 
 def test_max_pool2d_backward_rejects_bad_argmax(rng):
     grad_output = f32(rng, (1, 2, 2, 1))
-    with pytest.raises(TypeError, match=r"max_pool2d_backward: argmax must be int32, got int64"):
+    with pytest.raises(TypeError, match=r"max_pool2d_backward: argmax must be int32 \(cells\) or uint8 \(window taps\), got int64"):
         _kernels.max_pool2d_backward(grad_output, np.zeros((1, 2, 2, 1), np.int64),
                                      np.empty((1, 4, 4, 1), np.float32))
     with pytest.raises(ValueError, match=r"argmax holds 0\.\.16, outside the 16 cells"):
