@@ -63,14 +63,19 @@ cdef extern from "cnnx_kernels.h" nogil:
                            unsigned char *keep, int n_threads)
     void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
                             float *y, int n_threads)
+    ctypedef struct cnnx_relu_mask:
+        const float *shift
+        const float *scale
+        const float *offset
     long cnnx_channel_sums_partials(long rows, int channels)
     void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
-                           const float *a_shift, const float *b_shift, double *sums,
-                           double *product_sums, double *partials, int n_threads)
+                           const float *a_shift, const float *b_shift,
+                           const cnnx_relu_mask *mask, double *sums, double *product_sums,
+                           double *partials, int n_threads)
     void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
                              const float *a_scale, const float *b, const float *b_shift,
-                             const float *b_scale, const float *shift, float *out,
-                             int n_threads)
+                             const float *b_scale, const float *shift,
+                             const cnnx_relu_mask *mask, int relu, float *out, int n_threads)
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
         float m_scale, grad_scale
@@ -595,10 +600,31 @@ def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint 
 
 # ------------------------------------------------------------------------------ per channel
 
-def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
+cdef class _ReluMask:
+    """A checked relu_mask=(shift, scale, offset) and the C struct pointing into it."""
+    cdef cnnx_relu_mask mask
+    cdef object vectors
+    cdef const float[::1] shift_view, scale_view, offset_view
+
+    def __init__(self, who, relu_mask, int channels):
+        if len(relu_mask) != 3:
+            raise ValueError(f"{who}: relu_mask must be (shift, scale, offset), got "
+                             f"{len(relu_mask)} arrays")
+        for name, vector in zip(("shift", "scale", "offset"), relu_mask):
+            _check(who, f"relu_mask {name}", vector, (channels,))
+        self.vectors = tuple(relu_mask)                  # kept alive while C reads them
+        self.shift_view, self.scale_view, self.offset_view = relu_mask
+        self.mask.shift = &self.shift_view[0]
+        self.mask.scale = &self.scale_view[0]
+        self.mask.offset = &self.offset_view[0]
+
+
+def channel_sums(a, b=None, a_shift=None, b_shift=None, relu_mask=None, n_threads=1):
     """(sum over rows of a - a_shift, sum over rows of (a - a_shift) * (b - b_shift)), float64 per
     channel, for (rows, channels) float32 arrays (b None: a; a shift None: 0). A shift near
-    the mean keeps E[x^2] - E[x]^2 free of cancellation. The same bits for any n_threads."""
+    the mean keeps E[x^2] - E[x]^2 free of cancellation. The same bits for any n_threads.
+    relu_mask=(shift, scale, offset) (needs b): a * keep replaces a, keep = (b - shift) *
+    scale > -offset, the mask of a ReLU fused after a BatchNorm of b."""
     who = "channel_sums"
     _check(who, "a", a, (-1, -1))
     if b is not None:
@@ -609,6 +635,13 @@ def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
     b_shift = np.zeros(channels, np.float32) if b_shift is None else b_shift
     _check(who, "a_shift", a_shift, (channels,))
     _check(who, "b_shift", b_shift, (channels,))
+    cdef _ReluMask mask = None
+    cdef const cnnx_relu_mask *mask_pointer = NULL
+    if relu_mask is not None:
+        if b is None:
+            raise ValueError(f"{who}: relu_mask is computed from b; give b")
+        mask = _ReluMask(who, relu_mask, channels)
+        mask_pointer = &mask.mask
     cdef int threads = _threads(who, n_threads)
     sums, product_sums = np.empty(channels), np.empty(channels)
     partials = np.empty(cnnx_channel_sums_partials(rows, channels))
@@ -625,21 +658,27 @@ def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
     cdef double[::1] partials_view = partials
     with nogil:
         cnnx_channel_sums(rows, channels, &a_view[0, 0], b_pointer, &a_shift_view[0],
-                          &b_shift_view[0], &sums_view[0], &product_view[0],
+                          &b_shift_view[0], mask_pointer, &sums_view[0], &product_view[0],
                           &partials_view[0], threads)
     return sums, product_sums
 
 
 def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b_shift=None,
-                   n_threads=1):
+                   bint relu=False, relu_mask=None, n_threads=1):
     """out = (a - a_shift) * a_scale (+ (b - b_shift) * b_scale) + shift, per channel of
-    (rows, channels) float32 arrays (a missing shift is 0)."""
+    (rows, channels) float32 arrays (a missing shift is 0). relu (without b): max(out, 0),
+    a NaN kept. relu_mask=(shift, scale, offset) (with b): a * keep replaces a, as in
+    channel_sums."""
     who = "channel_affine"
     _check(who, "a", a, (-1, -1))
     cdef int channels = a.shape[1]
     _check_output(who, "out", out, a.shape)
     if (b is None) != (b_scale is None):
         raise ValueError(f"{who}: give both b and b_scale, or neither")
+    if relu and b is not None:
+        raise ValueError(f"{who}: relu applies to the one-input form; b must be None")
+    if relu_mask is not None and b is None:
+        raise ValueError(f"{who}: relu_mask is computed from b; give b")
     zeros = np.zeros(channels, np.float32)
     a_shift = zeros if a_shift is None else a_shift
     b_shift = zeros if b_shift is None else b_shift
@@ -655,6 +694,11 @@ def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b
         _check(who, "b_scale", b_scale, (channels,))
         b_view, b_scale_view = b, b_scale
         b_pointer, b_scale_pointer = &b_view[0, 0], &b_scale_view[0]
+    cdef _ReluMask mask = None
+    cdef const cnnx_relu_mask *mask_pointer = NULL
+    if relu_mask is not None:
+        mask = _ReluMask(who, relu_mask, channels)
+        mask_pointer = &mask.mask
     cdef int threads = _threads(who, n_threads)
     cdef const float[:, ::1] a_view = a
     cdef const float[::1] a_scale_view = a_scale
@@ -663,10 +707,11 @@ def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b
     cdef const float[::1] shift_view = shift
     cdef float[:, ::1] out_view = out
     cdef long rows = a.shape[0]
+    cdef int use_relu = relu
     with nogil:
         cnnx_channel_affine(rows, channels, &a_view[0, 0], &a_shift_view[0], &a_scale_view[0],
                             b_pointer, &b_shift_view[0], b_scale_pointer, &shift_view[0],
-                            &out_view[0, 0], threads)
+                            mask_pointer, use_relu, &out_view[0, 0], threads)
     return out
 
 

@@ -5,10 +5,24 @@
  * added in chunk order afterwards: the same bits for any n_threads. One read pass gives
  * both sums a channel needs (sum x and sum (x - k)^2 forward; sum g and sum g (x - k)
  * backward, k a per-channel shift near the mean: no cancellation in E[x^2] - E[x]^2).
+ * BatchNorm followed by ReLU runs fused: the affine pass writes the activated output, and
+ * the backward passes apply ReLU's mask themselves, recomputed from x (which they read
+ * anyway) rather than read from the output: keep = (x - mean) * scale > -beta, the very
+ * product the forward compared (a product with two uses is never contracted into an FMA),
+ * so the mask is the forward's bit for bit and no separate ReLU pass remains.
  */
 #include <stddef.h>
 
 #include "cnnx_kernels.h"
+
+/* 1.0f where a ReLU after out = (b - shift) * scale + offset passed its input, else 0.0f:
+ * (b - shift) * scale > -offset is exactly out > 0 when out is rounded once from that
+ * product (and false for a NaN, like ReLU's backward). */
+static inline __attribute__((always_inline)) float relu_keep(float b, float shift, float scale,
+                                                             float offset)
+{
+    return (b - shift) * scale > -offset ? 1.0f : 0.0f;
+}
 
 #define CHUNK_ROWS 512L
 
@@ -23,16 +37,31 @@ long cnnx_channel_sums_partials(long rows, int channels)
 static inline __attribute__((always_inline)) void chunk_sums_fixed(
     long row0, long row1, const int channels, const float *restrict a,
     const float *restrict b, const float *restrict a_shift, const float *restrict b_shift,
-    double *restrict sum, double *restrict product)
+    const cnnx_relu_mask *mask, double *restrict sum, double *restrict product)
 {
     float s[64], q[64];
     for (int c = 0; c < channels; ++c)
         s[c] = q[c] = 0.0f;
-    for (long row = row0; row < row1; ++row)
-        for (int c = 0; c < channels; ++c) {
-            s[c] += a[row * channels + c] - a_shift[c];
-            q[c] += (a[row * channels + c] - a_shift[c]) * (b[row * channels + c] - b_shift[c]);
-        }
+    if (mask != NULL) {
+        const float *restrict m_shift = mask->shift, *restrict m_scale = mask->scale;
+        const float *restrict m_offset = mask->offset;
+        for (long row = row0; row < row1; ++row)
+            for (int c = 0; c < channels; ++c) {
+                float x = b[row * channels + c];
+                /* a * keep: ReLU's backward, the same multiply as cnnx_relu_backward */
+                float g = a[row * channels + c]
+                          * relu_keep(x, m_shift[c], m_scale[c], m_offset[c]);
+                s[c] += g - a_shift[c];
+                q[c] += (g - a_shift[c]) * (x - b_shift[c]);
+            }
+    } else {
+        for (long row = row0; row < row1; ++row)
+            for (int c = 0; c < channels; ++c) {
+                s[c] += a[row * channels + c] - a_shift[c];
+                q[c] += (a[row * channels + c] - a_shift[c])
+                        * (b[row * channels + c] - b_shift[c]);
+            }
+    }
     for (int c = 0; c < channels; ++c) {
         sum[c] = s[c];
         product[c] = q[c];
@@ -40,14 +69,15 @@ static inline __attribute__((always_inline)) void chunk_sums_fixed(
 }
 
 typedef void (*chunk_sums_fn)(long, long, const float *, const float *, const float *,
-                              const float *, double *, double *);
+                              const float *, const cnnx_relu_mask *, double *, double *);
 
 #define CHUNK_SUMS(name, channels, attributes)                                            \
     static attributes void name(long row0, long row1, const float *a, const float *b,    \
-                                const float *a_shift, const float *b_shift, double *sum,  \
-                                double *product)                                          \
+                                const float *a_shift, const float *b_shift,               \
+                                const cnnx_relu_mask *mask, double *sum, double *product) \
     {                                                                                     \
-        chunk_sums_fixed(row0, row1, channels, a, b, a_shift, b_shift, sum, product);    \
+        chunk_sums_fixed(row0, row1, channels, a, b, a_shift, b_shift, mask, sum,        \
+                         product);                                                        \
     }
 CHUNK_SUMS(chunk_sums_16_generic, 16, )
 CHUNK_SUMS(chunk_sums_32_generic, 32, )
@@ -69,9 +99,9 @@ static chunk_sums_fn chunk_sums_for(int channels)
 
 void cnnx_channel_sums(long rows, int channels, const float *restrict a,
                        const float *restrict b, const float *restrict a_shift,
-                       const float *restrict b_shift, double *restrict sums,
-                       double *restrict product_sums, double *restrict partials,
-                       int n_threads)
+                       const float *restrict b_shift, const cnnx_relu_mask *mask,
+                       double *restrict sums, double *restrict product_sums,
+                       double *restrict partials, int n_threads)
 {
     long chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
     const float *restrict second = b != NULL ? b : a;
@@ -83,7 +113,8 @@ void cnnx_channel_sums(long rows, int channels, const float *restrict a,
         double *restrict product = sum + channels;
         long end = (chunk + 1) * CHUNK_ROWS < rows ? (chunk + 1) * CHUNK_ROWS : rows;
         if (chunk_sums != NULL) {
-            chunk_sums(chunk * CHUNK_ROWS, end, a, second, a_shift, b_shift, sum, product);
+            chunk_sums(chunk * CHUNK_ROWS, end, a, second, a_shift, b_shift, mask, sum,
+                       product);
             continue;
         }
         for (int c = 0; c < channels; ++c)
@@ -92,8 +123,11 @@ void cnnx_channel_sums(long rows, int channels, const float *restrict a,
             const float *restrict a_row = a + row * channels;
             const float *restrict b_row = second + row * channels;
             for (int c = 0; c < channels; ++c) {
-                sum[c] += (double)(a_row[c] - a_shift[c]);
-                product[c] += (double)(a_row[c] - a_shift[c]) * (double)(b_row[c] - b_shift[c]);
+                float g = a_row[c];
+                if (mask != NULL)
+                    g *= relu_keep(b_row[c], mask->shift[c], mask->scale[c], mask->offset[c]);
+                sum[c] += (double)(g - a_shift[c]);
+                product[c] += (double)(g - a_shift[c]) * (double)(b_row[c] - b_shift[c]);
             }
         }
     }
@@ -106,29 +140,57 @@ void cnnx_channel_sums(long rows, int channels, const float *restrict a,
         }
 }
 
+/* The affine pass for this row range; relu and mask are constants in each instance. */
+static inline __attribute__((always_inline)) void affine_rows(
+    long row0, long row1, int channels, const float *restrict a,
+    const float *restrict a_shift, const float *restrict a_scale, const float *restrict b,
+    const float *restrict b_shift, const float *restrict b_scale,
+    const float *restrict shift, const cnnx_relu_mask *mask, const int relu,
+    float *restrict out)
+{
+    for (long row = row0; row < row1; ++row) {
+        const float *restrict a_row = a + row * channels;
+        float *restrict out_row = out + row * channels;
+        if (b == NULL && relu) {
+            for (int c = 0; c < channels; ++c) {
+                /* out > 0 decided on the product, as the backward's mask decides it */
+                float product = (a_row[c] - a_shift[c]) * a_scale[c];
+                float value = product + shift[c];
+                out_row[c] = (product > -shift[c] || value != value) ? value : 0.0f;
+            }
+        } else if (b == NULL) {
+            for (int c = 0; c < channels; ++c)
+                out_row[c] = (a_row[c] - a_shift[c]) * a_scale[c] + shift[c];
+        } else if (mask != NULL) {
+            const float *restrict b_row = b + row * channels;
+            for (int c = 0; c < channels; ++c) {
+                float g = a_row[c] * relu_keep(b_row[c], mask->shift[c], mask->scale[c],
+                                               mask->offset[c]);
+                out_row[c] = ((g - a_shift[c]) * a_scale[c]
+                              + (b_row[c] - b_shift[c]) * b_scale[c]) + shift[c];
+            }
+        } else {
+            const float *restrict b_row = b + row * channels;
+            for (int c = 0; c < channels; ++c)
+                out_row[c] = ((a_row[c] - a_shift[c]) * a_scale[c]
+                              + (b_row[c] - b_shift[c]) * b_scale[c]) + shift[c];
+        }
+    }
+}
+
 void cnnx_channel_affine(long rows, int channels, const float *restrict a,
                          const float *restrict a_shift, const float *restrict a_scale,
                          const float *restrict b, const float *restrict b_shift,
                          const float *restrict b_scale, const float *restrict shift,
-                         float *restrict out, int n_threads)
+                         const cnnx_relu_mask *mask, int relu, float *restrict out,
+                         int n_threads)
 {
     long chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (long chunk = 0; chunk < chunks; ++chunk) {
         long end = (chunk + 1) * CHUNK_ROWS < rows ? (chunk + 1) * CHUNK_ROWS : rows;
-        for (long row = chunk * CHUNK_ROWS; row < end; ++row) {
-            const float *restrict a_row = a + row * channels;
-            float *restrict out_row = out + row * channels;
-            if (b == NULL) {
-                for (int c = 0; c < channels; ++c)
-                    out_row[c] = (a_row[c] - a_shift[c]) * a_scale[c] + shift[c];
-            } else {
-                const float *restrict b_row = b + row * channels;
-                for (int c = 0; c < channels; ++c)
-                    out_row[c] = ((a_row[c] - a_shift[c]) * a_scale[c]
-                                  + (b_row[c] - b_shift[c]) * b_scale[c]) + shift[c];
-            }
-        }
+        affine_rows(chunk * CHUNK_ROWS, end, channels, a, a_shift, a_scale, b, b_shift,
+                    b_scale, shift, mask, relu, out);
     }
 }
