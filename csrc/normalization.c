@@ -21,7 +21,8 @@
 static inline __attribute__((always_inline)) float relu_keep(float b, float shift, float scale,
                                                              float offset)
 {
-    return (b - shift) * scale > -offset ? 1.0f : 0.0f;
+    int keep = (b - shift) * scale > -offset;     /* an int, then a float: no branch */
+    return (float)keep;
 }
 
 #define CHUNK_ROWS 512L
@@ -163,9 +164,10 @@ static inline __attribute__((always_inline)) void affine_rows(
                 out_row[c] = (a_row[c] - a_shift[c]) * a_scale[c] + shift[c];
         } else if (mask != NULL) {
             const float *restrict b_row = b + row * channels;
+            const float *restrict m_shift = mask->shift, *restrict m_scale = mask->scale;
+            const float *restrict m_offset = mask->offset;
             for (int c = 0; c < channels; ++c) {
-                float g = a_row[c] * relu_keep(b_row[c], mask->shift[c], mask->scale[c],
-                                               mask->offset[c]);
+                float g = a_row[c] * relu_keep(b_row[c], m_shift[c], m_scale[c], m_offset[c]);
                 out_row[c] = ((g - a_shift[c]) * a_scale[c]
                               + (b_row[c] - b_shift[c]) * b_scale[c]) + shift[c];
             }
