@@ -558,14 +558,74 @@ void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float 
         forward_row(g, x, y, row);
 }
 
+/* One input row of average-pool backward when windows tile the input (stride == pool):
+ * each cell lies in at most one window and takes 0 + share / count, as the gather above
+ * computes it; the quotient is worked out once per window and input row instead of once
+ * per cell, and as a product when count is a power of two (then share * (1 / count) is
+ * the same correctly rounded number). */
+static inline __attribute__((always_inline)) void avg_pool_backward_tiling_row(
+    const cnnx_pool_geometry *g, const float *restrict grad_output,
+    float *restrict grad_input, long row)
+{
+    int channels = g->channels;
+    long image = row / g->in_h;
+    int in_y = (int)(row % g->in_h);
+    float *restrict grad_row = grad_input + row * g->in_w * channels;
+    int out_y = (in_y + g->pad_top) / g->stride_h;
+    if (out_y >= g->out_h) {                       /* below the last window */
+        memset(grad_row, 0, sizeof(float) * g->in_w * channels);
+        return;
+    }
+    int cells_y = window_cells(out_y * g->stride_h - g->pad_top, g->pool_h, g->in_h);
+    const float *share_row = grad_output + (image * g->out_h + out_y) * g->out_w * channels;
+    int covered_end = 0;
+    for (int out_x = 0; out_x < g->out_w; ++out_x) {
+        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+        int count = cells_y * (end_j - first_j);
+        const float *restrict share = share_row + (long)out_x * channels;
+        float *restrict first = grad_row + (long)(start_x + first_j) * channels;
+        if ((count & (count - 1)) == 0) {
+            float reciprocal = 1.0f / (float)count;
+            for (int c = 0; c < channels; ++c)
+                first[c] = 0.0f + share[c] * reciprocal;
+        } else {
+            float divisor = (float)count;
+            for (int c = 0; c < channels; ++c)
+                first[c] = 0.0f + share[c] / divisor;
+        }
+        for (int j = first_j + 1; j < end_j; ++j)
+            memcpy(grad_row + (long)(start_x + j) * channels, first, sizeof(float) * channels);
+        covered_end = start_x + end_j;
+    }
+    if (covered_end < g->in_w)                    /* right of the last window */
+        memset(grad_row + (long)covered_end * channels, 0,
+               sizeof(float) * (g->in_w - covered_end) * channels);
+}
+
+static void avg_backward_tiling_generic(const cnnx_pool_geometry *g, const float *grad_output,
+                                        float *grad_input, long row)
+{
+    avg_pool_backward_tiling_row(g, grad_output, grad_input, row);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+static AVX2 void avg_backward_tiling_avx2(const cnnx_pool_geometry *g,
+                                          const float *grad_output, float *grad_input, long row)
+{
+    avg_pool_backward_tiling_row(g, grad_output, grad_input, row);
+}
+#endif
+
 void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_output,
                               float *grad_input, int n_threads)
 {
     long rows = (long)g->batch * g->in_h;
-    avg_row_fn backward_row = avg_backward_generic;
+    int tiling = g->stride_h == g->pool_h && g->stride_w == g->pool_w;
+    avg_row_fn backward_row = tiling ? avg_backward_tiling_generic : avg_backward_generic;
 #if defined(__x86_64__) || defined(__i386__)
     if (cnnx_get_isa() == CNNX_ISA_AVX2)
-        backward_row = avg_backward_avx2;
+        backward_row = tiling ? avg_backward_tiling_avx2 : avg_backward_avx2;
 #endif
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)

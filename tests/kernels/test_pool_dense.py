@@ -337,3 +337,31 @@ def test_max_pool2d_window_taps_take_the_first_nan(channels, isa):
     y, taps = np.empty((1, 1, 1, channels), np.float32), np.empty((1, 1, 1, channels), np.uint8)
     _kernels.max_pool2d_forward(x, y, taps, (2, 3), (2, 3))
     assert np.isnan(y).all() and (taps == 2).all()
+
+
+@pytest.mark.parametrize("x_shape, pool, padding", [((2, 7, 9, 8), 2, "valid"),
+                                                    ((2, 7, 8, 19), 3, "same"),
+                                                    ((1, 5, 11, 16), (2, 3), "same")],
+                         ids=["2x2-valid", "3x3-same", "2x3-same"])
+def test_avg_pool2d_tiling_backward_is_each_share_over_its_count(x_shape, pool, padding, isa,
+                                                                 rng):
+    """Windows that tile the input: every cell takes its window's share / cell count, the
+    float32 division (a product only where count is a power of two: the same bits)."""
+    grad_output_shape = (x_shape[0], *ops.max_pool2d_forward(
+        np.zeros(x_shape), pool, pool, padding)[0].shape[1:])
+    grad_output = f32(rng, grad_output_shape)
+    ph, pw = ops._pair(pool, "pool")
+    _, _, top, left = ops._geometry(x_shape[1], x_shape[2], ph, pw, (ph, pw), padding)
+    expected = np.zeros(x_shape, np.float32)
+    for oy in range(grad_output_shape[1]):
+        rows = range(max(oy * ph - top, 0), min(oy * ph - top + ph, x_shape[1]))
+        for ox in range(grad_output_shape[2]):
+            columns = range(max(ox * pw - left, 0), min(ox * pw - left + pw, x_shape[2]))
+            count = np.float32(len(rows) * len(columns))
+            for r in rows:
+                for q in columns:
+                    expected[:, r, q] = np.float32(0) + grad_output[:, oy, ox] / count
+    for n_threads in (1, 2, 3):
+        got = ops.avg_pool2d_backward(grad_output, x_shape, pool, pool, padding,
+                                      n_threads=n_threads)
+        np.testing.assert_array_equal(got, expected)
