@@ -38,7 +38,9 @@ static void clip_window(int start, int pool, int size, int *first, int *end)
  * (a select per lane, vectorised by gcc): strict > keeps the first maximum of the row-major
  * scan, like argmax; like argmax too, the first NaN wins (so a NaN reaches the loss). The
  * running max and index live in y and argmax (int32 cell h*in_w + w, or uint8 tap
- * i*pool_w + j when window_index). */
+ * i*pool_w + j when window_index). The scan takes the window rows outermost: each input
+ * row is read once, front to back, the way a copy streams (the output row stays in L1),
+ * and the order of cells each output sees is still row-major. */
 static inline __attribute__((always_inline)) void max_pool_forward_row(
     const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
     void *restrict argmax, const int window_index, long row)
@@ -49,29 +51,26 @@ static inline __attribute__((always_inline)) void max_pool_forward_row(
     const float *x_image = x + image * g->in_h * g->in_w * channels;
     int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
     clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
-    for (int out_x = 0; out_x < g->out_w; ++out_x) {
-        long out = (row * g->out_w + out_x) * channels;
-        float *restrict best = y + out;
-        int32_t *restrict cell_index = (int32_t *)argmax + out;
-        uint8_t *restrict tap_index = (uint8_t *)argmax + out;
-        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
-        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
-        int first_cell = (start_y + first_i) * g->in_w + start_x + first_j;
-        const float *restrict first = x_image + (long)first_cell * channels;
-        for (int c = 0; c < channels; ++c)
-            best[c] = first[c];
-        if (window_index)
-            memset(tap_index, first_i * g->pool_w + first_j, channels);
-        else
-            for (int c = 0; c < channels; ++c)
-                cell_index[c] = first_cell;
-        for (int i = first_i; i < end_i; ++i)
+    for (int i = first_i; i < end_i; ++i)
+        for (int out_x = 0; out_x < g->out_w; ++out_x) {
+            long out = (row * g->out_w + out_x) * channels;
+            float *restrict best = y + out;
+            int32_t *restrict cell_index = (int32_t *)argmax + out;
+            uint8_t *restrict tap_index = (uint8_t *)argmax + out;
+            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
             for (int j = first_j; j < end_j; ++j) {
                 int cell = (start_y + i) * g->in_w + start_x + j;
-                if (cell == first_cell)
-                    continue;
                 const float *restrict values = x_image + (long)cell * channels;
-                if (window_index) {
+                if (i == first_i && j == first_j) {          /* the window's first cell */
+                    for (int c = 0; c < channels; ++c)
+                        best[c] = values[c];
+                    if (window_index)
+                        memset(tap_index, i * g->pool_w + j, channels);
+                    else
+                        for (int c = 0; c < channels; ++c)
+                            cell_index[c] = cell;
+                } else if (window_index) {
                     uint8_t tap = (uint8_t)(i * g->pool_w + j);
                     for (int c = 0; c < channels; ++c) {
                         float v = values[c], b = best[c];
@@ -88,7 +87,7 @@ static inline __attribute__((always_inline)) void max_pool_forward_row(
                     }
                 }
             }
-    }
+        }
 }
 
 /* One output row of max-pool backward when windows tile the input (stride == pool), portable
@@ -145,6 +144,17 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void store_indi
     }
 }
 
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256i load_indices(
+    const void *argmax, const int window_index, long at)
+{
+    if (window_index)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)argmax + at)));
+    return _mm256_loadu_si256((const __m256i *)((const int32_t *)argmax + at));
+}
+
+/* Window rows outermost, as in the portable row above: each input row is read once, front
+ * to back; a window's running max and index go through y and argmax (in L1) between its
+ * rows and stay in registers across its cells within a row. */
 static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_forward_row_avx2(
     const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
     void *restrict argmax, const int window_index, long row)
@@ -155,51 +165,67 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_f
     const float *x_image = x + image * g->in_h * g->in_w * channels;
     int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
     clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
-    for (int out_x = 0; out_x < g->out_w; ++out_x) {
-        long out = (row * g->out_w + out_x) * channels;
-        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
-        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
-        int first_cell = (start_y + first_i) * g->in_w + start_x + first_j;
-        int first_code = window_index ? first_i * g->pool_w + first_j : first_cell;
-        int c0 = 0;
-        for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
-            __m256 best = _mm256_loadu_ps(x_image + (long)first_cell * channels + c0);
-            __m256 where = _mm256_castsi256_ps(_mm256_set1_epi32(first_code));
-            for (int i = first_i; i < end_i; ++i)
-                for (int j = first_j; j < end_j; ++j) {
-                    int cell = (start_y + i) * g->in_w + start_x + j;
+    for (int i = first_i; i < end_i; ++i)
+        for (int out_x = 0; out_x < g->out_w; ++out_x) {
+            long out = (row * g->out_w + out_x) * channels;
+            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+            int first_row = i == first_i, j0 = first_row ? first_j + 1 : first_j;
+            int row_cell = (start_y + i) * g->in_w + start_x;
+            int c0 = 0;
+            for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
+                __m256 best, where;
+                if (first_row) {                      /* the window's first cell */
+                    int cell = row_cell + first_j;
+                    best = _mm256_loadu_ps(x_image + (long)cell * channels + c0);
+                    where = _mm256_castsi256_ps(_mm256_set1_epi32(
+                        window_index ? i * g->pool_w + first_j : cell));
+                } else {
+                    best = _mm256_loadu_ps(y + out + c0);
+                    where = _mm256_castsi256_ps(load_indices(argmax, window_index, out + c0));
+                }
+                for (int j = j0; j < end_j; ++j) {
+                    int cell = row_cell + j;
                     int code = window_index ? i * g->pool_w + j : cell;
                     __m256 v = _mm256_loadu_ps(x_image + (long)cell * channels + c0);
-                    __m256 take = _mm256_or_ps(
-                        _mm256_cmp_ps(v, best, _CMP_GT_OQ),
-                        _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q),
-                                      _mm256_cmp_ps(best, best, _CMP_ORD_Q)));
+                    /* v > best or v NaN, unless best is NaN already: not (v <= best),
+                     * and best ordered */
+                    __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, best, _CMP_NLE_UQ),
+                                                _mm256_cmp_ps(best, best, _CMP_ORD_Q));
                     best = _mm256_blendv_ps(best, v, take);
                     where = _mm256_blendv_ps(where, _mm256_castsi256_ps(_mm256_set1_epi32(code)),
                                              take);
                 }
-            _mm256_storeu_ps(y + out + c0, best);
-            store_indices(argmax, window_index, out + c0, _mm256_castps_si256(where));
-        }
-        for (int c = c0; c < channels; ++c) {          /* the channels past the last vector */
-            float best = x_image[(long)first_cell * channels + c];
-            int where = first_code;
-            for (int i = first_i; i < end_i; ++i)
-                for (int j = first_j; j < end_j; ++j) {
-                    int cell = (start_y + i) * g->in_w + start_x + j;
+                _mm256_storeu_ps(y + out + c0, best);
+                store_indices(argmax, window_index, out + c0, _mm256_castps_si256(where));
+            }
+            for (int c = c0; c < channels; ++c) {      /* the channels past the last vector */
+                float best;
+                int where;
+                if (first_row) {
+                    int cell = row_cell + first_j;
+                    best = x_image[(long)cell * channels + c];
+                    where = window_index ? i * g->pool_w + first_j : cell;
+                } else {
+                    best = y[out + c];
+                    where = window_index ? ((uint8_t *)argmax)[out + c]
+                                         : ((int32_t *)argmax)[out + c];
+                }
+                for (int j = j0; j < end_j; ++j) {
+                    int cell = row_cell + j;
                     float v = x_image[(long)cell * channels + c];
                     if ((v > best) | ((v != v) & (best == best))) {
                         best = v;
                         where = window_index ? i * g->pool_w + j : cell;
                     }
                 }
-            y[out + c] = best;
-            if (window_index)
-                ((uint8_t *)argmax)[out + c] = (uint8_t)where;
-            else
-                ((int32_t *)argmax)[out + c] = where;
+                y[out + c] = best;
+                if (window_index)
+                    ((uint8_t *)argmax)[out + c] = (uint8_t)where;
+                else
+                    ((int32_t *)argmax)[out + c] = where;
+            }
         }
-    }
 }
 
 /* With stream, non-temporal stores (target 16-byte aligned): a gradient too big for any
@@ -419,8 +445,9 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
     }
 }
 
-/* One output row of average-pool forward: each window summed in registers, a block of
- * channels at a time, in the same cell order as before (row-major, starting from 0). */
+/* One output row of average-pool forward, window rows outermost like max-pool's (each
+ * input row read once, front to back): the partial sums go through y between rows, in the
+ * same cell order as before (row-major, starting from 0), and the last row divides. */
 static inline __attribute__((always_inline)) void avg_pool_forward_row(
     const cnnx_pool_geometry *g, const float *restrict x, float *restrict y, long row)
 {
@@ -430,32 +457,34 @@ static inline __attribute__((always_inline)) void avg_pool_forward_row(
     const float *x_image = x + image * g->in_h * g->in_w * channels;
     int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
     clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
-    for (int out_x = 0; out_x < g->out_w; ++out_x) {
-        float *restrict mean = y + (row * g->out_w + out_x) * channels;
-        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
-        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
-        float count = (float)((end_i - first_i) * (end_j - first_j));
-        int c0 = 0;
-        for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
-            float sum[CHANNEL_BLOCK] = {0};
-            for (int i = first_i; i < end_i; ++i)
+    for (int i = first_i; i < end_i; ++i)
+        for (int out_x = 0; out_x < g->out_w; ++out_x) {
+            float *restrict mean = y + (row * g->out_w + out_x) * channels;
+            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+            const float *row_cells = x_image + ((long)(start_y + i) * g->in_w + start_x) * channels;
+            float count = (float)((end_i - first_i) * (end_j - first_j));
+            int last_row = i == end_i - 1;
+            int c0 = 0;
+            for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
+                float sum[CHANNEL_BLOCK];
+                for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                    sum[k] = i == first_i ? 0.0f : mean[c0 + k];
                 for (int j = first_j; j < end_j; ++j) {
-                    const float *restrict values =
-                        x_image + ((long)(start_y + i) * g->in_w + start_x + j) * channels + c0;
+                    const float *restrict values = row_cells + (long)j * channels + c0;
                     for (int k = 0; k < CHANNEL_BLOCK; ++k)
                         sum[k] += values[k];
                 }
-            for (int k = 0; k < CHANNEL_BLOCK; ++k)
-                mean[c0 + k] = sum[k] / count;
-        }
-        for (int c = c0; c < channels; ++c) {
-            float sum = 0.0f;
-            for (int i = first_i; i < end_i; ++i)
+                for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                    mean[c0 + k] = last_row ? sum[k] / count : sum[k];
+            }
+            for (int c = c0; c < channels; ++c) {
+                float sum = i == first_i ? 0.0f : mean[c];
                 for (int j = first_j; j < end_j; ++j)
-                    sum += x_image[((long)(start_y + i) * g->in_w + start_x + j) * channels + c];
-            mean[c] = sum / count;
+                    sum += row_cells[(long)j * channels + c];
+                mean[c] = last_row ? sum / count : sum;
+            }
         }
-    }
 }
 
 /* Output windows along one axis that cover input position p: out in [first, end). */
