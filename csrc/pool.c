@@ -408,13 +408,13 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
             #pragma omp for schedule(static) nowait
             for (long image = 0; image < g->batch; ++image)
                 zero_uncovered(g, grad_input + image * plane_in);
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (long row = 0; row < rows; ++row)
                 backward_row(g, grad_output, argmax, grad_input, row);
-        }
 #if defined(__x86_64__) || defined(__i386__)
-        _mm_sfence();                     /* non-temporal stores visible before we return */
+            _mm_sfence();           /* each thread's non-temporal stores, before the barrier */
 #endif
+        }
         return;
     }
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)

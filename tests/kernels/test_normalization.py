@@ -75,3 +75,27 @@ def test_relu_options_refuse_the_wrong_form(rng):
     with pytest.raises(ValueError, match=r"channel_sums: relu_mask scale must have shape "
                                          r"\(3\), got \(4,\)"):
         _kernels.channel_sums(a, a, relu_mask=(vector, np.ones(4, np.float32), vector))
+
+
+def test_streamed_affine_pass_gives_the_same_bits(rng):
+    """Outputs over 16 MB are computed in L1 scratch and streamed (AVX2): the same values as
+    the portable pass, for every form (plain, relu, two inputs with a mask)."""
+    rows, channels = 131072 + 37, 32                          # 16.8 MB
+    x, mean, scale, beta = batchnorm_operands(rng, rows, channels)
+    grad = rng.standard_normal((rows, channels)).astype(np.float32)
+    k, b_scale, c = (rng.standard_normal(channels).astype(np.float32) for _ in range(3))
+    forms = [dict(a=x, a_scale=scale, shift=beta, a_shift=mean),
+             dict(a=x, a_scale=scale, shift=beta, a_shift=mean, relu=True),
+             dict(a=grad, a_scale=k, shift=c, b=x, b_scale=b_scale, b_shift=mean,
+                  relu_mask=(mean, scale, beta))]
+    results = {}
+    for isa in (["avx2", "generic"] if _kernels.cpu_has_avx2_fma() else ["generic"]):
+        _kernels.set_isa(isa)
+        try:
+            results[isa] = [_kernels.channel_affine(out=np.full_like(x, 7.0), n_threads=t, **f)
+                            for f in forms for t in (1, 2)]
+        finally:
+            _kernels.set_isa("auto")
+    for got in results.values():
+        for streamed, portable in zip(got, results["generic"]):
+            np.testing.assert_array_equal(streamed, portable)
