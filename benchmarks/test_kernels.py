@@ -317,3 +317,29 @@ def test_memory_bound(benchmark, case, n_threads, copy_bandwidth):
                     omp_max_threads=cnnx.get_num_threads())
         if per_pass != least:
             info["ratio_to_copy_per_pass"] = round(copy_time / layer_time * per_pass / least, 3)
+
+
+@pytest.mark.benchmark(group="batchnorm-relu-step")
+@pytest.mark.parametrize("batch", [32, 64], ids=lambda b: f"batch{b}")
+def test_batchnorm_relu_fusion_in_a_step(benchmark, batch, n_threads):
+    """One train_step of the comics BatchNorm + dropout net with each BatchNormalization fused
+    with its ReLU, against the same net unfused, in alternation: speedup = unfused / fused."""
+    from cnnx import bench
+    fuse = getattr(nn.normalization, "fuse_batchnorm_relu", None)
+    if fuse is None:
+        pytest.skip("this cnnx cannot fuse BatchNormalization with ReLU")
+    fused, x, y = bench.training_setup("comics_bn_dropout", batch)
+    unfused, _, _ = bench.training_setup("comics_bn_dropout", batch)
+    assert fuse(fused.layers) == 2 and not fuse(fused.layers[1:2])
+    fused_step, unfused_step = bench.step_function(fused, x, y), bench.step_function(unfused, x, y)
+    with cnnx.num_threads(n_threads):
+        unfused_step()
+        fused_step()
+        # the same step on the same batch: the fused net is the unfused net, bit for bit
+        for name, value in unfused.get_weights().items():
+            assert np.array_equal(fused.get_weights()[name], value), name
+        benchmark.pedantic(fused_step, rounds=5, warmup_rounds=0)
+        unfused_time, fused_time = interleaved_medians(unfused_step, fused_step, rounds=7)
+    benchmark.extra_info.update(n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
+                                unfused_ms=round(unfused_time * 1e3, 2),
+                                speedup=round(unfused_time / fused_time, 3))
