@@ -37,6 +37,32 @@ cdef extern from "cnnx_kernels.h" nogil:
                                  const float *grad_output, int filters, float *grad_kernel,
                                  float *grad_bias, int n_threads, float *workspace)
     void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads)
+    double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
+    double cnnx_add_chain_seconds(long n_iterations, long *sink)
+    void cnnx_copy(long n, const float *source, float *target, int n_threads)
+    void cnnx_relu_forward(long n, const float *x, float *y, int n_threads)
+    void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads)
+    void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
+                           unsigned char *keep, int n_threads)
+    void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
+                            float *y, int n_threads)
+    ctypedef struct cnnx_adam_scalars:
+        float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
+        float m_scale, grad_scale
+    void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square,
+                             float decay, float weight, float learning_rate, float epsilon,
+                             int n_threads)
+    void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
+                            float beta_1, float one_minus_beta_1, float beta_2, float step,
+                            float epsilon, int n_threads)
+    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                          const cnnx_adam_scalars *scalars, int n_threads)
+    void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
+                         float learning_rate, float momentum, int nesterov, int n_threads)
+
+# The memory-bound kernels' declarations (pooling, BatchNorm's per-channel passes), a block
+# of their own.
+cdef extern from "cnnx_kernels.h" nogil:
     ctypedef struct cnnx_pool_geometry:
         int batch, in_h, in_w, channels
         int out_h, out_w
@@ -54,15 +80,6 @@ cdef extern from "cnnx_kernels.h" nogil:
                                  float *y, int n_threads)
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
                                   const float *grad_output, float *grad_input, int n_threads)
-    double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
-    double cnnx_add_chain_seconds(long n_iterations, long *sink)
-    void cnnx_copy(long n, const float *source, float *target, int n_threads)
-    void cnnx_relu_forward(long n, const float *x, float *y, int n_threads)
-    void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads)
-    void cnnx_dropout_mask(long n, uint64_t key0, uint64_t key1, uint32_t threshold,
-                           unsigned char *keep, int n_threads)
-    void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
-                            float *y, int n_threads)
     ctypedef struct cnnx_relu_mask:
         const float *shift
         const float *scale
@@ -76,19 +93,6 @@ cdef extern from "cnnx_kernels.h" nogil:
                              const float *a_scale, const float *b, const float *b_shift,
                              const float *b_scale, const float *shift,
                              const cnnx_relu_mask *mask, int relu, float *out, int n_threads)
-    ctypedef struct cnnx_adam_scalars:
-        float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
-        float m_scale, grad_scale
-    void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square,
-                             float decay, float weight, float learning_rate, float epsilon,
-                             int n_threads)
-    void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
-                            float beta_1, float one_minus_beta_1, float beta_2, float step,
-                            float epsilon, int n_threads)
-    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
-                          const cnnx_adam_scalars *scalars, int n_threads)
-    void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
-                         float learning_rate, float momentum, int nesterov, int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
