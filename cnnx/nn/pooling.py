@@ -4,9 +4,11 @@ import numpy as np
 from cnnx import _kernels, _threads, ops
 from cnnx.nn.layer import Layer
 
-# A window of at most this many cells keeps its max's position as one byte (the tap inside
-# the window) instead of an int32 cell index: pooling is memory-bound, and the index is
-# written in forward and read back in backward.
+# Windows that tile the input (strides == pool_size) of at most this many cells keep their
+# max's position as one byte (the tap inside the window) instead of an int32 cell index:
+# pooling is memory-bound, and the index is written in forward and read back in backward.
+# (Overlapping windows keep int32 cells: their backward scatters, and taps would first need
+# a check that each lands inside its clipped window.)
 _MAX_TAPS_PER_BYTE = 256
 
 
@@ -59,7 +61,8 @@ class MaxPool2D(_Pool2D):
             # reused from step to step: a fresh 80 MB output page-faults on every step
             shape = (len(x), *self._output_shape(x.shape[1:]))
             taps = self.pool_size[0] * self.pool_size[1]
-            index_type = np.uint8 if taps <= _MAX_TAPS_PER_BYTE else np.int32
+            tiling = self.strides == self.pool_size and taps <= _MAX_TAPS_PER_BYTE
+            index_type = np.uint8 if tiling else np.int32
             out = (self._workspace("output", shape, np.float32),
                    self._workspace("argmax", shape, index_type))
         y, argmax = ops.max_pool2d_forward(x, self.pool_size, self.strides, self.padding,

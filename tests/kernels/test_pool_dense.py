@@ -323,11 +323,21 @@ def test_max_pool2d_uint8_argmax_errors(rng):
                                      (3, 3), (2, 2), (1, 1))
 
 
-def test_max_pool2d_layer_keeps_window_taps_as_bytes(rng):
-    layer = cnnx.nn.MaxPool2D(2)
-    layer.build((6, 6, 16), rng)
-    layer.forward(f32(rng, (2, 6, 6, 16)), training=True)
-    assert layer._argmax.dtype == np.uint8 and layer._argmax.shape == (2, 3, 3, 16)
+@pytest.mark.parametrize("pool, strides, index_type", [(2, None, np.uint8),
+                                                       ((2, 3), (2, 3), np.uint8),
+                                                       (3, 2, np.int32)],
+                         ids=["2x2", "2x3-tiling", "3x3-overlapping"])
+def test_max_pool2d_layer_keeps_tiling_window_taps_as_bytes(pool, strides, index_type, rng):
+    layer = cnnx.nn.MaxPool2D(pool, strides=strides)
+    layer.build((7, 6, 16), rng)
+    x = f32(rng, (2, 7, 6, 16))
+    y = layer.forward(x, training=True)
+    assert layer._argmax.dtype == index_type and layer._argmax.shape == y.shape
+    grad_output = f32(rng, y.shape)
+    _, cells = reference.max_pool2d(x, pool, strides or pool, "valid")
+    np.testing.assert_allclose(layer.backward(grad_output),
+                               reference.max_pool2d_backward(grad_output, cells, x.shape),
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels", [1, 8, 11])
