@@ -37,10 +37,10 @@ static void clip_window(int start, int pool, int size, int *first, int *end)
 /* One output row (image, out_y) of max-pool forward, portable C. Branch-free over channels
  * (a select per lane, vectorised by gcc): strict > keeps the first maximum of the row-major
  * scan, like argmax; like argmax too, the first NaN wins (so a NaN reaches the loss). The
- * running max and index live in y and argmax (int32 cell h*in_w + w, or uint8 tap
- * i*pool_w + j when window_index). The scan takes the window rows outermost: each input
- * row is read once, front to back, the way a copy streams (the output row stays in L1),
- * and the order of cells each output sees is still row-major. */
+ * running max lives in y, the index in an int32 scratch (the cell h*in_w + w, or the tap
+ * i*pool_w + j when window_index, then narrowed: a select between a float compare and bytes
+ * is one gcc leaves scalar), stored once, SCAN_CHANNELS channels at a time. */
+#define SCAN_CHANNELS 256
 static inline __attribute__((always_inline)) void max_pool_forward_row(
     const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
     void *restrict argmax, const int window_index, long row)
@@ -51,43 +51,42 @@ static inline __attribute__((always_inline)) void max_pool_forward_row(
     const float *x_image = x + image * g->in_h * g->in_w * channels;
     int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
     clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
-    for (int i = first_i; i < end_i; ++i)
-        for (int out_x = 0; out_x < g->out_w; ++out_x) {
-            long out = (row * g->out_w + out_x) * channels;
-            float *restrict best = y + out;
-            int32_t *restrict cell_index = (int32_t *)argmax + out;
-            uint8_t *restrict tap_index = (uint8_t *)argmax + out;
-            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
-            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
-            for (int j = first_j; j < end_j; ++j) {
-                int cell = (start_y + i) * g->in_w + start_x + j;
-                const float *restrict values = x_image + (long)cell * channels;
-                if (i == first_i && j == first_j) {          /* the window's first cell */
-                    for (int c = 0; c < channels; ++c)
-                        best[c] = values[c];
-                    if (window_index)
-                        memset(tap_index, i * g->pool_w + j, channels);
-                    else
-                        for (int c = 0; c < channels; ++c)
-                            cell_index[c] = cell;
-                } else if (window_index) {
-                    uint8_t tap = (uint8_t)(i * g->pool_w + j);
-                    for (int c = 0; c < channels; ++c) {
+    for (int out_x = 0; out_x < g->out_w; ++out_x) {
+        long out = (row * g->out_w + out_x) * channels;
+        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+        int first_cell = (start_y + first_i) * g->in_w + start_x + first_j;
+        for (int c0 = 0; c0 < channels; c0 += SCAN_CHANNELS) {
+            int width = channels - c0 < SCAN_CHANNELS ? channels - c0 : SCAN_CHANNELS;
+            float *restrict best = y + out + c0;
+            int32_t where[SCAN_CHANNELS];    /* on the stack: written to argmax once */
+            const float *restrict first = x_image + (long)first_cell * channels + c0;
+            int first_code = window_index ? first_i * g->pool_w + first_j : first_cell;
+            for (int c = 0; c < width; ++c) {
+                best[c] = first[c];
+                where[c] = first_code;
+            }
+            for (int i = first_i; i < end_i; ++i)
+                for (int j = first_j; j < end_j; ++j) {
+                    int cell = (start_y + i) * g->in_w + start_x + j;
+                    if (cell == first_cell)
+                        continue;
+                    int code = window_index ? i * g->pool_w + j : cell;
+                    const float *restrict values = x_image + (long)cell * channels + c0;
+                    for (int c = 0; c < width; ++c) {
                         float v = values[c], b = best[c];
                         int take = (v > b) | ((v != v) & (b == b));
                         best[c] = take ? v : b;
-                        tap_index[c] = take ? tap : tap_index[c];
-                    }
-                } else {
-                    for (int c = 0; c < channels; ++c) {
-                        float v = values[c], b = best[c];
-                        int take = (v > b) | ((v != v) & (b == b));
-                        best[c] = take ? v : b;
-                        cell_index[c] = take ? cell : cell_index[c];
+                        where[c] = take ? code : where[c];
                     }
                 }
-            }
+            if (window_index)
+                for (int c = 0; c < width; ++c)
+                    ((uint8_t *)argmax)[out + c0 + c] = (uint8_t)where[c];
+            else
+                memcpy((int32_t *)argmax + out + c0, where, sizeof(int32_t) * width);
         }
+    }
 }
 
 /* One output row of max-pool backward when windows tile the input (stride == pool), portable
@@ -152,6 +151,49 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256i load_in
     return _mm256_loadu_si256((const __m256i *)((const int32_t *)argmax + at));
 }
 
+/* blocks vectors of 8 channels from c0 of one output through one window row: the running
+ * max and index start from the window's first cell (first_row) or from y and argmax. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void max_blocks_avx2(
+    const cnnx_pool_geometry *g, const float *restrict x_image, float *restrict y,
+    void *restrict argmax, const int window_index, long out, int c0, int first_row,
+    int first_j, int j0, int end_j, int row_cell, int i, const int blocks)
+{
+    int channels = g->channels;
+    __m256 best[4], where[4];
+    for (int k = 0; k < blocks; ++k) {
+        long at = out + c0 + k * CHANNEL_BLOCK;
+        if (first_row) {                              /* the window's first cell */
+            int cell = row_cell + first_j;
+            best[k] = _mm256_loadu_ps(x_image + (long)cell * channels + c0 + k * CHANNEL_BLOCK);
+            where[k] = _mm256_castsi256_ps(_mm256_set1_epi32(
+                window_index ? i * g->pool_w + first_j : cell));
+        } else {
+            best[k] = _mm256_loadu_ps(y + at);
+            where[k] = _mm256_castsi256_ps(load_indices(argmax, window_index, at));
+        }
+    }
+    for (int j = j0; j < end_j; ++j) {
+        int cell = row_cell + j;
+        __m256 code = _mm256_castsi256_ps(_mm256_set1_epi32(window_index ? i * g->pool_w + j
+                                                                         : cell));
+        const float *values = x_image + (long)cell * channels + c0;
+        for (int k = 0; k < blocks; ++k) {
+            __m256 v = _mm256_loadu_ps(values + k * CHANNEL_BLOCK);
+            /* v > best or v NaN, unless best is NaN already: not (v <= best), and best
+             * ordered */
+            __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, best[k], _CMP_NLE_UQ),
+                                        _mm256_cmp_ps(best[k], best[k], _CMP_ORD_Q));
+            best[k] = _mm256_blendv_ps(best[k], v, take);
+            where[k] = _mm256_blendv_ps(where[k], code, take);
+        }
+    }
+    for (int k = 0; k < blocks; ++k) {
+        long at = out + c0 + k * CHANNEL_BLOCK;
+        _mm256_storeu_ps(y + at, best[k]);
+        store_indices(argmax, window_index, at, _mm256_castps_si256(where[k]));
+    }
+}
+
 /* Window rows outermost, as in the portable row above: each input row is read once, front
  * to back; a window's running max and index go through y and argmax (in L1) between its
  * rows and stay in registers across its cells within a row. */
@@ -173,32 +215,14 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_f
             int first_row = i == first_i, j0 = first_row ? first_j + 1 : first_j;
             int row_cell = (start_y + i) * g->in_w + start_x;
             int c0 = 0;
-            for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
-                __m256 best, where;
-                if (first_row) {                      /* the window's first cell */
-                    int cell = row_cell + first_j;
-                    best = _mm256_loadu_ps(x_image + (long)cell * channels + c0);
-                    where = _mm256_castsi256_ps(_mm256_set1_epi32(
-                        window_index ? i * g->pool_w + first_j : cell));
-                } else {
-                    best = _mm256_loadu_ps(y + out + c0);
-                    where = _mm256_castsi256_ps(load_indices(argmax, window_index, out + c0));
-                }
-                for (int j = j0; j < end_j; ++j) {
-                    int cell = row_cell + j;
-                    int code = window_index ? i * g->pool_w + j : cell;
-                    __m256 v = _mm256_loadu_ps(x_image + (long)cell * channels + c0);
-                    /* v > best or v NaN, unless best is NaN already: not (v <= best),
-                     * and best ordered */
-                    __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, best, _CMP_NLE_UQ),
-                                                _mm256_cmp_ps(best, best, _CMP_ORD_Q));
-                    best = _mm256_blendv_ps(best, v, take);
-                    where = _mm256_blendv_ps(where, _mm256_castsi256_ps(_mm256_set1_epi32(code)),
-                                             take);
-                }
-                _mm256_storeu_ps(y + out + c0, best);
-                store_indices(argmax, window_index, out + c0, _mm256_castps_si256(where));
-            }
+            /* four vectors at a time: four independent compare-select chains hide each
+             * one's latency (one chain ran latency-bound on data in cache) */
+            for (; c0 + 4 * CHANNEL_BLOCK <= channels; c0 += 4 * CHANNEL_BLOCK)
+                max_blocks_avx2(g, x_image, y, argmax, window_index, out, c0, first_row,
+                                first_j, j0, end_j, row_cell, i, 4);
+            for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK)
+                max_blocks_avx2(g, x_image, y, argmax, window_index, out, c0, first_row,
+                                first_j, j0, end_j, row_cell, i, 1);
             for (int c = c0; c < channels; ++c) {      /* the channels past the last vector */
                 float best;
                 int where;
