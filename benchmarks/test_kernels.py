@@ -1,7 +1,9 @@
 """Kernel benchmarks: sgemm and conv-shaped GEMMs against numpy.matmul, 3x3 convolutions as a
-fraction of the measured FMA peak, and one conv layer against PyTorch (separate process).
+fraction of the measured FMA peak, one conv layer against PyTorch (separate process), and the
+memory-bound layers (pooling, BatchNorm, BatchNorm + ReLU, ReLU) against a copy.
 
     pytest benchmarks/test_kernels.py --benchmark-only
+    pytest benchmarks/test_kernels.py -k memory_bound --benchmark-only    # memory-bound only
 
 Ratios come from medians measured in the same run: each NumPy case runs right before its
 cnnx twin, which records `ratio` = numpy median / cnnx median (> 1: cnnx is faster), and
@@ -10,12 +12,15 @@ shared machine). Fractions of peak use an FMA peak measured just before each ben
 """
 import json
 import os
+import statistics
 import subprocess
+import time
 
 import numpy as np
 import pytest
 
-from cnnx import _kernels, ops
+import cnnx
+from cnnx import _kernels, nn, ops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GEMMS = [(1024, 1024, 1024),
@@ -194,3 +199,157 @@ def test_dense_memory_bound(benchmark, direction, n_threads, peak):
     benchmark.extra_info["weights_gb_per_s"] = round(
         51200 * 128 * 4 * passes / benchmark.stats.stats.median / 1e9, 2)
     benchmark.extra_info["ratio_interleaved"] = round(interleaved_ratio(numpy_version, ours), 3)
+
+
+# ---------------------------------------------------------------------------- memory-bound
+# Each case runs a layer's training forward or backward (the code a step runs, buffers
+# reused) in alternation with a copy (cnnx's threaded copy kernel) of as many bytes as the
+# layer must move at least, and records ratio_to_copy = copy time / layer time: 1.0 means
+# the layer moves its data as fast as a copy moves the same bytes (>= 0.7 is issue 12's
+# goal). Bytes the layer must move: what it reads and writes once, the max-pool index at
+# one byte per output (2x2 windows need two bits); ratio_to_copy_best compares the fastest
+# rounds of each (robust to other processes on a shared machine). BatchNorm needs its statistics before it
+# can normalise, so it reads its input twice each way; ratio_to_copy_per_pass counts every
+# pass's bytes (forward 3 arrays, backward 5) and says how fast the passes themselves run.
+# The shapes are the papers' activations (batch 32 and 64): glasses' pool input 80x80x32,
+# comics' 98x98x32 (and its second BatchNorm, 47x47x32), fashion's 26x26x32.
+MEMORY_SHAPES = {"glasses": (80, 80, 32), "comics": (98, 98, 32), "comics2": (47, 47, 32),
+                 "fashion": (26, 26, 32)}
+MEMORY_CASES = [  # (layer kind, shapes it runs on)
+    ("max_pool", ["glasses", "comics", "fashion"]),
+    ("avg_pool", ["glasses", "comics", "fashion"]),
+    ("batchnorm", ["comics", "comics2"]),
+    ("batchnorm_relu", ["comics", "comics2"]),
+    ("relu", ["comics", "comics2"]),
+]
+MEMORY_PARAMS = [(kind, shape, batch, direction) for kind, shapes in MEMORY_CASES
+                 for shape in shapes for batch in (32, 64) for direction in ("forward", "backward")]
+
+
+def memory_layers(kind, shape):
+    """The built layers of one case (BatchNorm + ReLU fused when this cnnx can fuse)."""
+    layers = {"max_pool": lambda: [nn.MaxPool2D(2)], "avg_pool": lambda: [nn.AvgPool2D(2)],
+              "batchnorm": lambda: [nn.BatchNormalization()], "relu": lambda: [nn.ReLU()],
+              "batchnorm_relu": lambda: [nn.BatchNormalization(), nn.ReLU()]}[kind]()
+    fuse = getattr(nn.normalization, "fuse_batchnorm_relu", None)
+    fused = bool(fuse(layers)) if fuse is not None else False
+    for index, layer in enumerate(layers):
+        layer.name = f"{kind}_{index}"
+        layer.input_shape = shape
+        layer.output_shape = tuple(layer.build(shape, np.random.default_rng(0)))
+    return layers, fused
+
+
+def least_bytes(kind, direction, size_in, size_out):
+    """Bytes a layer's pass must move at least (float32 arrays of size_in, size_out values),
+    and the bytes its passes move (BatchNorm reads its input twice)."""
+    if kind == "max_pool":
+        moved = 4 * (size_in + size_out) + size_out          # + the one-byte index
+        return moved, moved
+    if kind == "avg_pool":
+        return 4 * (size_in + size_out), 4 * (size_in + size_out)
+    if kind == "relu":           # backward reads y and grad_output, writes grad_input
+        return (8 * size_in, 8 * size_in) if direction == "forward" else (12 * size_in,) * 2
+    # BatchNorm (+ ReLU): forward x -> y; backward grad_output and x -> grad_input
+    return (8 * size_in, 12 * size_in) if direction == "forward" else (12 * size_in, 20 * size_in)
+
+
+def copy_of(n_bytes, n_threads):
+    source = np.ones(max(n_bytes // 8, 1), np.float32)
+    target = np.empty_like(source)
+    _kernels.copy(source, target, n_threads=n_threads)       # first touch outside timing
+    return lambda: _kernels.copy(source, target, n_threads=n_threads)
+
+
+def interleaved_times(first, second, rounds=15):
+    """Seconds of each call of first and second, called in alternation."""
+    times = ([], [])
+    for _ in range(rounds):
+        for function, record in ((first, times[0]), (second, times[1])):
+            started = time.perf_counter()
+            function()
+            record.append(time.perf_counter() - started)
+    return times
+
+
+def interleaved_medians(first, second, rounds=11):
+    return tuple(statistics.median(t) for t in interleaved_times(first, second, rounds))
+
+
+def memory_id(case):
+    kind, shape, batch, direction = case
+    return f"{kind}-{shape}-batch{batch}-{direction}"
+
+
+@pytest.mark.benchmark(group="memory-bound")
+@pytest.mark.parametrize("case", MEMORY_PARAMS, ids=memory_id)
+def test_memory_bound(benchmark, case, n_threads, copy_bandwidth):
+    kind, shape_name, batch, direction = case
+    shape = MEMORY_SHAPES[shape_name]
+    layers, fused = memory_layers(kind, shape)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *shape), dtype=np.float32)
+    grad_output = rng.standard_normal((batch, *layers[-1].output_shape), dtype=np.float32)
+
+    def forward():
+        values = x
+        for layer in layers:
+            values = layer.forward(values, training=True)
+        return values
+
+    def backward():
+        # a layer may overwrite grad_output; of these only the unfused ReLU does, and
+        # masking it again changes nothing
+        grad = grad_output
+        for layer in reversed(layers):
+            grad = layer.backward(grad)
+        return grad
+
+    with cnnx.num_threads(n_threads):
+        forward()
+        run = forward if direction == "forward" else backward
+        run()
+        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+        size_out = grad_output.size
+        least, per_pass = least_bytes(kind, direction, x.size, size_out)
+        copy_times, layer_times = interleaved_times(copy_of(least, n_threads), run)
+        copy_time, layer_time = statistics.median(copy_times), statistics.median(layer_times)
+        info = benchmark.extra_info
+        info.update(n_threads=n_threads, fused=fused, megabytes=round(least / 2**20, 1),
+                    ratio_to_copy=round(copy_time / layer_time, 3),
+                    # best against best: the rounds no other process took the core from
+                    # (a loaded shared machine; the medians say what a step sees there)
+                    ratio_to_copy_best=round(min(copy_times) / min(layer_times), 3),
+                    gbytes_per_s=round(least / layer_time / 1e9, 2),
+                    copy_256mb_gbytes_per_s=round(copy_bandwidth[n_threads], 2),
+                    fraction_of_256mb_copy=round(least / layer_time / 1e9
+                                                 / copy_bandwidth[n_threads], 3),
+                    omp_max_threads=cnnx.get_num_threads())
+        if per_pass != least:
+            info["ratio_to_copy_per_pass"] = round(copy_time / layer_time * per_pass / least, 3)
+
+
+@pytest.mark.benchmark(group="batchnorm-relu-step")
+@pytest.mark.parametrize("batch", [32, 64], ids=lambda b: f"batch{b}")
+def test_batchnorm_relu_fusion_in_a_step(benchmark, batch, n_threads):
+    """One train_step of the comics BatchNorm + dropout net with each BatchNormalization fused
+    with its ReLU, against the same net unfused, in alternation: speedup = unfused / fused."""
+    from cnnx import bench
+    fuse = getattr(nn.normalization, "fuse_batchnorm_relu", None)
+    if fuse is None:
+        pytest.skip("this cnnx cannot fuse BatchNormalization with ReLU")
+    fused, x, y = bench.training_setup("comics_bn_dropout", batch)
+    unfused, _, _ = bench.training_setup("comics_bn_dropout", batch)
+    assert fuse(fused.layers) == 2 and not fuse(fused.layers[1:2])
+    fused_step, unfused_step = bench.step_function(fused, x, y), bench.step_function(unfused, x, y)
+    with cnnx.num_threads(n_threads):
+        unfused_step()
+        fused_step()
+        # the same step on the same batch: the fused net is the unfused net, bit for bit
+        for name, value in unfused.get_weights().items():
+            assert np.array_equal(fused.get_weights()[name], value), name
+        benchmark.pedantic(fused_step, rounds=5, warmup_rounds=0)
+        unfused_time, fused_time = interleaved_medians(unfused_step, fused_step, rounds=7)
+    benchmark.extra_info.update(n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
+                                unfused_ms=round(unfused_time * 1e3, 2),
+                                speedup=round(unfused_time / fused_time, 3))

@@ -37,21 +37,6 @@ cdef extern from "cnnx_kernels.h" nogil:
                                  const float *grad_output, int filters, float *grad_kernel,
                                  float *grad_bias, int n_threads, float *workspace)
     void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads)
-    ctypedef struct cnnx_pool_geometry:
-        int batch, in_h, in_w, channels
-        int out_h, out_w
-        int pool_h, pool_w
-        int stride_h, stride_w
-        int pad_top, pad_left
-    void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
-                                 float *y, int *argmax, int n_threads)
-    void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry,
-                                  const float *grad_output, const int *argmax,
-                                  float *grad_input, int n_threads)
-    void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
-                                 float *y, int n_threads)
-    void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
-                                  const float *grad_output, float *grad_input, int n_threads)
     double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
     double cnnx_add_chain_seconds(long n_iterations, long *sink)
     void cnnx_copy(long n, const float *source, float *target, int n_threads)
@@ -61,14 +46,6 @@ cdef extern from "cnnx_kernels.h" nogil:
                            unsigned char *keep, int n_threads)
     void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
                             float *y, int n_threads)
-    long cnnx_channel_sums_partials(long rows, int channels)
-    void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
-                           const float *a_shift, const float *b_shift, double *sums,
-                           double *product_sums, double *partials, int n_threads)
-    void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
-                             const float *a_scale, const float *b, const float *b_shift,
-                             const float *b_scale, const float *shift, float *out,
-                             int n_threads)
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
         float m_scale, grad_scale
@@ -82,6 +59,40 @@ cdef extern from "cnnx_kernels.h" nogil:
                           const cnnx_adam_scalars *scalars, int n_threads)
     void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
                          float learning_rate, float momentum, int nesterov, int n_threads)
+
+# The memory-bound kernels' declarations (pooling, BatchNorm's per-channel passes), a block
+# of their own.
+cdef extern from "cnnx_kernels.h" nogil:
+    ctypedef struct cnnx_pool_geometry:
+        int batch, in_h, in_w, channels
+        int out_h, out_w
+        int pool_h, pool_w
+        int stride_h, stride_w
+        int pad_top, pad_left
+    enum: CNNX_ARGMAX_CELL
+    enum: CNNX_ARGMAX_WINDOW
+    void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
+                                 float *y, void *argmax, int argmax_kind, int n_threads)
+    void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry,
+                                  const float *grad_output, const void *argmax,
+                                  int argmax_kind, float *grad_input, int n_threads)
+    void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
+                                 float *y, int n_threads)
+    void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
+                                  const float *grad_output, float *grad_input, int n_threads)
+    ctypedef struct cnnx_relu_mask:
+        const float *shift
+        const float *scale
+        const float *offset
+    long cnnx_channel_sums_partials(long rows, int channels)
+    void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
+                           const float *a_shift, const float *b_shift,
+                           const cnnx_relu_mask *mask, double *sums, double *product_sums,
+                           double *partials, int n_threads)
+    void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
+                             const float *a_scale, const float *b, const float *b_shift,
+                             const float *b_scale, const float *shift,
+                             const cnnx_relu_mask *mask, int relu, float *out, int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
@@ -308,33 +319,78 @@ cdef cnnx_pool_geometry _pool_geometry(tuple input_shape, tuple out_size, tuple 
     return g
 
 
+cdef int _argmax_kind(who, argmax, shape, tuple pool) except -1:
+    """CNNX_ARGMAX_CELL for int32 argmax, CNNX_ARGMAX_WINDOW for uint8 (window taps)."""
+    if isinstance(argmax, np.ndarray) and argmax.dtype == np.uint8:
+        _check(who, "argmax", argmax, shape, np.uint8)
+        if pool is None:
+            raise ValueError(f"{who}: a uint8 argmax holds taps inside each window; give "
+                             f"the forward's pool_size, strides and pads")
+        if pool[0] * pool[1] > 256:
+            raise ValueError(f"{who}: a uint8 argmax holds at most 256 taps, the pool "
+                             f"{pool} has {pool[0] * pool[1]}; use an int32 argmax")
+        return CNNX_ARGMAX_WINDOW
+    if isinstance(argmax, np.ndarray) and argmax.dtype not in (np.int32, np.uint8):
+        raise TypeError(f"{who}: argmax must be int32 (cells) or uint8 (window taps), "
+                        f"got {argmax.dtype}")
+    _check(who, "argmax", argmax, shape, np.int32)
+    return CNNX_ARGMAX_CELL
+
+
 def max_pool2d_forward(x, y, argmax, pool_size, strides, pads=(0, 0), n_threads=1):
-    """y = window max of x, argmax = h*W + w of the first max.  x (N,H,W,C) -> (N,OH,OW,C)."""
+    """y = window max of x; argmax = where the first max was: int32 h*W + w in the input
+    plane, or, for a uint8 argmax, the tap i*pool_w + j inside its window (a quarter of the
+    bytes).  x (N,H,W,C) -> (N,OH,OW,C)."""
     who = "max_pool2d_forward"
     _check(who, "x", x, (-1, -1, -1, -1))
     _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
-    _check_output(who, "argmax", argmax, y.shape, np.int32)
+    cdef int kind = _argmax_kind(who, argmax, y.shape, tuple(pool_size))
+    _check_output(who, "argmax", argmax, y.shape, argmax.dtype)
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_pool_geometry g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size),
                                                tuple(strides), tuple(pads))
     cdef const float[:, :, :, ::1] x_view = x
     cdef float[:, :, :, ::1] y_view = y
-    cdef int[:, :, :, ::1] argmax_view = argmax
+    cdef void *argmax_pointer = _pointer(argmax)
     with nogil:
         cnnx_max_pool2d_forward(&g, &x_view[0, 0, 0, 0], &y_view[0, 0, 0, 0],
-                                &argmax_view[0, 0, 0, 0], threads)
+                                argmax_pointer, kind, threads)
     return y, argmax
+
+
+cdef void *_pointer(array) except NULL:
+    """The data of a checked C-contiguous int32 or uint8 array."""
+    cdef const int[::1] cells
+    cdef const unsigned char[::1] taps
+    if array.dtype == np.uint8:
+        taps = array.reshape(-1)
+        return <void *>&taps[0]
+    cells = array.reshape(-1)
+    return <void *>&cells[0]
+
+
+def _check_taps(who, argmax, cnnx_pool_geometry g):
+    """Every uint8 tap must name a cell inside its clipped window (the scatter writes there)."""
+    taps = argmax.astype(np.int64)
+    rows = np.arange(g.out_h)[:, None, None] * g.stride_h - g.pad_top + taps // g.pool_w
+    columns = np.arange(g.out_w)[:, None] * g.stride_w - g.pad_left + taps % g.pool_w
+    if not ((taps < g.pool_h * g.pool_w) & (rows >= 0) & (rows < g.in_h)
+            & (columns >= 0) & (columns < g.in_w)).all():
+        raise ValueError(f"{who}: argmax holds window taps outside their windows inside "
+                         f"the input plane {(g.in_h, g.in_w)}")
 
 
 def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides=None,
                         pads=(0, 0), n_threads=1):
     """grad_input[n, argmax, c] += grad_output (grad_input is overwritten).
 
-    pool_size, strides and pads, when given, are those of the forward that made argmax:
-    windows that tile the input (strides == pool_size) then take one write pass."""
+    pool_size, strides and pads, when given, are those of the forward that made argmax
+    (required for a uint8 argmax of window taps): windows that tile the input
+    (strides == pool_size) then take one write pass."""
     who = "max_pool2d_backward"
     _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
-    _check(who, "argmax", argmax, grad_output.shape, np.int32)
+    cdef int kind = _argmax_kind(who, argmax, grad_output.shape,
+                                 None if pool_size is None else tuple(pool_size))
     _check_output(who, "grad_input", grad_input,
                   (grad_output.shape[0], -1, -1, grad_output.shape[3]))
     cdef int threads = _threads(who, n_threads)
@@ -348,7 +404,9 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
         g.pool_h = g.pool_w = 1
         g.stride_h = g.stride_w = 0              # geometry unknown: scatter by argmax
         g.pad_top = g.pad_left = 0
-    if g.stride_h != g.pool_h or g.stride_w != g.pool_w:
+    if (g.stride_h != g.pool_h or g.stride_w != g.pool_w) and kind == CNNX_ARGMAX_WINDOW:
+        _check_taps(who, argmax, g)
+    elif g.stride_h != g.pool_h or g.stride_w != g.pool_w:
         # the scatter writes at argmax: it must lie inside the input plane
         cells = grad_input.shape[1] * grad_input.shape[2]
         low, high = int(argmax.min()), int(argmax.max())
@@ -356,10 +414,10 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
             raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells "
                              f"of the input plane {grad_input.shape[1:3]}")
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
-    cdef const int[:, :, :, ::1] argmax_view = argmax
+    cdef const void *argmax_pointer = _pointer(argmax)
     cdef float[:, :, :, ::1] grad_input_view = grad_input
     with nogil:
-        cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], &argmax_view[0, 0, 0, 0],
+        cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], argmax_pointer, kind,
                                  &grad_input_view[0, 0, 0, 0], threads)
     return grad_input
 
@@ -546,10 +604,31 @@ def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint 
 
 # ------------------------------------------------------------------------------ per channel
 
-def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
+cdef class _ReluMask:
+    """A checked relu_mask=(shift, scale, offset) and the C struct pointing into it."""
+    cdef cnnx_relu_mask mask
+    cdef object vectors
+    cdef const float[::1] shift_view, scale_view, offset_view
+
+    def __init__(self, who, relu_mask, int channels):
+        if len(relu_mask) != 3:
+            raise ValueError(f"{who}: relu_mask must be (shift, scale, offset), got "
+                             f"{len(relu_mask)} arrays")
+        for name, vector in zip(("shift", "scale", "offset"), relu_mask):
+            _check(who, f"relu_mask {name}", vector, (channels,))
+        self.vectors = tuple(relu_mask)                  # kept alive while C reads them
+        self.shift_view, self.scale_view, self.offset_view = relu_mask
+        self.mask.shift = &self.shift_view[0]
+        self.mask.scale = &self.scale_view[0]
+        self.mask.offset = &self.offset_view[0]
+
+
+def channel_sums(a, b=None, a_shift=None, b_shift=None, relu_mask=None, n_threads=1):
     """(sum over rows of a - a_shift, sum over rows of (a - a_shift) * (b - b_shift)), float64 per
     channel, for (rows, channels) float32 arrays (b None: a; a shift None: 0). A shift near
-    the mean keeps E[x^2] - E[x]^2 free of cancellation. The same bits for any n_threads."""
+    the mean keeps E[x^2] - E[x]^2 free of cancellation. The same bits for any n_threads.
+    relu_mask=(shift, scale, offset) (needs b): a * keep replaces a, keep = (b - shift) *
+    scale > -offset, the mask of a ReLU fused after a BatchNorm of b."""
     who = "channel_sums"
     _check(who, "a", a, (-1, -1))
     if b is not None:
@@ -560,6 +639,13 @@ def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
     b_shift = np.zeros(channels, np.float32) if b_shift is None else b_shift
     _check(who, "a_shift", a_shift, (channels,))
     _check(who, "b_shift", b_shift, (channels,))
+    cdef _ReluMask mask = None
+    cdef const cnnx_relu_mask *mask_pointer = NULL
+    if relu_mask is not None:
+        if b is None:
+            raise ValueError(f"{who}: relu_mask is computed from b; give b")
+        mask = _ReluMask(who, relu_mask, channels)
+        mask_pointer = &mask.mask
     cdef int threads = _threads(who, n_threads)
     sums, product_sums = np.empty(channels), np.empty(channels)
     partials = np.empty(cnnx_channel_sums_partials(rows, channels))
@@ -576,21 +662,27 @@ def channel_sums(a, b=None, a_shift=None, b_shift=None, n_threads=1):
     cdef double[::1] partials_view = partials
     with nogil:
         cnnx_channel_sums(rows, channels, &a_view[0, 0], b_pointer, &a_shift_view[0],
-                          &b_shift_view[0], &sums_view[0], &product_view[0],
+                          &b_shift_view[0], mask_pointer, &sums_view[0], &product_view[0],
                           &partials_view[0], threads)
     return sums, product_sums
 
 
 def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b_shift=None,
-                   n_threads=1):
+                   bint relu=False, relu_mask=None, n_threads=1):
     """out = (a - a_shift) * a_scale (+ (b - b_shift) * b_scale) + shift, per channel of
-    (rows, channels) float32 arrays (a missing shift is 0)."""
+    (rows, channels) float32 arrays (a missing shift is 0). relu (without b): max(out, 0),
+    a NaN kept. relu_mask=(shift, scale, offset) (with b): a * keep replaces a, as in
+    channel_sums."""
     who = "channel_affine"
     _check(who, "a", a, (-1, -1))
     cdef int channels = a.shape[1]
     _check_output(who, "out", out, a.shape)
     if (b is None) != (b_scale is None):
         raise ValueError(f"{who}: give both b and b_scale, or neither")
+    if relu and b is not None:
+        raise ValueError(f"{who}: relu applies to the one-input form; b must be None")
+    if relu_mask is not None and b is None:
+        raise ValueError(f"{who}: relu_mask is computed from b; give b")
     zeros = np.zeros(channels, np.float32)
     a_shift = zeros if a_shift is None else a_shift
     b_shift = zeros if b_shift is None else b_shift
@@ -606,6 +698,11 @@ def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b
         _check(who, "b_scale", b_scale, (channels,))
         b_view, b_scale_view = b, b_scale
         b_pointer, b_scale_pointer = &b_view[0, 0], &b_scale_view[0]
+    cdef _ReluMask mask = None
+    cdef const cnnx_relu_mask *mask_pointer = NULL
+    if relu_mask is not None:
+        mask = _ReluMask(who, relu_mask, channels)
+        mask_pointer = &mask.mask
     cdef int threads = _threads(who, n_threads)
     cdef const float[:, ::1] a_view = a
     cdef const float[::1] a_scale_view = a_scale
@@ -614,10 +711,11 @@ def channel_affine(a, a_scale, shift, out, b=None, b_scale=None, a_shift=None, b
     cdef const float[::1] shift_view = shift
     cdef float[:, ::1] out_view = out
     cdef long rows = a.shape[0]
+    cdef int use_relu = relu
     with nogil:
         cnnx_channel_affine(rows, channels, &a_view[0, 0], &a_shift_view[0], &a_scale_view[0],
                             b_pointer, &b_shift_view[0], b_scale_pointer, &shift_view[0],
-                            &out_view[0, 0], threads)
+                            mask_pointer, use_relu, &out_view[0, 0], threads)
     return out
 
 

@@ -73,15 +73,22 @@ typedef struct {
     int pad_top, pad_left;
 } cnnx_pool_geometry;
 
-/* y = max over the window, argmax = h*in_w + w of the first maximum (row-major scan). */
+/* Where each max-pool output's maximum came from: CNNX_ARGMAX_CELL, an int32 cell index
+ * h*in_w + w in the input plane; CNNX_ARGMAX_WINDOW, a uint8 tap i*pool_w + j inside the
+ * output's window (pool_h*pool_w <= 256; a quarter of the bytes to write and read back). */
+enum { CNNX_ARGMAX_CELL = 0, CNNX_ARGMAX_WINDOW = 1 };
+/* y = max over the window, argmax = the index (of argmax_kind) of the first maximum in
+ * row-major order. */
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
-                             int *argmax, int n_threads);
+                             void *argmax, int argmax_kind, int n_threads);
 /* grad_input (zeroed here) [n, argmax, c] += grad_output, in output order. When the pool
  * geometry is known and windows tile the input (stride == pool), one write pass instead,
  * with argmax only compared to each cell (so it needs no range check); stride_h = 0 marks
- * the geometry unknown (argmax must then lie inside the input plane). */
+ * the geometry unknown (CNNX_ARGMAX_CELL only; argmax must then lie inside the input
+ * plane; CNNX_ARGMAX_WINDOW taps must lie inside their clipped window). */
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
-                              const int *argmax, float *grad_input, int n_threads);
+                              const void *argmax, int argmax_kind, float *grad_input,
+                              int n_threads);
 /* y = mean over the window's cells inside the input. */
 void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
                              int n_threads);
@@ -124,20 +131,31 @@ void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float
 void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
                      float learning_rate, float momentum, int nesterov, int n_threads);
 
+/* ReLU's mask for a BatchNormalization fused with the ReLU after it, recomputed from the
+ * BatchNorm input b: keep[r, c] = (b[r, c] - shift[c]) * scale[c] > -offset[c] (the
+ * forward's output was that product + offset; a NaN is not kept). */
+typedef struct {
+    const float *shift, *scale, *offset;
+} cnnx_relu_mask;
+
 /* Per-channel sums over a (rows, channels) array: sums[c] = sum_r (a[r, c] - a_shift[c]) and
  * product_sums[c] = sum_r (a[r, c] - a_shift[c]) * (b[r, c] - b_shift[c]) (b NULL: a).
+ * With a mask (needs b), a[r, c] * keep[r, c] replaces a[r, c].
  * In double across fixed chunks of rows (float within a chunk when channels is 16 or 32).
  * partials holds cnnx_channel_sums_partials(rows, channels) doubles of scratch. */
 long cnnx_channel_sums_partials(long rows, int channels);
 void cnnx_channel_sums(long rows, int channels, const float *a, const float *b,
-                       const float *a_shift, const float *b_shift, double *sums,
-                       double *product_sums, double *partials, int n_threads);
+                       const float *a_shift, const float *b_shift, const cnnx_relu_mask *mask,
+                       double *sums, double *product_sums, double *partials, int n_threads);
 /* out[r, c] = (a[r, c] - a_shift[c]) * a_scale[c]
  *             (+ (b[r, c] - b_shift[c]) * b_scale[c] unless b is NULL) + shift[c].
- * Shifts near the data's mean keep the products small: no cancellation against shift. */
+ * Shifts near the data's mean keep the products small: no cancellation against shift.
+ * relu (b NULL only): max(out, 0), a NaN kept, decided on the product as the mask is.
+ * mask (needs b): a[r, c] * keep[r, c] replaces a[r, c] (BatchNorm + ReLU backward). */
 void cnnx_channel_affine(long rows, int channels, const float *a, const float *a_shift,
                          const float *a_scale, const float *b, const float *b_shift,
-                         const float *b_scale, const float *shift, float *out, int n_threads);
+                         const float *b_scale, const float *shift, const cnnx_relu_mask *mask,
+                         int relu, float *out, int n_threads);
 
 /* keep[i] = (32 random bits of element i) >= threshold, from Philox4x64-10 keyed by
  * (key0, key1): P(keep) = 1 - threshold / 2^32, a pure function of (key, i). */

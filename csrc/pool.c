@@ -2,15 +2,30 @@
  *
  * Design: every loop nest is parallel over (image, output row) or (image, input row), and
  * each output element is produced by one thread in a fixed order: bit-identical for any
- * n_threads. The innermost loop runs over channels, contiguous in NHWC, so it vectorises.
- * Max-pool backward scatters into the input by argmax; images are independent, so threads
- * take whole images and no two threads touch the same cell. Average-pool backward is a
- * gather (each input cell sums the windows that cover it), so it needs no atomics either.
+ * n_threads. Channels are contiguous in NHWC; each window is reduced one block of
+ * CHANNEL_BLOCK channels at a time, the running max (or sum) and its index held in
+ * registers over all the window's cells and stored once (the old loop kept them in the
+ * output array: a load and a store per cell). Pooling is memory-bound, so what counts is
+ * the bytes: the max's position can be kept as one byte per output (its place inside the
+ * window, CNNX_ARGMAX_WINDOW) instead of an int32 cell index, and large outputs that no
+ * cache could hold for the next pass are written with non-temporal stores (AVX2 variant),
+ * which skip the read-for-ownership a normal store pays.
+ * Max-pool backward: when windows tile the input (stride == pool) every input cell is
+ * written once, gradient or zero, with the index only compared; otherwise it zeroes and
+ * scatters, threads taking whole images. Average-pool backward is a gather.
  */
 #include <float.h>
+#include <stdint.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "cnnx_kernels.h"
+
+#define CHANNEL_BLOCK 8                   /* one AVX2 vector, two SSE2 vectors */
+#define STREAM_MIN_BYTES (16L << 20)      /* outputs this large leave every cache anyway */
 
 /* First and one-past-last window tap that lands inside [0, size) for a window at start. */
 static void clip_window(int start, int pool, int size, int *first, int *end)
@@ -19,12 +34,16 @@ static void clip_window(int start, int pool, int size, int *first, int *end)
     *end = start + pool > size ? size - start : pool;
 }
 
-/* One output row (image, out_y) of max-pool forward. Branch-free over channels (a select
- * per lane), so it vectorises: strict > keeps the first maximum of the row-major scan, like
- * argmax; like argmax too, the first NaN wins (so a NaN reaches the loss). */
+/* One output row (image, out_y) of max-pool forward, portable C. Branch-free over channels
+ * (a select per lane, vectorised by gcc): strict > keeps the first maximum of the row-major
+ * scan, like argmax; like argmax too, the first NaN wins (so a NaN reaches the loss). The
+ * running max lives in y, the index in an int32 scratch (the cell h*in_w + w, or the tap
+ * i*pool_w + j when window_index, then narrowed: a select between a float compare and bytes
+ * is one gcc leaves scalar), stored once, SCAN_CHANNELS channels at a time. */
+#define SCAN_CHANNELS 256
 static inline __attribute__((always_inline)) void max_pool_forward_row(
     const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
-    int *restrict argmax, long row)
+    void *restrict argmax, const int window_index, long row)
 {
     int channels = g->channels;
     long image = row / g->out_h;
@@ -34,37 +53,48 @@ static inline __attribute__((always_inline)) void max_pool_forward_row(
     clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
     for (int out_x = 0; out_x < g->out_w; ++out_x) {
         long out = (row * g->out_w + out_x) * channels;
-        float *restrict best = y + out;
-        int *restrict best_index = argmax + out;
         int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
         clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
         int first_cell = (start_y + first_i) * g->in_w + start_x + first_j;
-        const float *restrict first = x_image + (long)first_cell * channels;
-        for (int c = 0; c < channels; ++c) {
-            best[c] = first[c];
-            best_index[c] = first_cell;
-        }
-        for (int i = first_i; i < end_i; ++i)
-            for (int j = first_j; j < end_j; ++j) {
-                int cell = (start_y + i) * g->in_w + start_x + j;
-                if (cell == first_cell)
-                    continue;
-                const float *restrict values = x_image + (long)cell * channels;
-                for (int c = 0; c < channels; ++c) {
-                    float v = values[c], b = best[c];
-                    int take = (v > b) | ((v != v) & (b == b));
-                    best[c] = take ? v : b;
-                    best_index[c] = take ? cell : best_index[c];
-                }
+        for (int c0 = 0; c0 < channels; c0 += SCAN_CHANNELS) {
+            int width = channels - c0 < SCAN_CHANNELS ? channels - c0 : SCAN_CHANNELS;
+            float *restrict best = y + out + c0;
+            int32_t where[SCAN_CHANNELS];    /* on the stack: written to argmax once */
+            const float *restrict first = x_image + (long)first_cell * channels + c0;
+            int first_code = window_index ? first_i * g->pool_w + first_j : first_cell;
+            for (int c = 0; c < width; ++c) {
+                best[c] = first[c];
+                where[c] = first_code;
             }
+            for (int i = first_i; i < end_i; ++i)
+                for (int j = first_j; j < end_j; ++j) {
+                    int cell = (start_y + i) * g->in_w + start_x + j;
+                    if (cell == first_cell)
+                        continue;
+                    int code = window_index ? i * g->pool_w + j : cell;
+                    const float *restrict values = x_image + (long)cell * channels + c0;
+                    for (int c = 0; c < width; ++c) {
+                        float v = values[c], b = best[c];
+                        int take = (v > b) | ((v != v) & (b == b));
+                        best[c] = take ? v : b;
+                        where[c] = take ? code : where[c];
+                    }
+                }
+            if (window_index)
+                for (int c = 0; c < width; ++c)
+                    ((uint8_t *)argmax)[out + c0 + c] = (uint8_t)where[c];
+            else
+                memcpy((int32_t *)argmax + out + c0, where, sizeof(int32_t) * width);
+        }
     }
 }
 
-/* One output row of max-pool backward when windows tile the input (stride == pool): every
- * input cell of the window rows gets its gradient or 0 in one write pass, no scatter. */
+/* One output row of max-pool backward when windows tile the input (stride == pool), portable
+ * C: every input cell of the window rows gets its gradient or 0 in one write pass. */
 static inline __attribute__((always_inline)) void max_pool_backward_row(
     const cnnx_pool_geometry *g, const float *restrict grad_output,
-    const int *restrict argmax, float *restrict grad_input, long row)
+    const void *restrict argmax, const int window_index, float *restrict grad_input,
+    long row)
 {
     int channels = g->channels;
     long image = row / g->out_h;
@@ -77,57 +107,268 @@ static inline __attribute__((always_inline)) void max_pool_backward_row(
         for (int out_x = 0; out_x < g->out_w; ++out_x) {
             long out = (row * g->out_w + out_x) * channels;
             const float *restrict grad = grad_output + out;
-            const int *restrict index = argmax + out;
+            const int32_t *restrict cell_index = (const int32_t *)argmax + out;
+            const uint8_t *restrict tap_index = (const uint8_t *)argmax + out;
             int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
             clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
             for (int j = first_j; j < end_j; ++j) {
                 int cell = in_y * g->in_w + start_x + j;
                 float *restrict target = grad_image + (long)cell * channels;
-                for (int c = 0; c < channels; ++c)
-                    target[c] = index[c] == cell ? grad[c] : 0.0f;
+                if (window_index) {
+                    uint8_t tap = (uint8_t)(i * g->pool_w + j);
+                    for (int c = 0; c < channels; ++c)
+                        target[c] = tap_index[c] == tap ? grad[c] : 0.0f;
+                } else {
+                    for (int c = 0; c < channels; ++c)
+                        target[c] = cell_index[c] == cell ? grad[c] : 0.0f;
+                }
             }
         }
     }
 }
 
-static void max_pool_forward_row_generic(const cnnx_pool_geometry *g, const float *x,
-                                         float *y, int *argmax, long row)
-{
-    max_pool_forward_row(g, x, y, argmax, row);
-}
-
-static void max_pool_backward_row_generic(const cnnx_pool_geometry *g,
-                                          const float *grad_output, const int *argmax,
-                                          float *grad_input, long row)
-{
-    max_pool_backward_row(g, grad_output, argmax, grad_input, row);
-}
-
 #if defined(__x86_64__) || defined(__i386__)
-/* the same loops compiled for AVX2: 8 lanes per select instead of SSE2's 4 */
-static __attribute__((target("avx2,fma"))) void max_pool_forward_row_avx2(
-    const cnnx_pool_geometry *g, const float *x, float *y, int *argmax, long row)
+/* The AVX2 rows: the same results, 8 channels per vector, the running max and its index
+ * in registers over the whole window, stored once (gcc did not keep them in registers
+ * from the C above). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void store_indices(
+    void *argmax, const int window_index, long at, __m256i where)
 {
-    max_pool_forward_row(g, x, y, argmax, row);
+    if (window_index) {
+        __m128i low = _mm256_castsi256_si128(where), high = _mm256_extracti128_si256(where, 1);
+        __m128i words = _mm_packus_epi32(low, high);                  /* taps are < 256 */
+        _mm_storel_epi64((__m128i *)((uint8_t *)argmax + at), _mm_packus_epi16(words, words));
+    } else {
+        _mm256_storeu_si256((__m256i *)((int32_t *)argmax + at), where);
+    }
 }
 
-static __attribute__((target("avx2,fma"))) void max_pool_backward_row_avx2(
-    const cnnx_pool_geometry *g, const float *grad_output, const int *argmax,
-    float *grad_input, long row)
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256i load_indices(
+    const void *argmax, const int window_index, long at)
 {
-    max_pool_backward_row(g, grad_output, argmax, grad_input, row);
+    if (window_index)
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)((const uint8_t *)argmax + at)));
+    return _mm256_loadu_si256((const __m256i *)((const int32_t *)argmax + at));
+}
+
+/* blocks vectors of 8 channels from c0 of one output through one window row: the running
+ * max and index start from the window's first cell (first_row) or from y and argmax. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void max_blocks_avx2(
+    const cnnx_pool_geometry *g, const float *restrict x_image, float *restrict y,
+    void *restrict argmax, const int window_index, long out, int c0, int first_row,
+    int first_j, int j0, int end_j, int row_cell, int i, const int blocks)
+{
+    int channels = g->channels;
+    __m256 best[4], where[4];
+    for (int k = 0; k < blocks; ++k) {
+        long at = out + c0 + k * CHANNEL_BLOCK;
+        if (first_row) {                              /* the window's first cell */
+            int cell = row_cell + first_j;
+            best[k] = _mm256_loadu_ps(x_image + (long)cell * channels + c0 + k * CHANNEL_BLOCK);
+            where[k] = _mm256_castsi256_ps(_mm256_set1_epi32(
+                window_index ? i * g->pool_w + first_j : cell));
+        } else {
+            best[k] = _mm256_loadu_ps(y + at);
+            where[k] = _mm256_castsi256_ps(load_indices(argmax, window_index, at));
+        }
+    }
+    for (int j = j0; j < end_j; ++j) {
+        int cell = row_cell + j;
+        __m256 code = _mm256_castsi256_ps(_mm256_set1_epi32(window_index ? i * g->pool_w + j
+                                                                         : cell));
+        const float *values = x_image + (long)cell * channels + c0;
+        for (int k = 0; k < blocks; ++k) {
+            __m256 v = _mm256_loadu_ps(values + k * CHANNEL_BLOCK);
+            /* v > best or v NaN, unless best is NaN already: not (v <= best), and best
+             * ordered */
+            __m256 take = _mm256_and_ps(_mm256_cmp_ps(v, best[k], _CMP_NLE_UQ),
+                                        _mm256_cmp_ps(best[k], best[k], _CMP_ORD_Q));
+            best[k] = _mm256_blendv_ps(best[k], v, take);
+            where[k] = _mm256_blendv_ps(where[k], code, take);
+        }
+    }
+    for (int k = 0; k < blocks; ++k) {
+        long at = out + c0 + k * CHANNEL_BLOCK;
+        _mm256_storeu_ps(y + at, best[k]);
+        store_indices(argmax, window_index, at, _mm256_castps_si256(where[k]));
+    }
+}
+
+/* Window rows outermost, as in the portable row above: each input row is read once, front
+ * to back; a window's running max and index go through y and argmax (in L1) between its
+ * rows and stay in registers across its cells within a row. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_forward_row_avx2(
+    const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
+    void *restrict argmax, const int window_index, long row)
+{
+    int channels = g->channels;
+    long image = row / g->out_h;
+    int out_y = (int)(row % g->out_h);
+    const float *x_image = x + image * g->in_h * g->in_w * channels;
+    int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
+    clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
+    for (int i = first_i; i < end_i; ++i)
+        for (int out_x = 0; out_x < g->out_w; ++out_x) {
+            long out = (row * g->out_w + out_x) * channels;
+            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+            int first_row = i == first_i, j0 = first_row ? first_j + 1 : first_j;
+            int row_cell = (start_y + i) * g->in_w + start_x;
+            int c0 = 0;
+            /* four vectors at a time: four independent compare-select chains hide each
+             * one's latency (one chain ran latency-bound on data in cache) */
+            for (; c0 + 4 * CHANNEL_BLOCK <= channels; c0 += 4 * CHANNEL_BLOCK)
+                max_blocks_avx2(g, x_image, y, argmax, window_index, out, c0, first_row,
+                                first_j, j0, end_j, row_cell, i, 4);
+            for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK)
+                max_blocks_avx2(g, x_image, y, argmax, window_index, out, c0, first_row,
+                                first_j, j0, end_j, row_cell, i, 1);
+            for (int c = c0; c < channels; ++c) {      /* the channels past the last vector */
+                float best;
+                int where;
+                if (first_row) {
+                    int cell = row_cell + first_j;
+                    best = x_image[(long)cell * channels + c];
+                    where = window_index ? i * g->pool_w + first_j : cell;
+                } else {
+                    best = y[out + c];
+                    where = window_index ? ((uint8_t *)argmax)[out + c]
+                                         : ((int32_t *)argmax)[out + c];
+                }
+                for (int j = j0; j < end_j; ++j) {
+                    int cell = row_cell + j;
+                    float v = x_image[(long)cell * channels + c];
+                    if ((v > best) | ((v != v) & (best == best))) {
+                        best = v;
+                        where = window_index ? i * g->pool_w + j : cell;
+                    }
+                }
+                y[out + c] = best;
+                if (window_index)
+                    ((uint8_t *)argmax)[out + c] = (uint8_t)where;
+                else
+                    ((int32_t *)argmax)[out + c] = where;
+            }
+        }
+}
+
+/* With stream, non-temporal stores (target 16-byte aligned): a gradient too big for any
+ * cache goes straight to memory without first being read for ownership. */
+static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_backward_row_avx2(
+    const cnnx_pool_geometry *g, const float *restrict grad_output,
+    const void *restrict argmax, const int window_index, float *restrict grad_input,
+    const int stream, long row)
+{
+    int channels = g->channels;
+    long image = row / g->out_h;
+    int out_y = (int)(row % g->out_h);
+    float *grad_image = grad_input + image * g->in_h * g->in_w * channels;
+    int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
+    clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
+    for (int i = first_i; i < end_i; ++i) {
+        int in_y = start_y + i;
+        for (int out_x = 0; out_x < g->out_w; ++out_x) {
+            long out = (row * g->out_w + out_x) * channels;
+            const float *restrict grad = grad_output + out;
+            int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+            clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+            for (int j = first_j; j < end_j; ++j) {
+                int cell = in_y * g->in_w + start_x + j;
+                int code = window_index ? i * g->pool_w + j : cell;
+                __m256i wanted = _mm256_set1_epi32(code);
+                float *restrict target = grad_image + (long)cell * channels;
+                int c0 = 0;
+                for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
+                    __m256i index = window_index
+                        ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                              (const __m128i *)((const uint8_t *)argmax + out + c0)))
+                        : _mm256_loadu_si256((const __m256i *)((const int32_t *)argmax + out + c0));
+                    /* the gradient's bits where the index matches, +0 elsewhere */
+                    __m256 value = _mm256_and_ps(_mm256_loadu_ps(grad + c0),
+                                                 _mm256_castsi256_ps(_mm256_cmpeq_epi32(index, wanted)));
+                    if (stream) {
+                        _mm_stream_ps(target + c0, _mm256_castps256_ps128(value));
+                        _mm_stream_ps(target + c0 + 4, _mm256_extractf128_ps(value, 1));
+                    } else {
+                        _mm256_storeu_ps(target + c0, value);
+                    }
+                }
+                for (int c = c0; c < channels; ++c) {
+                    int index = window_index ? ((const uint8_t *)argmax)[out + c]
+                                             : ((const int32_t *)argmax)[out + c];
+                    target[c] = index == code ? grad[c] : 0.0f;
+                }
+            }
+        }
+    }
 }
 #endif
 
+typedef void (*forward_row_fn)(const cnnx_pool_geometry *, const float *, float *, void *,
+                               long);
+typedef void (*backward_row_fn)(const cnnx_pool_geometry *, const float *, const void *,
+                                float *, long);
+
+static void forward_cell_generic(const cnnx_pool_geometry *g, const float *x, float *y,
+                                 void *argmax, long row)
+{
+    max_pool_forward_row(g, x, y, argmax, 0, row);
+}
+
+static void forward_window_generic(const cnnx_pool_geometry *g, const float *x, float *y,
+                                   void *argmax, long row)
+{
+    max_pool_forward_row(g, x, y, argmax, 1, row);
+}
+
+static void backward_cell_generic(const cnnx_pool_geometry *g, const float *grad_output,
+                                  const void *argmax, float *grad_input, long row)
+{
+    max_pool_backward_row(g, grad_output, argmax, 0, grad_input, row);
+}
+
+static void backward_window_generic(const cnnx_pool_geometry *g, const float *grad_output,
+                                    const void *argmax, float *grad_input, long row)
+{
+    max_pool_backward_row(g, grad_output, argmax, 1, grad_input, row);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define AVX2 __attribute__((target("avx2,fma")))
+static AVX2 void forward_cell_avx2(const cnnx_pool_geometry *g, const float *x, float *y,
+                                   void *argmax, long row)
+{
+    max_pool_forward_row_avx2(g, x, y, argmax, 0, row);
+}
+
+static AVX2 void forward_window_avx2(const cnnx_pool_geometry *g, const float *x, float *y,
+                                     void *argmax, long row)
+{
+    max_pool_forward_row_avx2(g, x, y, argmax, 1, row);
+}
+
+#define BACKWARD_AVX2(name, window_index, stream)                                           \
+    static AVX2 void name(const cnnx_pool_geometry *g, const float *grad_output,            \
+                          const void *argmax, float *grad_input, long row)                  \
+    {                                                                                       \
+        max_pool_backward_row_avx2(g, grad_output, argmax, window_index, grad_input,        \
+                                   stream, row);                                            \
+    }
+BACKWARD_AVX2(backward_cell_avx2, 0, 0)
+BACKWARD_AVX2(backward_window_avx2, 1, 0)
+BACKWARD_AVX2(backward_cell_avx2_stream, 0, 1)
+BACKWARD_AVX2(backward_window_avx2_stream, 1, 1)
+#endif
+
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float *y,
-                             int *argmax, int n_threads)
+                             void *argmax, int argmax_kind, int n_threads)
 {
     long rows = (long)g->batch * g->out_h;
-    void (*forward_row)(const cnnx_pool_geometry *, const float *, float *, int *, long) =
-        max_pool_forward_row_generic;
+    int window_index = argmax_kind == CNNX_ARGMAX_WINDOW;
+    forward_row_fn forward_row = window_index ? forward_window_generic : forward_cell_generic;
 #if defined(__x86_64__) || defined(__i386__)
     if (cnnx_get_isa() == CNNX_ISA_AVX2)
-        forward_row = max_pool_forward_row_avx2;
+        forward_row = window_index ? forward_window_avx2 : forward_cell_avx2;
 #endif
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
@@ -153,10 +394,31 @@ static void zero_uncovered(const cnnx_pool_geometry *g, float *grad_image)
     }
 }
 
+/* The backward row function for this index kind, ISA and output. */
+static backward_row_fn backward_row_for(const cnnx_pool_geometry *g, int window_index,
+                                        const float *grad_input)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2) {
+        long bytes = (long)g->batch * g->in_h * g->in_w * g->channels * (long)sizeof(float);
+        int stream = bytes >= STREAM_MIN_BYTES && g->channels % CHANNEL_BLOCK == 0
+                     && (uintptr_t)grad_input % 16 == 0;
+        if (stream)
+            return window_index ? backward_window_avx2_stream : backward_cell_avx2_stream;
+        return window_index ? backward_window_avx2 : backward_cell_avx2;
+    }
+#endif
+    (void)g;
+    (void)grad_input;
+    return window_index ? backward_window_generic : backward_cell_generic;
+}
+
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_output,
-                              const int *argmax, float *grad_input, int n_threads)
+                              const void *argmax, int argmax_kind, float *grad_input,
+                              int n_threads)
 {
     int channels = g->channels;
+    int window_index = argmax_kind == CNNX_ARGMAX_WINDOW;
     long plane_in = (long)g->in_h * g->in_w * channels;
     long plane_out = (long)g->out_h * g->out_w * channels;
     (void)n_threads;
@@ -164,20 +426,18 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
         /* windows tile the input: every cell lies in at most one window and is written
          * once, gradient or zero; argmax is only compared, never used as an address */
         long rows = (long)g->batch * g->out_h;
-        void (*backward_row)(const cnnx_pool_geometry *, const float *, const int *, float *,
-                             long) = max_pool_backward_row_generic;
-#if defined(__x86_64__) || defined(__i386__)
-        if (cnnx_get_isa() == CNNX_ISA_AVX2)
-            backward_row = max_pool_backward_row_avx2;
-#endif
+        backward_row_fn backward_row = backward_row_for(g, window_index, grad_input);
         #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
         {
             #pragma omp for schedule(static) nowait
             for (long image = 0; image < g->batch; ++image)
                 zero_uncovered(g, grad_input + image * plane_in);
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static) nowait
             for (long row = 0; row < rows; ++row)
                 backward_row(g, grad_output, argmax, grad_input, row);
+#if defined(__x86_64__) || defined(__i386__)
+            _mm_sfence();           /* each thread's non-temporal stores, before the barrier */
+#endif
         }
         return;
     }
@@ -186,43 +446,69 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
         float *grad_image = grad_input + image * plane_in;
         memset(grad_image, 0, sizeof(float) * plane_in);
         const float *grad_out = grad_output + image * plane_out;
-        const int *index = argmax + image * plane_out;
-        for (long out = 0; out < plane_out; out += channels)
-            for (int c = 0; c < channels; ++c)
-                grad_image[(long)index[out + c] * channels + c] += grad_out[out + c];
+        if (!window_index) {
+            const int32_t *index = (const int32_t *)argmax + image * plane_out;
+            for (long out = 0; out < plane_out; out += channels)
+                for (int c = 0; c < channels; ++c)
+                    grad_image[(long)index[out + c] * channels + c] += grad_out[out + c];
+            continue;
+        }
+        const uint8_t *index = (const uint8_t *)argmax + image * plane_out;
+        for (int out_y = 0; out_y < g->out_h; ++out_y)
+            for (int out_x = 0; out_x < g->out_w; ++out_x) {
+                long out = ((long)out_y * g->out_w + out_x) * channels;
+                int start_y = out_y * g->stride_h - g->pad_top;
+                int start_x = out_x * g->stride_w - g->pad_left;
+                for (int c = 0; c < channels; ++c) {
+                    int tap = index[out + c];
+                    long cell = (long)(start_y + tap / g->pool_w) * g->in_w
+                                + start_x + tap % g->pool_w;
+                    grad_image[cell * channels + c] += grad_out[out + c];
+                }
+            }
     }
 }
 
-void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float *y,
-                             int n_threads)
+/* One output row of average-pool forward, window rows outermost like max-pool's (each
+ * input row read once, front to back): the partial sums go through y between rows, in the
+ * same cell order as before (row-major, starting from 0), and the last row divides. */
+static inline __attribute__((always_inline)) void avg_pool_forward_row(
+    const cnnx_pool_geometry *g, const float *restrict x, float *restrict y, long row)
 {
     int channels = g->channels;
-    long rows = (long)g->batch * g->out_h;
-    (void)n_threads;
-    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-    for (long row = 0; row < rows; ++row) {
-        long image = row / g->out_h;
-        int out_y = (int)(row % g->out_h);
-        const float *x_image = x + image * g->in_h * g->in_w * channels;
-        int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
-        clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
+    long image = row / g->out_h;
+    int out_y = (int)(row % g->out_h);
+    const float *x_image = x + image * g->in_h * g->in_w * channels;
+    int start_y = out_y * g->stride_h - g->pad_top, first_i, end_i;
+    clip_window(start_y, g->pool_h, g->in_h, &first_i, &end_i);
+    for (int i = first_i; i < end_i; ++i)
         for (int out_x = 0; out_x < g->out_w; ++out_x) {
-            float *sum = y + (row * g->out_w + out_x) * channels;
+            float *restrict mean = y + (row * g->out_w + out_x) * channels;
             int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
             clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+            const float *row_cells = x_image + ((long)(start_y + i) * g->in_w + start_x) * channels;
             float count = (float)((end_i - first_i) * (end_j - first_j));
-            memset(sum, 0, sizeof(float) * channels);
-            for (int i = first_i; i < end_i; ++i)
+            int last_row = i == end_i - 1;
+            int c0 = 0;
+            for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
+                float sum[CHANNEL_BLOCK];
+                for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                    sum[k] = i == first_i ? 0.0f : mean[c0 + k];
                 for (int j = first_j; j < end_j; ++j) {
-                    const float *values =
-                        x_image + ((long)(start_y + i) * g->in_w + start_x + j) * channels;
-                    for (int c = 0; c < channels; ++c)
-                        sum[c] += values[c];
+                    const float *restrict values = row_cells + (long)j * channels + c0;
+                    for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                        sum[k] += values[k];
                 }
-            for (int c = 0; c < channels; ++c)
-                sum[c] /= count;
+                for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                    mean[c0 + k] = last_row ? sum[k] / count : sum[k];
+            }
+            for (int c = c0; c < channels; ++c) {
+                float sum = i == first_i ? 0.0f : mean[c];
+                for (int j = first_j; j < end_j; ++j)
+                    sum += row_cells[(long)j * channels + c];
+                mean[c] = last_row ? sum / count : sum;
+            }
         }
-    }
 }
 
 /* Output windows along one axis that cover input position p: out in [first, end). */
@@ -243,34 +529,159 @@ static int window_cells(int start, int pool, int size)
     return end - first;
 }
 
-void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_output,
-                              float *grad_input, int n_threads)
+/* One input row of average-pool backward: each cell gathers share / count from the
+ * windows covering it, summed in registers a block of channels at a time. */
+static inline __attribute__((always_inline)) void avg_pool_backward_row(
+    const cnnx_pool_geometry *g, const float *restrict grad_output,
+    float *restrict grad_input, long row)
 {
     int channels = g->channels;
-    long rows = (long)g->batch * g->in_h;
-    (void)n_threads;
-    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-    for (long row = 0; row < rows; ++row) {
-        long image = row / g->in_h;
-        int in_y = (int)(row % g->in_h), first_y, end_y;
-        covering_windows(in_y, g->pool_h, g->stride_h, g->pad_top, g->out_h, &first_y, &end_y);
-        const float *grad_image = grad_output + image * g->out_h * g->out_w * channels;
-        for (int in_x = 0; in_x < g->in_w; ++in_x) {
-            float *grad = grad_input + (row * g->in_w + in_x) * channels;
-            int first_x, end_x;
-            covering_windows(in_x, g->pool_w, g->stride_w, g->pad_left, g->out_w, &first_x,
-                             &end_x);
-            memset(grad, 0, sizeof(float) * channels);
+    long image = row / g->in_h;
+    int in_y = (int)(row % g->in_h), first_y, end_y;
+    covering_windows(in_y, g->pool_h, g->stride_h, g->pad_top, g->out_h, &first_y, &end_y);
+    const float *grad_image = grad_output + image * g->out_h * g->out_w * channels;
+    for (int in_x = 0; in_x < g->in_w; ++in_x) {
+        float *restrict grad = grad_input + (row * g->in_w + in_x) * channels;
+        int first_x, end_x;
+        covering_windows(in_x, g->pool_w, g->stride_w, g->pad_left, g->out_w, &first_x,
+                         &end_x);
+        int c0 = 0;
+        for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
+            float sum[CHANNEL_BLOCK] = {0};
             for (int oy = first_y; oy < end_y; ++oy) {
                 int cells_y = window_cells(oy * g->stride_h - g->pad_top, g->pool_h, g->in_h);
                 for (int ox = first_x; ox < end_x; ++ox) {
                     float count = (float)(cells_y * window_cells(ox * g->stride_w - g->pad_left,
                                                                  g->pool_w, g->in_w));
-                    const float *share = grad_image + ((long)oy * g->out_w + ox) * channels;
-                    for (int c = 0; c < channels; ++c)
-                        grad[c] += share[c] / count;
+                    const float *restrict share =
+                        grad_image + ((long)oy * g->out_w + ox) * channels + c0;
+                    for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                        sum[k] += share[k] / count;
                 }
             }
+            for (int k = 0; k < CHANNEL_BLOCK; ++k)
+                grad[c0 + k] = sum[k];
+        }
+        for (int c = c0; c < channels; ++c) {
+            float sum = 0.0f;
+            for (int oy = first_y; oy < end_y; ++oy) {
+                int cells_y = window_cells(oy * g->stride_h - g->pad_top, g->pool_h, g->in_h);
+                for (int ox = first_x; ox < end_x; ++ox) {
+                    float count = (float)(cells_y * window_cells(ox * g->stride_w - g->pad_left,
+                                                                 g->pool_w, g->in_w));
+                    sum += grad_image[((long)oy * g->out_w + ox) * channels + c] / count;
+                }
+            }
+            grad[c] = sum;
         }
     }
+}
+
+typedef void (*avg_row_fn)(const cnnx_pool_geometry *, const float *, float *, long);
+
+#define AVG_VARIANTS(suffix, attributes)                                                    \
+    static attributes void avg_forward_##suffix(const cnnx_pool_geometry *g, const float *x, \
+                                                float *y, long row)                         \
+    {                                                                                       \
+        avg_pool_forward_row(g, x, y, row);                                                 \
+    }                                                                                       \
+    static attributes void avg_backward_##suffix(const cnnx_pool_geometry *g,               \
+                                                 const float *grad_output, float *grad_input,\
+                                                 long row)                                  \
+    {                                                                                       \
+        avg_pool_backward_row(g, grad_output, grad_input, row);                             \
+    }
+AVG_VARIANTS(generic, )
+#if defined(__x86_64__) || defined(__i386__)
+AVG_VARIANTS(avx2, __attribute__((target("avx2,fma"))))
+#endif
+
+void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float *y,
+                             int n_threads)
+{
+    long rows = (long)g->batch * g->out_h;
+    avg_row_fn forward_row = avg_forward_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        forward_row = avg_forward_avx2;
+#endif
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long row = 0; row < rows; ++row)
+        forward_row(g, x, y, row);
+}
+
+/* One input row of average-pool backward when windows tile the input (stride == pool):
+ * each cell lies in at most one window and takes 0 + share / count, as the gather above
+ * computes it; the quotient is worked out once per window and input row instead of once
+ * per cell, and as a product when count is a power of two (then share * (1 / count) is
+ * the same correctly rounded number). */
+static inline __attribute__((always_inline)) void avg_pool_backward_tiling_row(
+    const cnnx_pool_geometry *g, const float *restrict grad_output,
+    float *restrict grad_input, long row)
+{
+    int channels = g->channels;
+    long image = row / g->in_h;
+    int in_y = (int)(row % g->in_h);
+    float *restrict grad_row = grad_input + row * g->in_w * channels;
+    int out_y = (in_y + g->pad_top) / g->stride_h;
+    if (out_y >= g->out_h) {                       /* below the last window */
+        memset(grad_row, 0, sizeof(float) * g->in_w * channels);
+        return;
+    }
+    int cells_y = window_cells(out_y * g->stride_h - g->pad_top, g->pool_h, g->in_h);
+    const float *share_row = grad_output + (image * g->out_h + out_y) * g->out_w * channels;
+    int covered_end = 0;
+    for (int out_x = 0; out_x < g->out_w; ++out_x) {
+        int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
+        clip_window(start_x, g->pool_w, g->in_w, &first_j, &end_j);
+        int count = cells_y * (end_j - first_j);
+        const float *restrict share = share_row + (long)out_x * channels;
+        float *restrict first = grad_row + (long)(start_x + first_j) * channels;
+        if ((count & (count - 1)) == 0) {
+            float reciprocal = 1.0f / (float)count;
+            for (int c = 0; c < channels; ++c)
+                first[c] = 0.0f + share[c] * reciprocal;
+        } else {
+            float divisor = (float)count;
+            for (int c = 0; c < channels; ++c)
+                first[c] = 0.0f + share[c] / divisor;
+        }
+        for (int j = first_j + 1; j < end_j; ++j)
+            memcpy(grad_row + (long)(start_x + j) * channels, first, sizeof(float) * channels);
+        covered_end = start_x + end_j;
+    }
+    if (covered_end < g->in_w)                    /* right of the last window */
+        memset(grad_row + (long)covered_end * channels, 0,
+               sizeof(float) * (g->in_w - covered_end) * channels);
+}
+
+static void avg_backward_tiling_generic(const cnnx_pool_geometry *g, const float *grad_output,
+                                        float *grad_input, long row)
+{
+    avg_pool_backward_tiling_row(g, grad_output, grad_input, row);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+static AVX2 void avg_backward_tiling_avx2(const cnnx_pool_geometry *g,
+                                          const float *grad_output, float *grad_input, long row)
+{
+    avg_pool_backward_tiling_row(g, grad_output, grad_input, row);
+}
+#endif
+
+void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_output,
+                              float *grad_input, int n_threads)
+{
+    long rows = (long)g->batch * g->in_h;
+    int tiling = g->stride_h == g->pool_h && g->stride_w == g->pool_w;
+    avg_row_fn backward_row = tiling ? avg_backward_tiling_generic : avg_backward_generic;
+#if defined(__x86_64__) || defined(__i386__)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        backward_row = tiling ? avg_backward_tiling_avx2 : avg_backward_avx2;
+#endif
+    (void)n_threads;
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (long row = 0; row < rows; ++row)
+        backward_row(g, grad_output, grad_input, row);
 }

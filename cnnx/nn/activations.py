@@ -29,6 +29,19 @@ class ReLU(Activation):
         return np.multiply(grad_output, y > 0, out=grad_output)
 
 
+class FusedReLU(Activation):
+    """A ReLU that the layer before already applies, in its forward and backward passes
+    (BatchNormalization fused with the ReLU after it): values pass through here untouched,
+    so no pass of its own remains. Saved as "relu", and fused again when rebuilt."""
+    name = "relu"
+
+    def forward(self, x):
+        return x
+
+    def backward(self, y, grad_output):
+        return grad_output
+
+
 class LeakyReLU(Activation):
     """y = x if x > 0 else alpha * x  (alpha > 0, so y > 0 exactly where x > 0)."""
     name = "leaky_relu"

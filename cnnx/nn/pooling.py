@@ -1,8 +1,15 @@
 """MaxPool2D and AvgPool2D over NHWC inputs (Keras rules for strides and 'same' padding)."""
 import numpy as np
 
-from cnnx import ops
+from cnnx import _kernels, _threads, ops
 from cnnx.nn.layer import Layer
+
+# Windows that tile the input (strides == pool_size) of at most this many cells keep their
+# max's position as one byte (the tap inside the window) instead of an int32 cell index:
+# pooling is memory-bound, and the index is written in forward and read back in backward.
+# (Overlapping windows keep int32 cells: their backward scatters, and taps would first need
+# a check that each lands inside its clipped window.)
+_MAX_TAPS_PER_BYTE = 256
 
 
 class _Pool2D(Layer):
@@ -33,6 +40,12 @@ class _Pool2D(Layer):
         return (ops.output_size(h, self.pool_size[0], self.strides[0], self.padding),
                 ops.output_size(w, self.pool_size[1], self.strides[1], self.padding), c)
 
+    def _pads(self, input_shape):
+        """(top, left) zeros before the input, for the kernels."""
+        h, w = input_shape[1:3]
+        return (ops.padding_before(h, self.pool_size[0], self.strides[0], self.padding),
+                ops.padding_before(w, self.pool_size[1], self.strides[1], self.padding))
+
     def get_config(self):
         return {**super().get_config(), "pool_size": list(self.pool_size),
                 "strides": list(self.strides), "padding": self.padding}
@@ -47,11 +60,15 @@ class MaxPool2D(_Pool2D):
         if training and x.dtype == np.float32 and x.ndim == 4:
             # reused from step to step: a fresh 80 MB output page-faults on every step
             shape = (len(x), *self._output_shape(x.shape[1:]))
+            taps = self.pool_size[0] * self.pool_size[1]
+            tiling = self.strides == self.pool_size and taps <= _MAX_TAPS_PER_BYTE
+            index_type = np.uint8 if tiling else np.int32
             out = (self._workspace("output", shape, np.float32),
-                   self._workspace("argmax", shape, np.int32))
+                   self._workspace("argmax", shape, index_type))
         y, argmax = ops.max_pool2d_forward(x, self.pool_size, self.strides, self.padding,
                                            out=out)
-        self._argmax = argmax if training else None    # where each max came from
+        # where each max came from: a uint8 tap inside the window, or an int32 cell index
+        self._argmax = argmax if training else None
         self._input_shape = x.shape
         return y
 
@@ -65,15 +82,34 @@ class MaxPool2D(_Pool2D):
 
 
 class AvgPool2D(_Pool2D):
-    """y = mean over each window's real cells.  (N, H, W, C) -> (N, OH, OW, C)."""
+    """y = mean over each window's real cells.  (N, H, W, C) -> (N, OH, OW, C).
+    In training (float32), the output and grad_input live in buffers the next training step
+    overwrites."""
 
     def forward(self, x, training=False, rng=None):
         self._input_shape = x.shape
-        return ops.avg_pool2d_forward(x, self.pool_size, self.strides, self.padding)
+        self._reuse = training and _fast(x)
+        if not self._reuse:
+            return ops.avg_pool2d_forward(x, self.pool_size, self.strides, self.padding)
+        y = self._workspace("output", (len(x), *self._output_shape(x.shape[1:])), np.float32)
+        return _kernels.avg_pool2d_forward(x, y, self.pool_size, self.strides,
+                                           self._pads(x.shape),
+                                           n_threads=_threads.get_num_threads())
 
     def backward(self, grad_output):
-        return ops.avg_pool2d_backward(grad_output, self._input_shape, self.pool_size,
-                                       self.strides, self.padding)
+        if not (self._reuse and _fast(grad_output)):
+            return ops.avg_pool2d_backward(grad_output, self._input_shape, self.pool_size,
+                                           self.strides, self.padding)
+        grad_input = self._workspace("grad_input", self._input_shape, np.float32)
+        return _kernels.avg_pool2d_backward(grad_output, grad_input, self.pool_size,
+                                            self.strides, self._pads(self._input_shape),
+                                            n_threads=_threads.get_num_threads())
+
+
+def _fast(array):
+    """float32, 4-d, C-contiguous, not empty: the kernels' operands, taken without a copy."""
+    return (array.dtype == np.float32 and array.ndim == 4 and array.flags.c_contiguous
+            and array.size > 0)
 
 
 MaxPooling2D, AveragePooling2D = MaxPool2D, AvgPool2D      # Keras' long names

@@ -102,7 +102,7 @@ def test_pooling_is_bit_identical_for_any_thread_count(rng):
 
 def test_max_pool2d_backward_rejects_bad_argmax(rng):
     grad_output = f32(rng, (1, 2, 2, 1))
-    with pytest.raises(TypeError, match=r"max_pool2d_backward: argmax must be int32, got int64"):
+    with pytest.raises(TypeError, match=r"max_pool2d_backward: argmax must be int32 \(cells\) or uint8 \(window taps\), got int64"):
         _kernels.max_pool2d_backward(grad_output, np.zeros((1, 2, 2, 1), np.int64),
                                      np.empty((1, 4, 4, 1), np.float32))
     with pytest.raises(ValueError, match=r"argmax holds 0\.\.16, outside the 16 cells"):
@@ -233,3 +233,145 @@ def test_max_pool2d_layer_reuses_its_buffers_across_training_steps(rng):
     assert second is first and second_grad is first_grad        # no fresh big arrays per step
     np.testing.assert_array_equal(second, reference.max_pool2d(x * 2, 2, 2, "valid")[0])
     assert layer.forward(x) is not first                          # inference: a fresh array
+
+
+WINDOW_POOLS = [  # (x shape, pool, strides, padding): vector blocks of 8 channels and a tail
+    ((2, 7, 9, 8), 2, 2, "valid"),
+    ((3, 9, 7, 32), 2, 2, "same"),
+    ((2, 8, 8, 41), 3, 2, "same"),         # overlapping windows: the scatter backward
+    ((1, 11, 10, 16), (2, 3), (2, 3), "valid"),
+    ((2, 6, 7, 24), 3, 1, "valid"),
+]
+
+
+@pytest.mark.parametrize("x_shape, pool, strides, padding", WINDOW_POOLS,
+                         ids=[f"{'x'.join(map(str, p[0]))}-p{p[1]}-s{p[2]}-{p[3]}"
+                              for p in WINDOW_POOLS])
+def test_max_pool2d_window_taps_match_the_cell_index(x_shape, pool, strides, padding, isa, rng):
+    """A uint8 argmax holds the tap i*pool_w + j inside each window: the same maxima and the
+    same gradients as the int32 cell index, for any thread count."""
+    x = f32(rng, x_shape)
+    x[-1, 2:4, 2:4, 3] = 1.5                              # a tie: the first cell wins
+    expected_y, expected_cells = reference.max_pool2d(x, pool, strides, padding)
+    _, _, top, left = ops._geometry(x_shape[1], x_shape[2], *ops._pair(pool, "pool"),
+                                    ops._pair(strides, "strides"), padding)
+    ph, pw = ops._pair(pool, "pool")
+    sh, sw = ops._pair(strides, "strides")
+    oh, ow = expected_y.shape[1:3]
+    rows = expected_cells // x_shape[2] - (np.arange(oh) * sh - top)[:, None, None]
+    columns = expected_cells % x_shape[2] - (np.arange(ow) * sw - left)[:, None]
+    expected_taps = (rows * pw + columns).astype(np.uint8)
+    grad_output = f32(rng, expected_y.shape)
+    expected_grad = reference.max_pool2d_backward(grad_output, expected_cells, x_shape)
+    for n_threads in (1, 2, 3):
+        y, taps = np.empty_like(expected_y, np.float32), np.empty(expected_y.shape, np.uint8)
+        _kernels.max_pool2d_forward(x, y, taps, (ph, pw), (sh, sw), (top, left),
+                                    n_threads=n_threads)
+        np.testing.assert_array_equal(y, expected_y)
+        np.testing.assert_array_equal(taps, expected_taps)
+        grad = _kernels.max_pool2d_backward(grad_output, taps, np.full(x_shape, 7, np.float32),
+                                            (ph, pw), (sh, sw), (top, left), n_threads=n_threads)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool2d_streamed_backward_matches_reference(isa, rng):
+    """A grad_input over 16 MB is written with non-temporal stores (AVX2): same values."""
+    x = f32(rng, (2, 130, 128, 64))                       # 17 MB
+    y, taps = ops.max_pool2d_forward(x, 2, 2, "valid", out=(
+        np.empty((2, 65, 64, 64), np.float32), np.empty((2, 65, 64, 64), np.uint8)))
+    _, cells = reference_max_pool_cells(x)
+    grad_output = f32(rng, y.shape)
+    grads = [ops.max_pool2d_backward(grad_output, taps, x.shape, n_threads=t, pool_size=2,
+                                     out=np.full(x.shape, 7, np.float32)) for t in (1, 2)]
+    np.testing.assert_array_equal(grads[0], reference_backward_tiling(grad_output, cells, x.shape))
+    assert np.array_equal(grads[0], grads[1])
+
+
+def reference_max_pool_cells(x):
+    """2x2 stride-2 max pool by NumPy: (y, int32 cell index of the first max)."""
+    n, h, w, c = x.shape
+    windows = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(
+        n, h // 2, w // 2, c, 4)
+    tap = windows.argmax(axis=-1)
+    cells = ((np.arange(h // 2)[:, None, None] * 2 + tap // 2) * w
+             + np.arange(w // 2)[:, None] * 2 + tap % 2)
+    return windows.max(axis=-1), cells.astype(np.int32)
+
+
+def reference_backward_tiling(grad_output, cells, shape):
+    n, h, w, c = shape
+    grad = np.zeros((n, h * w, c), np.float32)
+    batch, _, _, channel = np.indices(cells.shape)
+    grad[batch, cells, channel] = grad_output
+    return grad.reshape(shape)
+
+
+def test_max_pool2d_uint8_argmax_errors(rng):
+    grad_output = f32(rng, (1, 2, 2, 1))
+    taps = np.zeros((1, 2, 2, 1), np.uint8)
+    with pytest.raises(ValueError, match=r"max_pool2d_backward: a uint8 argmax holds taps "
+                                         r"inside each window; give the forward's pool_size"):
+        _kernels.max_pool2d_backward(grad_output, taps, np.empty((1, 4, 4, 1), np.float32))
+    with pytest.raises(ValueError, match=r"max_pool2d_forward: a uint8 argmax holds at most "
+                                         r"256 taps, the pool \(17, 17\) has 289"):
+        _kernels.max_pool2d_forward(f32(rng, (1, 17, 17, 1)), np.empty((1, 1, 1, 1), np.float32),
+                                    np.empty((1, 1, 1, 1), np.uint8), (17, 17), (17, 17))
+    taps[0, 1, 1, 0] = 8                                   # tap 8 of a 3x3 window at the edge
+    with pytest.raises(ValueError, match=r"max_pool2d_backward: argmax holds window taps "
+                                         r"outside their windows inside the input plane"):
+        _kernels.max_pool2d_backward(grad_output, taps, np.empty((1, 3, 3, 1), np.float32),
+                                     (3, 3), (2, 2), (1, 1))
+
+
+@pytest.mark.parametrize("pool, strides, index_type", [(2, None, np.uint8),
+                                                       ((2, 3), (2, 3), np.uint8),
+                                                       (3, 2, np.int32)],
+                         ids=["2x2", "2x3-tiling", "3x3-overlapping"])
+def test_max_pool2d_layer_keeps_tiling_window_taps_as_bytes(pool, strides, index_type, rng):
+    layer = cnnx.nn.MaxPool2D(pool, strides=strides)
+    layer.build((7, 6, 16), rng)
+    x = f32(rng, (2, 7, 6, 16))
+    y = layer.forward(x, training=True)
+    assert layer._argmax.dtype == index_type and layer._argmax.shape == y.shape
+    grad_output = f32(rng, y.shape)
+    _, cells = reference.max_pool2d(x, pool, strides or pool, "valid")
+    np.testing.assert_allclose(layer.backward(grad_output),
+                               reference.max_pool2d_backward(grad_output, cells, x.shape),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 8, 11])
+def test_max_pool2d_window_taps_take_the_first_nan(channels, isa):
+    window = np.array([1.0, 2.0, np.nan, 0.5, np.nan, 3.0], np.float32)   # 2x3 window
+    x = np.repeat(window.reshape(1, 2, 3, 1), channels, axis=3)
+    y, taps = np.empty((1, 1, 1, channels), np.float32), np.empty((1, 1, 1, channels), np.uint8)
+    _kernels.max_pool2d_forward(x, y, taps, (2, 3), (2, 3))
+    assert np.isnan(y).all() and (taps == 2).all()
+
+
+@pytest.mark.parametrize("x_shape, pool, padding", [((2, 7, 9, 8), 2, "valid"),
+                                                    ((2, 7, 8, 19), 3, "same"),
+                                                    ((1, 5, 11, 16), (2, 3), "same")],
+                         ids=["2x2-valid", "3x3-same", "2x3-same"])
+def test_avg_pool2d_tiling_backward_is_each_share_over_its_count(x_shape, pool, padding, isa,
+                                                                 rng):
+    """Windows that tile the input: every cell takes its window's share / cell count, the
+    float32 division (a product only where count is a power of two: the same bits)."""
+    grad_output_shape = (x_shape[0], *ops.max_pool2d_forward(
+        np.zeros(x_shape), pool, pool, padding)[0].shape[1:])
+    grad_output = f32(rng, grad_output_shape)
+    ph, pw = ops._pair(pool, "pool")
+    _, _, top, left = ops._geometry(x_shape[1], x_shape[2], ph, pw, (ph, pw), padding)
+    expected = np.zeros(x_shape, np.float32)
+    for oy in range(grad_output_shape[1]):
+        rows = range(max(oy * ph - top, 0), min(oy * ph - top + ph, x_shape[1]))
+        for ox in range(grad_output_shape[2]):
+            columns = range(max(ox * pw - left, 0), min(ox * pw - left + pw, x_shape[2]))
+            count = np.float32(len(rows) * len(columns))
+            for r in rows:
+                for q in columns:
+                    expected[:, r, q] = np.float32(0) + grad_output[:, oy, ox] / count
+    for n_threads in (1, 2, 3):
+        got = ops.avg_pool2d_backward(grad_output, x_shape, pool, pool, padding,
+                                      n_threads=n_threads)
+        np.testing.assert_array_equal(got, expected)
