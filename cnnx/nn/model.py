@@ -15,6 +15,7 @@ from cnnx.nn import callbacks as callbacks_module
 from cnnx.nn import losses
 from cnnx.nn.gradient_sum import GradientSum
 from cnnx.nn.layer import ActivatedLayer, Layer
+from cnnx.nn.normalization import fuse_batchnorm_relu
 from cnnx.nn.summary import summary_table
 
 # Keras' default layer names (Keras numbers repeats: conv2d, conv2d_1, ...)
@@ -76,6 +77,7 @@ class Sequential:
         if duplicates:
             raise ValueError(f"Sequential: layer names must be unique, got {duplicates} twice")
         self.layers[0].need_input_grad = False      # nobody needs the image gradient
+        fuse_batchnorm_relu(self.layers)            # same bits, two passes fewer per pair
         self.output_shape = shape
 
     def _check_sample_size(self, shape, who):

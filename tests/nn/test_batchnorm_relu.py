@@ -14,10 +14,18 @@ ISAS = ["avx2", "generic"] if _kernels.cpu_has_avx2_fma() else ["generic"]
 
 
 def comics_bn(fused, input_shape=(22, 21, 1)):
+    """The comics BatchNorm net as Sequential builds it (fused), or with both pairs taken
+    apart again into a plain BatchNormalization and a ReLU layer (the reference)."""
     model = architectures.comics_bn_dropout(input_shape)
     model.compile("adam")
-    if fused:
-        assert fuse_batchnorm_relu(model.layers) == 2
+    pairs = [(layer, following) for layer, following in zip(model.layers, model.layers[1:])
+             if isinstance(layer, nn.BatchNormalization)]
+    assert len(pairs) == 2 and all(batchnorm.fused_relu for batchnorm, _ in pairs)
+    assert all(isinstance(relu.activation, nn.activations.FusedReLU) for _, relu in pairs)
+    if not fused:
+        for batchnorm, relu in pairs:
+            batchnorm.fused_relu = False
+            relu.activation = nn.activations.ReLU()
     return model
 
 
@@ -88,8 +96,8 @@ def test_activation_relu_layer_is_fused_too():
     model = nn.Sequential([nn.Conv2D(2, 3), nn.BatchNormalization(), nn.Activation("relu"),
                            nn.BatchNormalization(), nn.Flatten(), nn.Dense(2)],
                           input_shape=(6, 6, 1))
-    assert fuse_batchnorm_relu(model.layers) == 1
-    assert model.layers[1].fused_relu and not model.layers[3].fused_relu
+    assert model.layers[1].fused_relu and not model.layers[3].fused_relu   # Sequential fused it
+    assert fuse_batchnorm_relu(model.layers) == 0                         # and only once
 
 
 def test_fused_pair_gradients_match_finite_differences_in_float64(rng):
