@@ -107,15 +107,22 @@ def step_flops(model, batch_size):
 def layer_bytes(layer, batch_size):
     """(forward, backward) bytes a memory-bound layer must move at least: its input and
     output (forward); grad_output, grad_input and what backward reads from the forward
-    (backward). 0 for Conv2D, Dense and Flatten (a view)."""
+    (backward). 0 for Conv2D, Dense and Flatten (a view), and for a ReLU layer whose
+    BatchNormalization before it applies the ReLU (fused)."""
     if isinstance(layer, (nn.Conv2D, nn.Dense, nn.Flatten)):
+        return 0, 0
+    if isinstance(getattr(layer, "activation", None), nn.activations.FusedReLU):
         return 0, 0
     size_in = batch_size * int(np.prod(layer.input_shape)) * 4
     size_out = batch_size * int(np.prod(layer.output_shape)) * 4
-    saved = size_out                      # ReLU's y, max-pool's argmax, dropout's mask
+    saved = size_out                      # ReLU's y
+    extra = 0
+    if isinstance(layer, nn.Dropout):     # the keep mask, one byte per value
+        saved = extra = size_out // 4
     if isinstance(layer, nn.BatchNormalization):
         saved = size_in
-    extra = size_out if isinstance(layer, nn.MaxPool2D) else 0        # argmax written
+    if isinstance(layer, nn.MaxPool2D):   # the index: written forward, read backward
+        saved = extra = size_out // 4 * layer.index_dtype().itemsize
     return size_in + size_out + extra, size_out + size_in + saved
 
 

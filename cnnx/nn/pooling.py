@@ -55,16 +55,20 @@ class MaxPool2D(_Pool2D):
     """y = max over each pool_size window.  (N, H, W, C) -> (N, OH, OW, C).
     In training, the output and grad_input live in buffers the next training step overwrites."""
 
+    def index_dtype(self):
+        """What training keeps per output for the backward: a uint8 tap inside the window
+        when windows tile the input (a quarter of the bytes), else an int32 cell index."""
+        taps = self.pool_size[0] * self.pool_size[1]
+        tiling = self.strides == self.pool_size and taps <= _MAX_TAPS_PER_BYTE
+        return np.dtype(np.uint8 if tiling else np.int32)
+
     def forward(self, x, training=False, rng=None):
         out = None
         if training and x.dtype == np.float32 and x.ndim == 4:
             # reused from step to step: a fresh 80 MB output page-faults on every step
             shape = (len(x), *self._output_shape(x.shape[1:]))
-            taps = self.pool_size[0] * self.pool_size[1]
-            tiling = self.strides == self.pool_size and taps <= _MAX_TAPS_PER_BYTE
-            index_type = np.uint8 if tiling else np.int32
             out = (self._workspace("output", shape, np.float32),
-                   self._workspace("argmax", shape, index_type))
+                   self._workspace("argmax", shape, self.index_dtype()))
         y, argmax = ops.max_pool2d_forward(x, self.pool_size, self.strides, self.padding,
                                            out=out)
         # where each max came from: a uint8 tap inside the window, or an int32 cell index
