@@ -1,7 +1,9 @@
 """Placement and transport on a Dask cluster, shared by the synchronous and asynchronous drivers."""
 import concurrent.futures
+import contextlib
 import copy
 
+import dask
 from distributed.comm.core import CommClosedError
 
 from cnnx.parallel import cluster
@@ -42,3 +44,11 @@ def preferred_worker(shard, n_shards, n_workers):
 def transfer_bytes(dask_worker):
     """Bytes this worker has sent to other workers (and to clients that gathered from it)."""
     return dask_worker.transfer_outgoing_bytes_total
+
+
+@contextlib.contextmanager
+def large_arguments():
+    """Submissions whose arguments are the weights by design (one round trip instead of a
+    scatter and a submit): Dask's warning about large graphs (10 MB) does not apply."""
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "4 GiB"}):
+        yield
