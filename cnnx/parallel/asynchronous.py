@@ -8,7 +8,10 @@ Design (the driver stays the authority on the weights):
   trip per unit: the submission goes out in the client's next batched message (nothing
   blocks on it), and the result comes back. The scheduler keeps a task's arguments until
   its result is released, so a worker killed mid-unit costs Dask a rerun, not the driver a
-  resubmission.
+  resubmission. Weights above DIRECT_ABOVE_BYTES (measured crossover) are instead sent by
+  the driver straight to the unit's worker, then the task is submitted: a blocking call
+  more, but one data hop instead of two; those die with their worker, and the driver then
+  resubmits the unit.
 - When a result arrives it is committed under the key (epoch, step, shard) with the version
   it started from; a key is applied once, however many times Dask ran the task or
   delivered its result. Staleness = versions committed since the unit started; it is
@@ -29,6 +32,11 @@ from cnnx.parallel import cluster, transport, wire, worker
 from cnnx.parallel.transport import LOST, preferred_worker
 
 GRADIENT_MODES = ("downpour", "dynsgd")       # the others run local SGD windows
+# Weights up to this size travel inside the task's message, through the scheduler, and no
+# call blocks; larger ones are sent by the driver straight to the unit's worker (one hop
+# instead of two, and the scheduler does not unpickle and re-pickle them) before the task
+# is submitted. The crossover was measured: benchmarks/test_asynchronous.py, ..._protocol.
+DIRECT_ABOVE_BYTES = 8 * 2**20
 
 
 def read_replay_log(path):
@@ -60,6 +68,7 @@ class AsyncDriver:
         self.replay_needs = collections.Counter(e["version"] for e in self.replay or [])
         self.snapshots = {}                # replay: version -> (weights, EASGD locals)
         self.model_future = None
+        self.direct_above = DIRECT_ABOVE_BYTES
 
     # ------------------------------------------------------------------ the model on workers
     def start(self):
@@ -99,9 +108,12 @@ class AsyncDriver:
         in_flight, futures = {}, as_completed()
 
         def submit_next():
+            nonlocal workers
             unit = pending.popleft()
-            future, started_from, sent = self._submit(unit, workers, epoch_plan.shape[1])
-            in_flight[future] = (unit, self.version, started_from, sent, time.perf_counter())
+            submitted = time.perf_counter()
+            future, started_from, sent, workers = self._submit(unit, workers,
+                                                               epoch_plan.shape[1])
+            in_flight[future] = (unit, self.version, started_from, sent, submitted)
             futures.add(future)
 
         for _ in range(min(slots, len(pending))):
@@ -144,8 +156,8 @@ class AsyncDriver:
             workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
             started_from = local.get(key[2], centre) if self.mode.name == "easgd" else centre
             submitted = time.perf_counter()
-            future, _, sent = self._submit(units[key], workers, epoch_plan.shape[1],
-                                           started_from, version)
+            future, _, sent, _ = self._submit(units[key], workers, epoch_plan.shape[1],
+                                              started_from, version)
             record = self.commit(key, version, future.result(), started_from)
             record.update(time_s=time.perf_counter() - submitted, bytes_out=sent)
             yield record
@@ -160,8 +172,23 @@ class AsyncDriver:
 
     # ------------------------------------------------------------------ one unit
     def _submit(self, unit, workers, n_shards, started_from=None, version=None):
-        """Submit the unit's task with its starting weights as an argument: nothing waits
-        here, and the weights reach the worker with the task."""
+        """(future, started_from, bytes sent, workers): the unit submitted, with its
+        starting weights as an argument. Large weights are placed on the worker first; a
+        worker that died a moment ago can fail that, and then the next one is tried."""
+        for attempt in range(self.max_step_retries + 1):
+            try:
+                return (*self._submit_once(unit, workers, n_shards, started_from, version),
+                        workers)
+            except (*LOST, TimeoutError):
+                if attempt == self.max_step_retries:
+                    raise
+                time.sleep(0.5)
+                workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
+        raise AssertionError("unreachable")
+
+    def _submit_once(self, unit, workers, n_shards, started_from=None, version=None):
+        """Up to direct_above bytes of weights nothing waits here: they reach the worker
+        with the task; larger weights are sent to the worker first (DIRECT_ABOVE_BYTES)."""
         epoch, step, shard = unit["key"]
         version = self.version if version is None else version
         if started_from is None:
@@ -170,6 +197,10 @@ class AsyncDriver:
         # started_from is a fresh copy nobody changes in place: the wire may share it
         weights = wire.encode(started_from, self.wire_dtype, copy=False)
         preferred = workers[preferred_worker(shard, n_shards, len(workers))]
+        sent = wire.nbytes(weights)
+        if sent > self.direct_above:
+            weights = transport.place(self.client, weights, self.scatter_timeout, [preferred],
+                                      direct=True)
         options = dict(key=f"{self.run}-e{epoch}-s{step}-g{shard}-v{version}",
                        workers=[preferred], allow_other_workers=True, pure=False)
         with transport.large_arguments():
@@ -183,7 +214,7 @@ class AsyncDriver:
                                             [self.spec(i) for i in unit["indices"]], keys,
                                             self.mode.local_learning_rate, self.wire_dtype,
                                             **options)
-        return future, started_from, wire.nbytes(weights)
+        return future, started_from, sent
 
     def commit(self, key, version, result, started_from=None):
         """Apply one unit's result unless its key was applied already; returns its record

@@ -12,9 +12,11 @@ from cnnx.parallel import cluster
 LOST = (concurrent.futures.CancelledError, CommClosedError)
 
 
-def place(client, value, timeout, workers=None, broadcast=False):
+def place(client, value, timeout, workers=None, broadcast=False, direct=False):
     """A future of `value` on the workers: on every one (broadcast), or on the first of
     `workers` (default: the first connected worker), from which the others fetch it once.
+    direct: the client sends it to that worker itself (one hop; the scheduler is only told
+    where it is) instead of through the scheduler (two hops).
     A worker SIGKILLed a moment ago can stall a scatter to it for Dask's connect timeout
     (30 s; scatter's own timeout covers only the wait for workers), so it is bounded here
     and a retry can pick the next worker."""
@@ -24,7 +26,7 @@ def place(client, value, timeout, workers=None, broadcast=False):
         workers = workers or cluster.worker_addresses(client)
         where = {"workers": workers[:1]} if workers else {}
     return client.sync(client._scatter, [value], hash=False, callback_timeout=timeout,
-                       **where)[0]
+                       direct=direct or None, **where)[0]
 
 
 def worker_copy(model, with_optimizer=False):
