@@ -36,7 +36,7 @@ GRADIENT_MODES = ("downpour", "dynsgd")       # the others run local SGD windows
 # call blocks; larger ones are sent by the driver straight to the unit's worker (one hop
 # instead of two, and the scheduler does not unpickle and re-pickle them) before the task
 # is submitted. The crossover was measured: benchmarks/test_asynchronous.py, ..._protocol.
-DIRECT_ABOVE_BYTES = 8 * 2**20
+DIRECT_ABOVE_BYTES = 3 * 2**20
 
 
 def read_replay_log(path):
