@@ -126,7 +126,7 @@ class AsyncDriver:
                 raise worker.NonFiniteGradientError(
                     f"{error}; training stopped: the model holds the weights of version "
                     f"{self.version}") from None
-            except LOST as error:             # the model's copies went with the workers
+            except LOST as error:   # weights placed on a worker, or the model, died with it
                 self.echo(f"cnnx: unit {unit['key']} lost with a worker ({error}); "
                           f"resubmitting")
                 workers = self._restart()
