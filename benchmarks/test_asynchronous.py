@@ -191,13 +191,15 @@ def test_unit_protocol_by_payload(benchmark):
 
 def test_units_per_second_against_baseline(benchmark, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("async"))
-    baseline = checkout_baseline(BASELINE, tempfile.mkdtemp(prefix="cnnx-baseline-"))
+    parent = tempfile.mkdtemp(prefix="cnnx-baseline-")
+    baseline = checkout_baseline(BASELINE, parent)
     try:
         results = benchmark.pedantic(compare_all, args=(baseline, folder), rounds=1,
                                      iterations=1)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", baseline],
                        capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)
     benchmark.extra_info.update(results)
     for name, result in results.items():
         ms = lambda values: [round(v * 1e3) for v in values]  # noqa: E731
