@@ -5,15 +5,14 @@ chunks of the Zarr store and return gradient sums (worker.py). Policy lives here
 named methods: which shard runs where, how a step is reduced and applied, what is recorded,
 when a checkpoint is written, and how to ride out workers leaving and joining.
 """
-import collections
 import json
 import time
 import uuid
 
 import numpy as np
 
-from cnnx.parallel import (checkpoint, cluster, modes, plan, records, synchronous, transport,
-                           wire, worker)
+from cnnx.parallel import (asynchronous, checkpoint, cluster, modes, plan, records,
+                           synchronous, transport, wire, worker)
 from cnnx.parallel.transport import LOST, preferred_worker
 
 MODES = tuple(modes.MODES)
@@ -60,10 +59,6 @@ class DaskTrainer:
         self.wire_dtype = wire.check_format(wire_dtype)
         self.normalize, self.augment, self.cache_bytes = normalize, augment, cache_bytes
         self.checkpoint_every, self.worker_timeout = checkpoint_every, worker_timeout
-        self.replay_log = replay_log
-        self.replay = None if replay is None else _read_replay_log(replay)
-        self.replay_needs = collections.Counter(e["version"] for e in self.replay or [])
-        self.snapshots = {}                       # replay: version -> (weights, easgd locals)
         self.max_step_retries, self.progress, self.echo = max_step_retries, progress, echo
         self.opener = opener or _default_opener
         self.scatter_timeout = scatter_timeout
@@ -72,12 +67,35 @@ class DaskTrainer:
         self._dataset = None
         self._sync_driver = self._tally = None
         self.n_shards = shards                    # G, fixed by fit when shards is None
-        self.history, self.steps, self.commits = [], [], []
-        self.staleness = {}                       # worker address -> list of staleness values
-        self.version, self.applied, self.duplicates = 0, set(), 0   # async commit bookkeeping
-        self.local_weights = {}                   # easgd: shard -> its worker-side weights
+        self.history, self.steps = [], []
         self.run_id = uuid.uuid4().hex[:8]
         self.model_future = None
+        # the asynchronous modes' driver owns their commit state for the trainer's lifetime
+        self.async_driver = None if mode == "sync" else asynchronous.AsyncDriver(
+            self.client, model, self.mode_options, self.shard_spec, wire_dtype=self.wire_dtype,
+            replay_log=replay_log, replay=replay, max_step_retries=max_step_retries,
+            worker_timeout=worker_timeout, scatter_timeout=scatter_timeout, echo=echo)
+
+    # ----------------------------------------------------------------- async state, read-only
+    @property
+    def commits(self):
+        """Asynchronous modes: one record per applied commit, in order."""
+        return self.async_driver.commits if self.async_driver else []
+
+    @property
+    def staleness(self):
+        """Asynchronous modes: worker address -> the staleness of each of its commits."""
+        return self.async_driver.staleness if self.async_driver else {}
+
+    @property
+    def version(self):
+        """Asynchronous modes: the number of commits applied to the model."""
+        return self.async_driver.version if self.async_driver else 0
+
+    @property
+    def duplicates(self):
+        """Asynchronous modes: results that arrived for a unit already applied (not applied)."""
+        return self.async_driver.duplicates if self.async_driver else 0
 
     # ----------------------------------------------------------------- lifecycle
     def close(self):
@@ -128,6 +146,8 @@ class DaskTrainer:
                 self.client, self.model, self.shard_spec, self.wire_dtype,
                 self.max_step_retries, self.worker_timeout, self.echo)
             self._sync_driver.start()
+        elif self.async_driver is not None:
+            self.async_driver.start()
         else:
             self.place_model()
         try:
@@ -141,6 +161,8 @@ class DaskTrainer:
             if self._sync_driver is not None:
                 self._sync_driver.close()
                 self._sync_driver = None
+            if self.async_driver is not None:
+                self.async_driver.close()
             self.model_future = None             # release the workers' copies
         return self.history
 
@@ -279,15 +301,11 @@ class DaskTrainer:
 
     # ----------------------------------------------------------------- async
     def _async_epoch(self, epoch, epoch_plan, first_step, callbacks):
-        from cnnx.parallel import asynchronous
-        if self.replay is None:
-            commits = asynchronous.run_epoch(self, epoch, epoch_plan, first_step, callbacks)
-        else:
-            if not self.snapshots:
-                asynchronous.take_snapshot(self)
-            commits = asynchronous.replay_epoch(self, epoch, epoch_plan, first_step, callbacks)
-        for record in commits:
+        for record in self.async_driver.run_epoch(epoch, epoch_plan, first_step):
             self._tally.add(record)
+            self.steps.append(record)
+            for callback in callbacks:
+                callback(self, record)
 
     # ----------------------------------------------------------------- validation
     def evaluate(self, indices=None, prefix="", dataset=None):
@@ -314,8 +332,9 @@ class DaskTrainer:
         else:
             weights_future = self._place(wire.encode(self.model.get_weights(), self.wire_dtype))
             # after fit() the workers' model copies were released; evaluate() must work then
-            model_future = self.model_future or self._place(transport.worker_copy(self.model),
-                                                             broadcast=True)
+            model_future = (self.model_future
+                            or (self.async_driver and self.async_driver.model_future)
+                            or self._place(transport.worker_copy(self.model), broadcast=True))
             futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
                                           spec, workers=[address], allow_other_workers=True,
                                           pure=False)
@@ -460,11 +479,6 @@ def _difference(saved, current, path=""):
             if a != b:
                 return _difference(a, b, f"{path}[{i}]")
     return f"{path or 'it'} was {saved!r}, this run has {current!r}"
-
-
-def _read_replay_log(path):
-    with open(path) as log:
-        return [json.loads(line) for line in log if line.strip()]
 
 
 class _NoBar:

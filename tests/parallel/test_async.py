@@ -8,7 +8,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import parallel_helpers
-from cnnx.parallel import ADAG, EASGD, DaskTrainer, Downpour, DynSGD, Sync, asynchronous
+from cnnx.parallel import ADAG, EASGD, DaskTrainer, Downpour, DynSGD, Sync
 from parallel_helpers import assert_same_weights, tiny_model
 
 cloudpickle.register_pickle_by_value(parallel_helpers)      # workers cannot import it
@@ -45,9 +45,9 @@ def test_a_result_delivered_twice_is_applied_once(cluster, store):
                             store.store, [0, 1, 2, 3], pure=False)
     result = future.result()
     before = model.get_weights()
-    assert asynchronous.commit(trainer, (5, 0, 0), trainer.version, result) is not None
+    assert trainer.async_driver.commit((5, 0, 0), trainer.version, result) is not None
     after_first = model.get_weights()
-    assert asynchronous.commit(trainer, (5, 0, 0), trainer.version, result) is None
+    assert trainer.async_driver.commit((5, 0, 0), trainer.version, result) is None
     assert trainer.duplicates == 1
     assert_same_weights(model.get_weights(), after_first)
     assert any(not np.array_equal(before[k], after_first[k]) for k in before)
