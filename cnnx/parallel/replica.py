@@ -99,15 +99,16 @@ def replica_gradient(run, version, previous, batch, key, wire_dtype="float32"):
     shard's samples. key = (epoch, step, shard)."""
     x, y, read_s = batch
     with worker._lock:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         replica = _at_version(run, version, previous)
-        applied = time.perf_counter()
+        applied, applied_cpu = time.perf_counter(), time.thread_time()
         result = replica.gradient(x, y, tuple(key), wire_dtype)
-        computed = time.perf_counter()
+        computed, computed_cpu = time.perf_counter(), time.thread_time()
     worker.check_finite(result, key)
     # encode copies: a layer's backward overwrites its grads, and this result outlives the task
     result.grads = wire.encode(result.grads, wire_dtype)
-    return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start)
+    return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start,
+                                     cpu_s=(computed_cpu - applied_cpu, applied_cpu - start_cpu))
 
 
 def evaluate_replica(run, version, previous, spec):

@@ -155,10 +155,13 @@ def shard_gradient(model, weights, spec, key, wire_dtype="float32"):
     return result, leaf_stats(compute_s, read_s)
 
 
-def leaf_stats(compute_s, read_s, apply_s=0.0):
-    """What one shard task reports; sum_pair combines them up the tree."""
+def leaf_stats(compute_s, read_s, apply_s=0.0, cpu_s=None):
+    """What one shard task reports; sum_pair combines them up the tree. cpu_s: the task
+    thread's CPU seconds (compute, apply), below the wall times when the core was shared."""
+    compute_cpu_s, apply_cpu_s = cpu_s or (compute_s, apply_s)
     return {"compute_s": compute_s, "read_s": read_s, "max_compute_s": compute_s,
-            "max_apply_s": apply_s, "tasks": 1, "worker": {worker_name(): 1}}
+            "max_apply_s": apply_s, "tasks": 1, "worker": {worker_name(): 1},
+            "max_compute_cpu_s": compute_cpu_s, "max_apply_cpu_s": apply_cpu_s}
 
 
 def sum_pair(left, right):
@@ -172,6 +175,8 @@ def sum_pair(left, right):
              "read_s": stats_a["read_s"] + stats_b["read_s"],
              "max_compute_s": max(stats_a["max_compute_s"], stats_b["max_compute_s"]),
              "max_apply_s": max(stats_a.get("max_apply_s", 0.0), stats_b.get("max_apply_s", 0.0)),
+             **{name: max(stats_a.get(name, 0.0), stats_b.get(name, 0.0))
+                for name in ("max_compute_cpu_s", "max_apply_cpu_s")},
              "tasks": stats_a["tasks"] + stats_b["tasks"], "worker": dict(workers)}
     return total, stats
 
