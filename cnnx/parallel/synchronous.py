@@ -5,7 +5,8 @@ Design (all-reduce style, the driver stays the authority):
 - Step v: one task per virtual shard computes its gradient sum on its worker's replica at
   version v; a fixed pair-sum tree (plan.tree_pairs, G only) reduces them; the root sum goes
   to every worker (through a binary relay tree beyond two workers: each node sends at most
-  twice what it receives). Each replica applies it inside its first task of step v + 1 with
+  twice what it receives; the root's sum itself runs on both workers that hold its two
+  inputs where that sends no more, so two workers just swap halves). Each replica applies it inside its first task of step v + 1 with
   Sequential.apply_gradient_sum. Same code, same sum, same order: every replica holds the
   same bits, on any worker count. The driver receives only the step's counts and loss.
 - The driver's model is brought to the replicas' version (`pull`: weights and optimizer
@@ -14,6 +15,10 @@ Design (all-reduce style, the driver stays the authority):
   root sums of the steps since (held on the workers), so anything lost can be rebuilt.
 - Pipelined: step v + 1's tasks are queued behind step v's root before the driver waits for
   it, so Dask's round trips to the driver overlap the workers' work instead of adding to it.
+  A shard's task starts its next step's batch on a worker thread when it is done
+  (worker.prefetch_batch): the batch is read while the worker waits for the sum, and a step
+  costs Dask one task per shard, the sums and the summary (each task costs the scheduler,
+  the driver and the worker a few ms of the same cores).
 - Weights never travel per step. Anything lost (a worker killed, a worker that joined
   without a replica) fails the step; the driver then brings its model up to date, re-installs
   it where replicas are missing or behind, and runs the step again from its inputs: the
@@ -181,8 +186,9 @@ class ReplicatedSync:
         try:
             while following < len(epoch_plan) or queue:
                 while following < len(epoch_plan) and len(queue) < PIPELINE_DEPTH:
+                    after = epoch_plan[following + 1] if following + 1 < len(epoch_plan) else None
                     queue.append(self._submit(epoch, following, epoch_plan[following],
-                                              self.version + len(queue)))
+                                              self.version + len(queue), after))
                     following += 1
                 head = queue[0]
                 try:
@@ -226,7 +232,9 @@ class ReplicatedSync:
         queue.clear()
         self.previous = self.last_copies
 
-    def _submit(self, epoch, step, step_plan, version):
+    def _submit(self, epoch, step, step_plan, version, next_plan=None):
+        """Submit step `step`'s tasks: one per shard (its batch read in the task, or
+        prefetched by the shard's task of the step before), the sum tree, the summary."""
         started = time.perf_counter()
         prefix = f"{self.run}-a{self.attempt}-v{version}"
         sources = self._broadcast(self.previous, prefix)
@@ -235,14 +243,13 @@ class ReplicatedSync:
             where = self.workers[transport.preferred_worker(shard, len(step_plan),
                                                             len(self.workers))]
             key = (epoch, step, shard)
-            # no input from the step before: runs while the worker waits for that step
-            batch = self.client.submit(worker.timed_batch, self.spec(step_plan[shard]), key,
-                                       key=f"{prefix}-batch-{shard}", workers=[where],
-                                       allow_other_workers=True, pure=False)
+            following = (None if next_plan is None else
+                         (self.spec(next_plan[shard]), (epoch, step + 1, shard)))
             leaves.append(self.client.submit(
-                replica.replica_gradient, self.run, version, sources.get(where), batch, key,
-                self.wire_dtype, key=f"{prefix}-grad-{shard}", workers=[where],
-                allow_other_workers=True, pure=False))
+                replica.replica_gradient, self.run, version, sources.get(where),
+                self.spec(step_plan[shard]), key, self.wire_dtype, following,
+                key=f"{prefix}-grad-{shard}", workers=[where], allow_other_workers=True,
+                pure=False))
         root, copies = self._reduce(leaves, prefix, step_plan)
         summary = self.client.submit(replica.summary, root, key=f"{prefix}-summary",
                                      workers=self.workers[:1], allow_other_workers=True,

@@ -1,5 +1,7 @@
 """Synchronous training: bit-identical weights across worker counts, worker loss and resume."""
+import collections
 import os
+import re
 import signal
 import threading
 
@@ -309,3 +311,20 @@ def test_two_workers_exchange_halves_instead_of_sending_the_sum_back(cluster, st
     epoch = trainer.history[-1]
     per_step = epoch["bytes_between_workers"] / epoch["steps"]
     assert 1.9 * half_bytes < per_step < 2.4 * half_bytes
+
+
+def test_a_step_costs_dask_one_task_per_shard_the_sums_and_the_summary(cluster, store):
+    # each task costs the scheduler, the driver and a worker a few ms of the same cores: a
+    # step on two workers is 2 shard tasks + the root summed on both + the summary; the
+    # batches are prefetched by the shard tasks themselves (no task of their own)
+    from distributed import get_task_stream
+
+    with get_task_stream(cluster) as stream:
+        _, trainer = train(cluster, store, shards=2)
+    # step task keys: "{run}-a{attempt}-v{version}-{kind}-...", run = "cnnx-{hex}"
+    step_task = re.compile(r"cnnx-[0-9a-f]+-a\d+-v\d+-([a-z]+)")
+    kinds = collections.Counter(found.group(1) for found in
+                                (step_task.match(str(task["key"])) for task in stream.data)
+                                if found)
+    steps = len(trainer.steps)
+    assert kinds == {"grad": 2 * steps, "sum": 2 * steps, "summary": steps}
