@@ -46,7 +46,8 @@ ROUNDS = 2                                           # interleaved fit / Dask ro
 SWEEP_STEPS = 8
 WORKER_COUNTS = [int(n) for n in os.environ.get("CNNX_SCALING_WORKERS", "1,2,4,8").split(",")]
 PHASES = ("time_s", "wait_s", "optimizer_s", "compute_s", "max_shard_compute_s",
-          "max_shard_compute_cpu_s", "replica_apply_s", "replica_apply_cpu_s", "read_s", "transfer_s", "scatter_s")
+          "max_shard_compute_cpu_s", "replica_apply_s", "replica_apply_cpu_s", "read_s",
+          "transfer_s", "scatter_s")
 TCMALLOC = "libtcmalloc_minimal.so.4"
 RESULTS = {}
 

@@ -6,9 +6,10 @@ Design (all-reduce style, the driver stays the authority):
   version v; a fixed pair-sum tree (plan.tree_pairs, G only) reduces them; the root sum goes
   to every worker (through a binary relay tree beyond two workers: each node sends at most
   twice what it receives; the root's sum itself runs on both workers that hold its two
-  inputs where that sends no more, so two workers just swap halves). Each replica applies it inside its first task of step v + 1 with
-  Sequential.apply_gradient_sum. Same code, same sum, same order: every replica holds the
-  same bits, on any worker count. The driver receives only the step's counts and loss.
+  inputs where that sends no more, so two workers just swap halves). Each replica applies
+  it inside its first task of step v + 1 with Sequential.apply_gradient_sum. Same code,
+  same sum, same order: every replica holds the same bits, on any worker count. The
+  driver receives only the step's counts and loss.
 - The driver's model is brought to the replicas' version (`pull`: weights and optimizer
   state from one replica, 3·P once) every `pull_every` steps, for checkpoints, at epoch
   ends and at the end of fit: checkpoints are written from it. Until then it keeps the
