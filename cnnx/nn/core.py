@@ -9,7 +9,13 @@ from cnnx.nn.layer import ActivatedLayer, Layer, WeightedLayer
 
 
 class Dense(WeightedLayer):
-    """y = activation(x @ kernel + bias).   x (N, in_features) -> y (N, units)."""
+    """y = activation(x @ kernel + bias).   x (N, in_features) -> y (N, units).
+
+    kernel_grad_as_factors: when set, backward does not form grads["kernel"] = x^T @ grad_z
+    (an in x units GEMM); it leaves grads["kernel"] None and keeps the two factors in
+    `kernel_factors` = (x, grad_z) until the next forward. cnnx.parallel's replicas set it
+    on large kernels, whose factors travel instead and are multiplied out once per step."""
+    kernel_grad_as_factors = False
 
     def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
@@ -30,17 +36,41 @@ class Dense(WeightedLayer):
 
     def forward(self, x, training=False, rng=None):
         self._x = x if training else None          # backward needs x for grads["kernel"]
+        self._kernel_factors = None
         z = ops.dense_forward(x, self.params["kernel"], self.params.get("bias"),
                               relu=self.fused_relu)
         return self._activate(z, training)
 
     def _backward_linear(self, grad_z):
+        if self.kernel_grad_as_factors and self._x.dtype == np.float32:
+            return self._backward_keeping_factors(np.ascontiguousarray(grad_z))
         grad_input, grad_kernel, grad_bias = ops.dense_backward(
             self._x, self.params["kernel"], grad_z, need_input_grad=self.need_input_grad)
         self.grads["kernel"] = grad_kernel
         if self.use_bias:
             self.grads["bias"] = grad_bias
         return grad_input
+
+    def _backward_keeping_factors(self, grad_z):
+        """ops.dense_backward's grad_input and grad_bias, the same kernel calls, without its
+        grad_kernel GEMM: the kernel gradient stays as its factors (x, grad_z)."""
+        kernel, n_threads = self.params["kernel"], _threads.resolve(None)
+        grad_input = None
+        if self.need_input_grad:
+            grad_input = np.empty(self._x.shape, np.float32)     # (N, U) @ (U, I)
+            _kernels.sgemm(grad_z, kernel, grad_input, transpose_b=True, n_threads=n_threads)
+        if self.use_bias:
+            self.grads["bias"] = _kernels.column_sums(
+                grad_z, np.empty(self.units, np.float32), n_threads=n_threads)
+        self.grads["kernel"] = None
+        self._kernel_factors = (self._x, grad_z)
+        return grad_input
+
+    @property
+    def kernel_factors(self):
+        """(x, grad_z) of the last backward with kernel_grad_as_factors set, else None; the
+        arrays are the layer's own until the next forward (copy what must outlive it)."""
+        return getattr(self, "_kernel_factors", None)
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}

@@ -34,8 +34,11 @@ class KernelFactors:
     def nbytes(self):
         return self.inputs.nbytes + self.grad_z.nbytes
 
-    def materialise(self):
-        product = np.empty(self.shape, np.float32)          # (in, rows) @ (rows, out)
+    def materialise(self, out=None):
+        """The (in, out) product, into `out` when given (a buffer reused across steps: a
+        fresh 26 MB array page-faults on every step)."""
+        product = np.empty(self.shape, np.float32) if out is None else out
+        # (in, rows) @ (rows, out)
         _kernels.sgemm(self.inputs, self.grad_z, product, transpose_a=True,
                        n_threads=_threads.resolve(None))
         return product
@@ -69,16 +72,10 @@ def _sizeof_kernel_factors(factors):
     return sys.getsizeof(factors) + factors.nbytes
 
 
-def capture(layer):
-    """Make a Dense layer keep its last backward's factors in `layer.kernel_factors` (on a
-    worker's own replica: the layer computes grad_z in its private _backward_linear)."""
-    backward_linear = layer._backward_linear
-
-    def keeping_factors(grad_z):
-        grad_input = backward_linear(grad_z)
-        # copies: the layer may reuse both buffers in its next step
-        layer.kernel_factors = KernelFactors(np.array(layer._x, np.float32),
-                                             np.array(grad_z, np.float32))
-        return grad_input
-
-    layer._backward_linear = keeping_factors
+def from_layer(layer):
+    """The kernel gradient factors a Dense layer kept in its last backward
+    (kernel_grad_as_factors), as copies: the layer reuses its buffers in its next step,
+    and a task's result outlives it."""
+    inputs, grad_z = layer.kernel_factors
+    return KernelFactors(np.array(inputs, np.float32, order="C"),
+                         np.array(grad_z, np.float32, order="C"))

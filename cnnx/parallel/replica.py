@@ -7,7 +7,10 @@ hold the same bits at the same version: weights never travel per step. A replica
 by its run id and must be at the version a task expects; a worker that lost it (killed,
 restarted, or new) raises ReplicaMissing, and the driver re-installs it from its own model.
 """
+import dataclasses
 import time
+
+import numpy as np
 
 from cnnx.nn import Dense
 from cnnx.parallel import factors, wire, worker
@@ -22,31 +25,45 @@ class ReplicaMissing(RuntimeError):
 class _Replica:
     def __init__(self, model, version):
         self.model, self.version = model, version
+        # Dense layers whose kernel gradient may travel as factors (factors.py)
+        self.factored = [layer for layer in model.layers if isinstance(layer, Dense)
+                         and factors.smaller_as_factors(8, *layer.params["kernel"].shape)]
+        self._products = {}               # "layer/kernel" -> the buffer factors multiply into
+
+    def product_buffer(self, name, shape):
+        buffer = self._products.get(name)
+        if buffer is None or buffer.shape != shape:
+            buffer = self._products[name] = np.empty(shape, np.float32)
+        return buffer
+
+    def apply(self, total):
+        """One optimizer step from a root sum: its factors multiplied out into buffers kept
+        across steps (apply_gradient_sum holds no reference to them afterwards)."""
+        grads = {name: (g.materialise(out=self.product_buffer(name, g.shape))
+                        if isinstance(g, factors.KernelFactors) else g)
+                 for name, g in wire.decode(total.grads).items()}
+        self.model.apply_gradient_sum(dataclasses.replace(total, grads=grads))
+        self.version += 1
+
+    def gradient(self, x, y, key, wire_dtype):
+        """model.gradient(x, y, key), each large Dense kernel's gradient as its factors
+        (computed as such: the layer skips its kernel GEMM) while they are the smaller."""
+        for layer in self.factored:
+            layer.kernel_grad_as_factors = (
+                wire_dtype == "float32"
+                and factors.smaller_as_factors(len(x), *layer.params["kernel"].shape))
+        result = self.model.gradient(x, y, key=key)
+        for layer in self.factored:
+            if layer.kernel_grad_as_factors:
+                result.grads[f"{layer.name}/kernel"] = factors.from_layer(layer)
+        return result
 
 
 def install(run, model, version):
-    """Keep `model` (compiled, optimizer state included) as this worker's replica of `run`;
-    its large Dense layers keep their kernel gradients' factors (factors.py)."""
-    for layer in model.layers:
-        kernel = layer.params.get("kernel")
-        if isinstance(layer, Dense) and factors.smaller_as_factors(8, *kernel.shape):
-            factors.capture(layer)
+    """Keep `model` (compiled, optimizer state included) as this worker's replica of `run`."""
     with worker._lock:
         _replicas[run] = _Replica(model, version)
     return version
-
-
-def _factored(model, result, wire_dtype):
-    """result.grads with each captured Dense kernel as its factors where they are smaller."""
-    rows = result.n_samples
-    for layer in model.layers:
-        captured = getattr(layer, "kernel_factors", None)
-        if captured is None:
-            continue
-        if wire_dtype == "float32" and factors.smaller_as_factors(rows, *captured.shape):
-            result.grads[f"{layer.name}/kernel"] = captured
-        layer.kernel_factors = None
-    return result
 
 
 def version_of(run):
@@ -66,8 +83,7 @@ def _at_version(run, version, previous):
     replica = _replicas.get(run)
     if replica is not None and previous is not None and replica.version == version - 1:
         total, _ = previous
-        replica.model.apply_gradient_sum(wire.materialised(total))
-        replica.version = version
+        replica.apply(total)
     if replica is None or replica.version != version:
         have = "none" if replica is None else f"version {replica.version}"
         raise ReplicaMissing(f"worker {worker.worker_name()} holds {have} of the model replica "
@@ -75,23 +91,27 @@ def _at_version(run, version, previous):
     return replica
 
 
-def replica_gradient(run, version, previous, batch, key, wire_dtype="float32"):
+def replica_gradient(run, version, previous, spec, key, wire_dtype="float32", following=None):
     """(GradientSum of one virtual shard, stats) on this worker's replica at `version`.
 
     previous: the (GradientSum, stats) of step version - 1, or None when the replica is
-    already there (fresh install). batch: worker.timed_batch's (x, y, seconds) of the
-    shard's samples. key = (epoch, step, shard)."""
-    x, y, read_s = batch
+    already there (fresh install). spec: the batch spec of the shard's samples (prefetched
+    by the task before when it could). key = (epoch, step, shard). following: (spec, key)
+    of this shard's next step, whose batch this worker then prepares while it waits."""
+    x, y, read_s = worker.take_batch(run, spec, key)
     with worker._lock:
-        start = time.perf_counter()
-        model = _at_version(run, version, previous).model
-        applied = time.perf_counter()
-        result = _factored(model, model.gradient(x, y, key=tuple(key)), wire_dtype)
-        computed = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        replica = _at_version(run, version, previous)
+        applied, applied_cpu = time.perf_counter(), time.thread_time()
+        result = replica.gradient(x, y, tuple(key), wire_dtype)
+        computed, computed_cpu = time.perf_counter(), time.thread_time()
     worker.check_finite(result, key)
     # encode copies: a layer's backward overwrites its grads, and this result outlives the task
     result.grads = wire.encode(result.grads, wire_dtype)
-    return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start)
+    if following is not None:
+        worker.prefetch_batch(run, *following)
+    return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start,
+                                     cpu_s=(computed_cpu - applied_cpu, applied_cpu - start_cpu))
 
 
 def evaluate_replica(run, version, previous, spec):
@@ -105,11 +125,17 @@ def summary(root):
     return int(total.n_samples), float(total.loss_sum), int(total.n_correct), stats
 
 
+def _state(model):
+    """(weights, optimizer state) as WireArrays: Dask then sizes them exactly (it samples 10
+    entries of a plain dict: Adam's state of a 6-parameter net was weighed 12.8-18.3 KB for
+    13.4 KB, and the bytes counted between workers jumped by as much)."""
+    return wire.WireArrays(model.get_weights()), wire.WireArrays(model.optimizer.state_dict())
+
+
 def state_at(run, version, previous):
     """(weights, optimizer state) of this worker's replica at `version` (see _at_version)."""
     with worker._lock:
-        model = _at_version(run, version, previous).model
-        return model.get_weights(), model.optimizer.state_dict()
+        return _state(_at_version(run, version, previous).model)
 
 
 def state_if_at(run, version):
@@ -118,7 +144,7 @@ def state_if_at(run, version):
         replica = _replicas.get(run)
         if replica is None or replica.version != version:
             return None
-        return replica.model.get_weights(), replica.model.optimizer.state_dict()
+        return _state(replica.model)
 
 
 def relay(value):

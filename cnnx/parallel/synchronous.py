@@ -5,15 +5,21 @@ Design (all-reduce style, the driver stays the authority):
 - Step v: one task per virtual shard computes its gradient sum on its worker's replica at
   version v; a fixed pair-sum tree (plan.tree_pairs, G only) reduces them; the root sum goes
   to every worker (through a binary relay tree beyond two workers: each node sends at most
-  twice what it receives). Each replica applies it inside its first task of step v + 1 with
-  Sequential.apply_gradient_sum. Same code, same sum, same order: every replica holds the
-  same bits, on any worker count. The driver receives only the step's counts and loss.
+  twice what it receives; the root's sum itself runs on both workers that hold its two
+  inputs where that sends no more, so two workers just swap halves). Each replica applies
+  it inside its first task of step v + 1 with Sequential.apply_gradient_sum. Same code,
+  same sum, same order: every replica holds the same bits, on any worker count. The
+  driver receives only the step's counts and loss.
 - The driver's model is brought to the replicas' version (`pull`: weights and optimizer
   state from one replica, 3·P once) every `pull_every` steps, for checkpoints, at epoch
   ends and at the end of fit: checkpoints are written from it. Until then it keeps the
   root sums of the steps since (held on the workers), so anything lost can be rebuilt.
 - Pipelined: step v + 1's tasks are queued behind step v's root before the driver waits for
   it, so Dask's round trips to the driver overlap the workers' work instead of adding to it.
+  A shard's task starts its next step's batch on a worker thread when it is done
+  (worker.prefetch_batch): the batch is read while the worker waits for the sum, and a step
+  costs Dask one task per shard, the sums and the summary (each task costs the scheduler,
+  the driver and the worker a few ms of the same cores).
 - Weights never travel per step. Anything lost (a worker killed, a worker that joined
   without a replica) fails the step; the driver then brings its model up to date, re-installs
   it where replicas are missing or behind, and runs the step again from its inputs: the
@@ -37,9 +43,10 @@ RECOVERABLE = (*transport.LOST, TimeoutError, replica.ReplicaMissing,
 class _Step:
     """The futures of one submitted step."""
 
-    def __init__(self, epoch, step, version, root, summary, submitted):
+    def __init__(self, epoch, step, version, root, copies, summary, submitted):
         self.epoch, self.step, self.version = epoch, step, version
         self.root, self.summary, self.submitted = root, summary, submitted
+        self.copies = copies              # {worker address: a future of the root sum there}
 
 
 class ReplicatedSync:
@@ -55,8 +62,9 @@ class ReplicatedSync:
         self.model_version = 0            # steps the driver's own model has taken
         self.roots = []                   # root futures of the steps model_version..version-1
         self.attempt = 0                  # bumps on every recovery: fresh task keys
-        self.previous = None              # the root the next submitted step's replicas apply
+        self.previous = None              # {worker: root copy} the next submitted step applies
         self.last_root = None             # the root future of step version - 1
+        self.last_copies = None           # and its copies, {worker address: future}
         self.workers = []
         self.last_arrival = None
         self.pulled_bytes = 0             # weights and optimizer state the driver received
@@ -149,8 +157,9 @@ class ReplicatedSync:
     def evaluate_tasks(self, specs, workers):
         """Futures of (loss_sum, n_correct, n) of each spec on the replicas, as they are
         now; between two steps (no step queued: the replicas are at most at version)."""
+        copies = self.last_copies or {}
         return [self.client.submit(replica.evaluate_replica, self.run, self.version,
-                                   self.last_root, spec, workers=[address],
+                                   copies.get(address, self.last_root), spec, workers=[address],
                                    allow_other_workers=True, pure=False)
                 for spec, address in zip(specs, workers)]
 
@@ -178,8 +187,9 @@ class ReplicatedSync:
         try:
             while following < len(epoch_plan) or queue:
                 while following < len(epoch_plan) and len(queue) < PIPELINE_DEPTH:
+                    after = epoch_plan[following + 1] if following + 1 < len(epoch_plan) else None
                     queue.append(self._submit(epoch, following, epoch_plan[following],
-                                              self.version + len(queue)))
+                                              self.version + len(queue), after))
                     following += 1
                 head = queue[0]
                 try:
@@ -221,9 +231,11 @@ class ReplicatedSync:
         self.released = [summary for summary in self.released if not summary.done()]
         self.released += [step.summary for step in queue]
         queue.clear()
-        self.previous = self.last_root
+        self.previous = self.last_copies
 
-    def _submit(self, epoch, step, step_plan, version):
+    def _submit(self, epoch, step, step_plan, version, next_plan=None):
+        """Submit step `step`'s tasks: one per shard (its batch read in the task, or
+        prefetched by the shard's task of the step before), the sum tree, the summary."""
         started = time.perf_counter()
         prefix = f"{self.run}-a{self.attempt}-v{version}"
         sources = self._broadcast(self.previous, prefix)
@@ -232,32 +244,33 @@ class ReplicatedSync:
             where = self.workers[transport.preferred_worker(shard, len(step_plan),
                                                             len(self.workers))]
             key = (epoch, step, shard)
-            # no input from the step before: runs while the worker waits for that step
-            batch = self.client.submit(worker.timed_batch, self.spec(step_plan[shard]), key,
-                                       key=f"{prefix}-batch-{shard}", workers=[where],
-                                       allow_other_workers=True, pure=False)
+            following = (None if next_plan is None else
+                         (self.spec(next_plan[shard]), (epoch, step + 1, shard)))
             leaves.append(self.client.submit(
-                replica.replica_gradient, self.run, version, sources.get(where), batch, key,
-                self.wire_dtype, key=f"{prefix}-grad-{shard}", workers=[where],
-                allow_other_workers=True, pure=False))
-        root = self._reduce(leaves, prefix, step_plan)
+                replica.replica_gradient, self.run, version, sources.get(where),
+                self.spec(step_plan[shard]), key, self.wire_dtype, following,
+                key=f"{prefix}-grad-{shard}", workers=[where], allow_other_workers=True,
+                pure=False))
+        root, copies = self._reduce(leaves, prefix, step_plan)
         summary = self.client.submit(replica.summary, root, key=f"{prefix}-summary",
                                      workers=self.workers[:1], allow_other_workers=True,
                                      pure=False)
-        self.previous = root
-        return _Step(epoch, step, version, root, summary, started)
+        self.previous = copies
+        return _Step(epoch, step, version, root, copies, summary, submitted=started)
 
-    def _broadcast(self, root, prefix):
-        """{worker address: a future of `root` held there}: Dask fetches the root sum for the
-        first two workers from where it was summed; beyond that a binary tree of relays,
-        so no worker sends the sum more than twice plus once to the driver."""
-        if root is None:
+    def _broadcast(self, copies, prefix):
+        """{worker address: a future of the root sum held there}, from `copies` (the workers
+        that summed it): Dask fetches it for the first two workers from where it was summed;
+        beyond that a binary tree of relays, so no worker sends the sum more than twice plus
+        once to the driver."""
+        if not copies:
             return {}
-        held = {self.workers[0]: root}
+        held = dict(copies)
+        root = held.setdefault(self.workers[0], next(iter(copies.values())))
         for child, parent in enumerate(plan.broadcast_parents(len(self.workers))):
-            if parent is None:
-                continue
             where = self.workers[child]
+            if parent is None or where in held:
+                continue
             if parent == 0 and child == 1:
                 held[where] = root
             else:
@@ -268,11 +281,24 @@ class ReplicatedSync:
 
     def _reduce(self, leaves, prefix, step_plan):
         """Pair-sum tasks in a fixed tree: the order of every addition depends on G only.
-        Each sum runs where its left input is, so the root ends on the first worker."""
+        Each sum runs where its left input is, so the root ends on the first worker; the
+        root's own sum runs twice, where each of its two inputs is (the same inputs in the
+        same order: the same bits), so the two halves are exchanged once each way at the
+        same time instead of one half going up and the whole sum coming back down.
+
+        Returns (root, {worker address: a future of the root sum held there})."""
         nodes, homes = leaves, [transport.preferred_worker(shard, len(step_plan),
                                                            len(self.workers))
                                 for shard in range(len(leaves))]
+        copies, parents = {}, plan.broadcast_parents(len(self.workers))
         for depth, level in enumerate(plan.tree_pairs(len(leaves))):
+            if len(level) == 1 and self._sums_root_twice(homes[level[0][0]],
+                                                         homes[level[0][1]], parents):
+                left, right = nodes[level[0][0]], nodes[level[0][1]]
+                where = self.workers[homes[level[0][1]]]
+                copies[where] = self.client.submit(
+                    worker.sum_pair, left, right, key=f"{prefix}-sum-{depth}-copy",
+                    workers=[where], allow_other_workers=True, pure=False)
             nodes = [nodes[pair[0]] if len(pair) == 1 else
                      self.client.submit(worker.sum_pair, nodes[pair[0]], nodes[pair[1]],
                                         key=f"{prefix}-sum-{depth}-{i}",
@@ -280,14 +306,22 @@ class ReplicatedSync:
                                         allow_other_workers=True, pure=False)
                      for i, pair in enumerate(level)]
             homes = [homes[pair[0]] for pair in level]
-        return nodes[0]
+        copies[self.workers[homes[0]]] = nodes[0]
+        return nodes[0], copies
+
+    @staticmethod
+    def _sums_root_twice(left_home, right_home, parents):
+        """Whether the root's right input's worker sums the root itself: when the broadcast
+        tree would send it the root straight from the root's worker (always with two
+        workers), which then sends its half instead, so no worker sends more than before."""
+        return left_home == 0 and right_home != 0 and parents[right_home] == 0
 
     def _take(self, head, summary):
         """The step's record; its sum stays on the workers (kept for pull)."""
         n, loss_sum, n_correct, stats = summary
         self.version += 1
         self.roots.append(head.root)
-        self.last_root = head.root
+        self.last_root, self.last_copies = head.root, head.copies
         received = time.perf_counter()
         # pipelined: a step takes the time between two sums arriving (or since submission)
         since = head.submitted if self.last_arrival is None else max(self.last_arrival,
@@ -300,6 +334,8 @@ class ReplicatedSync:
                 "time_s": seconds, "images_per_s": n / seconds,
                 "scatter_s": 0.0, "wait_s": seconds, "optimizer_s": 0.0,
                 "compute_s": compute, "max_shard_compute_s": stats["max_compute_s"],
+                "max_shard_compute_cpu_s": stats.get("max_compute_cpu_s", 0.0),
+                "replica_apply_cpu_s": stats.get("max_apply_cpu_s", 0.0),
                 "replica_apply_s": stats.get("max_apply_s", 0.0), "read_s": stats["read_s"],
                 "transfer_s": max(0.0, seconds - stats["max_compute_s"]
                                   - stats.get("max_apply_s", 0.0)),

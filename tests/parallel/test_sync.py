@@ -1,5 +1,7 @@
 """Synchronous training: bit-identical weights across worker counts, worker loss and resume."""
+import collections
 import os
+import re
 import signal
 import threading
 
@@ -277,3 +279,52 @@ def test_nan_gradients_stop_naming_shard_and_step_with_state_intact(cluster, sto
                     callbacks=[lambda t, r: seen.append(t.pull().get_weights())])
     assert len(seen) == 3
     assert_same_weights(model.get_weights(), seen[-1])
+
+
+def wide_model():
+    """A Dense kernel (64 x 256) whose gradient travels as factors, stacked up to the root."""
+    from cnnx import nn, optim
+    from parallel_helpers import IMAGE
+
+    model = nn.Sequential([nn.Flatten(), nn.Dense(256, activation="relu"),
+                           nn.Dense(2, activation="softmax")], input_shape=IMAGE)
+    model.compile(optimizer=optim.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_two_workers_exchange_halves_instead_of_sending_the_sum_back(cluster, store):
+    # G=2 on two workers: each worker sums the root itself from the other's half (the same
+    # inputs, the same order), so per step each half crosses once; before, one half went up
+    # and the stacked sum, twice its size, came back down (three halves per step)
+    from dask.sizeof import sizeof
+
+    from cnnx.parallel import replica, wire
+
+    trainer = DaskTrainer(wide_model(), cluster, shards=2, progress=False, echo=lambda *a: None)
+    trainer.fit(store, epochs=1, batch_size=BATCH)
+    images, labels = store.read(np.arange(BATCH // 2))
+    half = replica._Replica(wide_model(), 0).gradient(store.normalize(images), labels,
+                                                      (0, 0, 0), "float32")
+    half.grads = wire.encode(half.grads)
+    half_bytes = sizeof(half)
+    assert half_bytes < 0.6 * sum(a.nbytes for a in wide_model().params.values())
+    epoch = trainer.history[-1]
+    per_step = epoch["bytes_between_workers"] / epoch["steps"]
+    assert 1.9 * half_bytes < per_step < 2.4 * half_bytes
+
+
+def test_a_step_costs_dask_one_task_per_shard_the_sums_and_the_summary(cluster, store):
+    # each task costs the scheduler, the driver and a worker a few ms of the same cores: a
+    # step on two workers is 2 shard tasks + the root summed on both + the summary; the
+    # batches are prefetched by the shard tasks themselves (no task of their own)
+    from distributed import get_task_stream
+
+    with get_task_stream(cluster) as stream:
+        _, trainer = train(cluster, store, shards=2)
+    # step task keys: "{run}-a{attempt}-v{version}-{kind}-...", run = "cnnx-{hex}"
+    step_task = re.compile(r"cnnx-[0-9a-f]+-a\d+-v\d+-([a-z]+)")
+    kinds = collections.Counter(found.group(1) for found in
+                                (step_task.match(str(task["key"])) for task in stream.data)
+                                if found)
+    steps = len(trainer.steps)
+    assert kinds == {"grad": 2 * steps, "sum": 2 * steps, "summary": steps}

@@ -136,20 +136,49 @@ def test_workers_get_the_model_without_the_optimizer_state(rng):
     np.testing.assert_array_equal(shipped.predict(x), model.predict(x))
 
 
-def test_dense_kernel_gradient_as_factors_is_exact_and_smaller(rng):
-    # one shard's factors multiply out to the layer's own kernel gradient, bit for bit; sums
-    # stack the factors while that is smaller, and multiply out once it is not
+def factored_model():
     from cnnx import nn, optim
-    from cnnx.parallel import factors
 
     model = nn.Sequential([nn.Flatten(), nn.Dense(64, activation="relu"),
                            nn.Dense(2, activation="softmax")], input_shape=(16, 16, 1))
     model.compile(optim.SGD(0.1), "sparse_categorical_crossentropy")
-    dense = model.layers[1]
-    factors.capture(dense)
+    return model
+
+
+def test_dense_keeping_factors_skips_only_the_kernel_gemm_and_changes_no_bit(rng):
+    # with kernel_grad_as_factors the layer leaves grads["kernel"] unformed and keeps
+    # (x, grad_z); every other gradient, and the factors multiplied out, are the same bits
+    from cnnx.parallel import factors
+
+    x = rng.standard_normal((8, 16, 16, 1)).astype(np.float32)
+    y = np.arange(8) % 2
+    plain, keeping = factored_model(), factored_model()
+    keeping.layers[1].kernel_grad_as_factors = True
+    expected, result = plain.gradient(x, y), keeping.gradient(x, y)
+    assert result.grads["dense/kernel"] is None
+    assert expected.grads.keys() == result.grads.keys()
+    for name in expected.grads:
+        if name != "dense/kernel":
+            np.testing.assert_array_equal(result.grads[name], expected.grads[name], err_msg=name)
+    kept = factors.from_layer(keeping.layers[1])
+    np.testing.assert_array_equal(kept.materialise(), expected.grads["dense/kernel"])
+    np.testing.assert_array_equal(kept.materialise(out=np.empty((256, 64), np.float32)),
+                                  expected.grads["dense/kernel"])
+    keeping.forward(x)                                   # the next forward drops them
+    assert keeping.layers[1].kernel_factors is None
+
+
+def test_dense_kernel_gradient_as_factors_is_exact_and_smaller(rng):
+    # one shard's factors multiply out to the layer's own kernel gradient, bit for bit; sums
+    # stack the factors while that is smaller, and multiply out once it is not
+    from cnnx.parallel import factors
+
+    model = factored_model()
     x = rng.standard_normal((8, 16, 16, 1)).astype(np.float32)
     result = model.gradient(x, np.arange(8) % 2)
-    captured = dense.kernel_factors
+    model.layers[1].kernel_grad_as_factors = True
+    model.gradient(x, np.arange(8) % 2)
+    captured = factors.from_layer(model.layers[1])
     np.testing.assert_array_equal(captured.materialise(), result.grads["dense/kernel"])
     assert captured.nbytes == 8 * (256 + 64) * 4 < result.grads["dense/kernel"].nbytes
     twice = captured + captured                    # 16 rows: still smaller, stacked
@@ -163,3 +192,64 @@ def test_dense_kernel_gradient_as_factors_is_exact_and_smaller(rng):
     # the glasses net's first Dense kernel at 32 rows: 6.6 MB instead of 26 MB
     assert 32 * (51200 + 128) * 4 / 1e6 == pytest.approx(6.57, abs=0.01)
     assert factors.smaller_as_factors(32, 51200, 128)
+
+
+def test_replica_sends_factors_only_where_they_are_smaller(rng):
+    # the replica asks its Dense layers for factors per task: 8 rows are smaller than the
+    # 256x64 kernel, 64 rows are not (then the layer forms the kernel gradient itself)
+    from cnnx.parallel import factors, replica
+
+    held = replica._Replica(factored_model(), 0)
+    assert held.factored == [held.model.layers[1]]
+    for rows, factored in ((8, True), (64, False)):
+        x = rng.standard_normal((rows, 16, 16, 1)).astype(np.float32)
+        result = held.gradient(x, np.arange(rows) % 2, (0, 0, 0), "float32")
+        kernel = result.grads["dense/kernel"]
+        assert isinstance(kernel, factors.KernelFactors) == factored
+        expected = factored_model().gradient(x, np.arange(rows) % 2).grads["dense/kernel"]
+        np.testing.assert_array_equal(factors.materialised(kernel), expected)
+    bfloat16 = held.gradient(x[:8], np.arange(8) % 2, (0, 0, 0), "bfloat16")
+    assert isinstance(bfloat16.grads["dense/kernel"], np.ndarray)
+
+
+def test_a_prefetched_batch_is_the_batch_and_is_taken_once(store):
+    # a shard task prepares its next step's batch on a worker thread; the next task takes
+    # exactly that batch (same bits as reading it itself), once; untaken ones stay bounded
+    def augment(x, rng):
+        return x + rng.standard_normal(x.shape).astype(np.float32)
+
+    worker.clear_cache()
+    batch_spec, key = spec(store, range(8, 40), augment), (1, 2, 3)
+    expected_x, expected_y = worker.prepare_batch(batch_spec, key)
+    worker.prefetch_batch("run", batch_spec, key)
+    x, y, seconds = worker.take_batch("run", batch_spec, key)
+    np.testing.assert_array_equal(x, expected_x)
+    np.testing.assert_array_equal(y, expected_y)
+    assert seconds > 0 and ("run", key) not in worker._prefetched
+    misses = worker.cache_info()["misses"]
+    worker.take_batch("run", batch_spec, key)        # not prefetched: read (cache hits)
+    assert worker.cache_info()["misses"] == misses
+    for step in range(worker.PREFETCH_KEEP + 5):
+        worker.prefetch_batch("run", spec(store, range(8)), (9, step, 0))
+    assert len(worker._prefetched) == worker.PREFETCH_KEEP
+    assert ("run", (9, 0, 0)) not in worker._prefetched        # the oldest went first
+    for future in worker._prefetched.values():
+        future.result()
+    worker._prefetched.clear()
+
+
+def test_the_pulled_replica_state_is_sized_exactly(rng):
+    # Dask samples 10 entries of a plain dict: Adam's 13-entry state was weighed anywhere in
+    # 12.8-18.3 KB, and the bytes counted between workers jumped with it
+    from dask.sizeof import sizeof
+
+    from cnnx import optim
+    from cnnx.parallel import replica
+
+    model = factored_model()
+    model.compile(optim.Adam(1e-3), "sparse_categorical_crossentropy")
+    model.train_step(rng.standard_normal((8, 16, 16, 1)).astype(np.float32), np.arange(8) % 2)
+    state = replica._state(model)
+    sizes = {sizeof(state) for _ in range(20)}
+    assert len(sizes) == 1
+    assert 0 < sizes.pop() - wire.nbytes(state[0]) - wire.nbytes(state[1]) < 4096
