@@ -31,12 +31,14 @@ def save_checkpoint(directory, weights, optimizer_state, meta):
                                         {"meta": meta})
 
 
-def load_checkpoint(directory, expected_weights=None):
+def load_checkpoint(directory, expected_weights=None, check_meta=None):
     """(weights, optimizer_state, meta) from the checkpoint in `directory`, or None if none.
 
     expected_weights: optional {name: array} (e.g. {**model.params, **model.state}); the
     checkpoint's weights must have exactly those names, shapes and dtypes, checked before
-    any of them is read.  A malformed file raises cnnx.nn.ArchiveError (a ValueError).
+    any of them is read.  check_meta: optional callable given the meta first (it raises to
+    refuse: a resume names the setting that differs before any shape).  A malformed file
+    raises cnnx.nn.ArchiveError (a ValueError).
     """
     path = checkpoint_path(directory)
     if not os.path.exists(path):
@@ -46,6 +48,8 @@ def load_checkpoint(directory, expected_weights=None):
         meta = archive.document("meta")
         if not isinstance(meta, dict):
             raise archive.error(f"its meta is a {type(meta).__name__}, not a dict")
+        if check_meta is not None:
+            check_meta(meta)
         if expected_weights is not None:
             archive.check_group(WEIGHTS, {key: (value.shape, value.dtype) for key, value
                                           in expected_weights.items()}, "the model")

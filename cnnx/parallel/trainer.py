@@ -1,19 +1,17 @@
 """DaskTrainer: train one model on a Dask cluster, synchronously or asynchronously.
 
-The driver holds the master weights (float32) and the optimizer; workers read their own
-chunks of the Zarr store and return gradient sums (worker.py). Policy lives here, in small
-named methods: which shard runs where, how a step is reduced and applied, what is recorded,
-when a checkpoint is written, and how to ride out workers leaving and joining.
+A facade: the mode object picks the driver that runs the epochs (synchronous.py: replicas
+on the workers, the default; broadcast.py: the papers' weights-out protocol;
+asynchronous.py: Downpour, DynSGD, ADAG, EASGD). What every mode shares lives here: the
+plan of shards and steps, the epoch tally and history, validation, checkpoints and resume.
 """
 import json
-import time
 import uuid
 
 import numpy as np
 
-from cnnx.parallel import (asynchronous, checkpoint, cluster, modes, plan, records,
+from cnnx.parallel import (asynchronous, broadcast, checkpoint, cluster, modes, plan, records,
                            synchronous, transport, wire, worker)
-from cnnx.parallel.transport import LOST, preferred_worker
 
 MODES = tuple(modes.MODES)
 OLDER_MODE_KEYWORDS = ("learning_rate", "tau", "alpha", "max_in_flight", "sync_weights")
@@ -65,11 +63,10 @@ class DaskTrainer:
         self.client, self._owned_cluster = cluster.connect(client, connect_timeout, echo=echo)
         self._owns_client = self.client is not client       # we opened it: we close it
         self._dataset = None
-        self._sync_driver = self._tally = None
+        self._sync_driver = self._broadcast_driver = self._tally = None
         self.n_shards = shards                    # G, fixed by fit when shards is None
         self.history, self.steps = [], []
         self.run_id = uuid.uuid4().hex[:8]
-        self.model_future = None
         # the asynchronous modes' driver owns their commit state for the trainer's lifetime
         self.async_driver = None if mode == "sync" else asynchronous.AsyncDriver(
             self.client, model, self.mode_options, self.shard_spec, wire_dtype=self.wire_dtype,
@@ -140,16 +137,20 @@ class DaskTrainer:
         start_epoch, start_step, saved_tally = 0, 0, None
         if resume and checkpoint_dir is not None:
             start_epoch, start_step, saved_tally = self._restore(checkpoint_dir)
-        self._sync_driver = None
+        self._sync_driver = self._broadcast_driver = None
         if self.mode == "sync" and self.mode_options.weights == "replicated":
             self._sync_driver = synchronous.ReplicatedSync(
                 self.client, self.model, self.shard_spec, self.wire_dtype,
                 self.max_step_retries, self.worker_timeout, self.echo)
             self._sync_driver.start()
-        elif self.async_driver is not None:
-            self.async_driver.start()
+        elif self.mode == "sync":
+            self._broadcast_driver = broadcast.BroadcastSync(
+                self.client, self.model, self.shard_spec, n_shards, self.run_id,
+                self.wire_dtype, self.max_step_retries, self.worker_timeout,
+                self.scatter_timeout, self.echo)
+            self._broadcast_driver.start()
         else:
-            self.place_model()
+            self.async_driver.start()
         try:
             self._fit_epochs(epochs, start_epoch, start_step, saved_tally, owned, shard_batch,
                              validation, checkpoint_dir, list(callbacks))
@@ -158,12 +159,10 @@ class DaskTrainer:
             self._pull_if_possible()
             raise
         finally:
-            if self._sync_driver is not None:
-                self._sync_driver.close()
-                self._sync_driver = None
-            if self.async_driver is not None:
-                self.async_driver.close()
-            self.model_future = None             # release the workers' copies
+            for driver in (self._sync_driver, self._broadcast_driver, self.async_driver):
+                if driver is not None:
+                    driver.close()               # releases the workers' copies
+            self._sync_driver = self._broadcast_driver = None
         return self.history
 
     def pull(self, quiet=False):
@@ -210,11 +209,8 @@ class DaskTrainer:
     # ----------------------------------------------------------------- sync
     def _sync_epoch(self, epoch, epoch_plan, first_step, checkpoint_dir, callbacks):
         bar = _progress(len(epoch_plan), first_step, f"epoch {epoch}", self.progress)
-        if self._sync_driver is not None:
-            steps = self._sync_driver.run_epoch(epoch, epoch_plan, first_step)
-        else:
-            steps = (self._sync_step(epoch, step, epoch_plan[step])
-                     for step in range(first_step, len(epoch_plan)))
+        driver = self._sync_driver or self._broadcast_driver
+        steps = driver.run_epoch(epoch, epoch_plan, first_step)
         try:
             for record in steps:
                 step = record["step"]
@@ -231,73 +227,6 @@ class DaskTrainer:
         finally:
             steps.close()
             bar.close()
-
-    def _sync_step(self, epoch, step, step_plan):
-        """One synchronous step, retried from its inputs if workers die and take data along."""
-        for attempt in range(self.max_step_retries + 1):
-            workers = cluster.wait_for_workers(self.client, self.worker_timeout, self.echo)
-            try:
-                if attempt:
-                    self.place_model(attempt)  # its copies may have died with the workers
-                return self._sync_step_once(epoch, step, step_plan, workers, attempt)
-            except (*LOST, TimeoutError) as error:
-                if attempt == self.max_step_retries:
-                    raise
-                self.echo(f"cnnx: step {step} of epoch {epoch} lost data or stalled with a "
-                          f"worker ({type(error).__name__}); retrying it "
-                          f"({attempt + 1}/{self.max_step_retries})")
-        raise AssertionError("unreachable")
-
-    def _sync_step_once(self, epoch, step, step_plan, workers, attempt):
-        started = time.perf_counter()
-        weights = wire.encode(self.model.get_weights(), self.wire_dtype)
-        weights_future = self._place(weights, attempt)     # other workers fetch it once
-        scattered = time.perf_counter()
-        prefix = f"cnnx-{self.run_id}-e{epoch}-s{step}-a{attempt}"
-        leaves = [self._submit_shard(weights_future, step_plan[shard], (epoch, step, shard),
-                                     workers, f"{prefix}-grad-{shard}")
-                  for shard in range(len(step_plan))]
-        root = self._reduce_tree(leaves, prefix)
-        try:
-            total, stats = root.result()
-        except worker.NonFiniteGradientError as error:
-            raise worker.NonFiniteGradientError(
-                f"{error}; training stopped before applying step {step} of epoch {epoch}: the "
-                f"model holds the weights after the previous step") from None
-        received = time.perf_counter()
-        self._apply_sum(total)
-        applied = time.perf_counter()
-        del leaves, root, weights_future
-        return self._step_record(epoch, step, total, stats, workers, {
-            "scatter_s": scattered - started, "wait_s": received - scattered,
-            "optimizer_s": applied - received, "time_s": applied - started,
-            "bytes_out": wire.nbytes(weights),
-            "bytes_in": wire.nbytes(total.grads)})
-
-    def _submit_shard(self, weights_future, indices, key, workers, task_key):
-        preferred = workers[preferred_worker(key[2], self.n_shards, len(workers))]
-        return self.client.submit(worker.shard_gradient, self.model_future, weights_future,
-                                  self.shard_spec(indices), key, self.wire_dtype, key=task_key,
-                                  workers=[preferred], allow_other_workers=True, pure=False)
-
-    def _reduce_tree(self, leaves, prefix):
-        """Pair-sum tasks in a fixed tree: the order of every addition depends on G only."""
-        nodes = leaves
-        for depth, level in enumerate(plan.tree_pairs(len(leaves))):
-            nodes = [nodes[pair[0]] if len(pair) == 1 else
-                     self.client.submit(worker.sum_pair, nodes[pair[0]], nodes[pair[1]],
-                                        key=f"{prefix}-sum-{depth}-{i}", pure=False)
-                     for i, pair in enumerate(level)]
-        return nodes[0]
-
-    def _apply_sum(self, total):
-        """Mean gradient -> regulariser + optimizer step: what Sequential.fit does per batch."""
-        self.model.apply_gradient_sum(wire.decoded(total))
-
-    def _set_state(self, state):
-        own = self.model.state
-        for name, value in state.items():
-            own[name][...] = value
 
     # ----------------------------------------------------------------- async
     def _async_epoch(self, epoch, epoch_plan, first_step, callbacks):
@@ -332,7 +261,7 @@ class DaskTrainer:
         else:
             weights_future = self._place(wire.encode(self.model.get_weights(), self.wire_dtype))
             # after fit() the workers' model copies were released; evaluate() must work then
-            model_future = (self.model_future
+            model_future = ((self._broadcast_driver and self._broadcast_driver.model_future)
                             or (self.async_driver and self.async_driver.model_future)
                             or self._place(transport.worker_copy(self.model), broadcast=True))
             futures = [self.client.submit(worker.evaluate_batch, model_future, weights_future,
@@ -361,11 +290,23 @@ class DaskTrainer:
         return checkpoint.save_checkpoint(directory, self.model.get_weights(), state, meta)
 
     def _restore(self, directory):
-        loaded = checkpoint.load_checkpoint(directory)
+        # the settings a resume must match first, then every entry's name, shape and dtype,
+        # all before any weight is read
+        loaded = checkpoint.load_checkpoint(directory, self.model.get_weights(),
+                                            check_meta=lambda meta: self._check_meta(
+                                                directory, meta))
         if loaded is None:
             self.echo(f"cnnx: no checkpoint in {directory}; starting from the beginning")
             return 0, 0, None
         weights, optimizer_state, meta = loaded
+        self.model.set_weights(weights)
+        if optimizer_state:
+            self.model.optimizer.load_state_dict(optimizer_state)
+        self.history = list(meta.get("history", []))
+        self.echo(f"cnnx: resuming from {directory} at epoch {meta['epoch']}, step {meta['step']}")
+        return meta["epoch"], meta["step"], meta.get("epoch_so_far")
+
+    def _check_meta(self, directory, meta):
         for name in ("mode", "seed", "shards", "batch_size"):
             if meta[name] != self._meta[name]:
                 raise ValueError(f"DaskTrainer: the checkpoint in {directory} was written with "
@@ -376,25 +317,12 @@ class DaskTrainer:
                     f"DaskTrainer: the checkpoint in {directory} was written for another "
                     f"{what}: {_difference(meta[name], self._meta[name])}; resume with the "
                     f"{what} it was written with, or train into a new checkpoint directory")
-        self.model.set_weights(weights)
-        if optimizer_state:
-            self.model.optimizer.load_state_dict(optimizer_state)
-        self.history = list(meta.get("history", []))
-        self.echo(f"cnnx: resuming from {directory} at epoch {meta['epoch']}, step {meta['step']}")
-        return meta["epoch"], meta["step"], meta.get("epoch_so_far")
 
     # ----------------------------------------------------------------- helpers
-    def place_model(self, attempt=0):
-        """The model (without optimizer state) on every worker, as a future for tasks."""
-        self.model_future = self._place(transport.worker_copy(self.model), attempt,
-                                         broadcast=attempt == 0)
-
-    def _place(self, value, attempt=0, broadcast=False):
-        """`value` on every worker (broadcast) or on one the others fetch from; a retry
-        (attempt) picks the next worker, in case the first just died."""
-        workers = cluster.worker_addresses(self.client)
-        workers = workers[attempt % len(workers):] if workers else None
-        return transport.place(self.client, value, self.scatter_timeout, workers, broadcast)
+    def _place(self, value, broadcast=False):
+        """`value` on every worker (broadcast) or on one the others fetch from."""
+        return transport.place(self.client, value, self.scatter_timeout,
+                               cluster.worker_addresses(self.client) or None, broadcast)
 
     def shard_spec(self, indices):
         """What a worker task needs to read and prepare the samples `indices`."""
@@ -409,17 +337,6 @@ class DaskTrainer:
         except Exception:                         # a worker leaving mid-call; not worth failing
             return 0
         return int(sum(counts.values()))
-
-    def _step_record(self, epoch, step, total, stats, workers, phases):
-        n = int(total.n_samples)
-        compute = stats["compute_s"] / max(1, len(stats["worker"]))
-        return dict(phases, epoch=epoch, step=step, n_samples=n,
-                    loss_sum=float(total.loss_sum), n_correct=int(total.n_correct),
-                    loss=float(total.loss_sum) / n, accuracy=int(total.n_correct) / n,
-                    images_per_s=n / phases["time_s"], compute_s=compute,
-                    max_shard_compute_s=stats["max_compute_s"], read_s=stats["read_s"],
-                    transfer_s=max(0.0, phases["wait_s"] - compute), workers=len(workers),
-                    tasks_per_worker=stats["worker"])
 
     def _count_between_workers(self):
         """Add what workers sent each other since the last count to the epoch's tally. Dask's

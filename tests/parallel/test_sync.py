@@ -70,6 +70,20 @@ def test_one_worker_gives_the_same_bits_as_two(reference, store):
     assert_same_weights(model.get_weights(), reference[0])
 
 
+def test_broadcast_protocol_gives_the_same_bits_on_one_worker_as_on_two(cluster, store):
+    """Sync(weights="broadcast") (broadcast.py): weights out and gradient sums back every
+    step, the same pair-sum tree, the optimizer on the driver."""
+    from cnnx.parallel import Sync
+    two, trainer = train(cluster, store, mode=Sync(weights="broadcast"))
+    assert trainer.steps[-1]["workers"] == 2
+    assert all(step["bytes_out"] > 0 for step in trainer.steps)    # the weights, every step
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        one, _ = train(client, store, mode=Sync(weights="broadcast"))
+    assert_same_weights(one.get_weights(), two.get_weights())
+    assert trainer.history[-1]["accuracy"] > 0.9
+
+
 def test_a_worker_killed_mid_epoch_changes_no_bit(reference, store):
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as local, Client(local) as client:
@@ -205,6 +219,24 @@ def test_resume_refuses_another_architecture_or_optimizer(cluster, store, tmp_pa
         DaskTrainer(tiny_model(optimizer=optim.Adam(1e-3)), cluster, shards=SHARDS,
                     progress=False, echo=lambda *a: None).fit(
             store, epochs=2, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_resume_checks_the_checkpoint_s_weights_before_reading_them(cluster, store, tmp_path):
+    from cnnx import nn
+    from cnnx.parallel import checkpoint
+    trainer = DaskTrainer(tiny_model(), cluster, shards=SHARDS, progress=False,
+                          echo=lambda *a: None)
+    trainer.fit(store, epochs=1, batch_size=BATCH, checkpoint_dir=tmp_path)
+    weights, optimizer_state, meta = checkpoint.load_checkpoint(tmp_path)
+    name = next(key for key, value in weights.items() if value.ndim == 2)
+    weights[name] = np.zeros((4096, 4096), np.float32)       # same meta, a foreign entry
+    checkpoint.save_checkpoint(tmp_path, weights, optimizer_state, meta)
+    model = tiny_model()
+    before = model.get_weights()
+    with pytest.raises(nn.ArchiveError, match=re.escape(name)):
+        DaskTrainer(model, cluster, shards=SHARDS, progress=False, echo=lambda *a: None).fit(
+            store, epochs=2, batch_size=BATCH, checkpoint_dir=tmp_path, resume=True)
+    assert_same_weights(model.get_weights(), before)         # nothing was loaded
 
 
 DRIVER = """
