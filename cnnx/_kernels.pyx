@@ -69,19 +69,35 @@ cdef extern from "cnnx_kernels.h" nogil:
                              const float *a_scale, const float *b, const float *b_shift,
                              const float *b_scale, const float *shift, float *out,
                              int n_threads)
+    # optimizers.c
+    ctypedef struct cnnx_gradient_terms:
+        float divisor, l1, two_l2
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
         float m_scale, grad_scale
+    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                          const cnnx_adam_scalars *scalars, const cnnx_gradient_terms *terms,
+                          int n_threads)
     void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square,
                              float decay, float weight, float learning_rate, float epsilon,
-                             int n_threads)
+                             const cnnx_gradient_terms *terms, int n_threads)
     void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
                             float beta_1, float one_minus_beta_1, float beta_2, float step,
-                            float epsilon, int n_threads)
-    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
-                          const cnnx_adam_scalars *scalars, int n_threads)
+                            float epsilon, const cnnx_gradient_terms *terms, int n_threads)
+    void cnnx_adadelta_update(long n, float *param, const float *grad, float *mean_grad,
+                              float *mean_delta, float rho, float one_minus_rho,
+                              float learning_rate, float epsilon,
+                              const cnnx_gradient_terms *terms, int n_threads)
     void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
-                         float learning_rate, float momentum, int nesterov, int n_threads)
+                         float learning_rate, float momentum, int nesterov,
+                         const cnnx_gradient_terms *terms, int n_threads)
+    long cnnx_lars_norms_partials(long n)
+    void cnnx_lars_norms(long n, const float *param, const float *grad,
+                         const cnnx_gradient_terms *terms, double *norms, double *partials,
+                         int n_threads)
+    void cnnx_lars_update(long n, float *param, const float *grad, float *velocity,
+                          float momentum, float weight_decay, float step,
+                          const cnnx_gradient_terms *terms, int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
@@ -463,6 +479,22 @@ def relu_backward(y, grad, n_threads=1):
     return grad
 
 
+# ------------------------------------------------------------------------------ optimizers
+# Every update reads g = grad / divisor + l1 sign(param) + 2 l2 param (divisor: the sample
+# count of a summed gradient, 1 for a mean; l1, l2: an L1L2 regularizer's, 0 without one),
+# and updates param and its slots in place.
+
+cdef cnnx_gradient_terms _gradient_terms(who, divisor, l1, l2) except *:
+    if not divisor > 0:
+        raise ValueError(f"{who}: divisor must be positive (the gradient's sample count), "
+                         f"got {divisor!r}")
+    if not (l1 >= 0 and l2 >= 0):
+        raise ValueError(f"{who}: l1 and l2 must be non-negative, got l1={l1!r}, l2={l2!r}")
+    cdef cnnx_gradient_terms terms
+    terms.divisor, terms.l1, terms.two_l2 = divisor, l1, 2 * l2
+    return terms
+
+
 cdef _check_update(who, param, grad, slots):
     _check_output(who, "param", param, None)
     _check(who, "grad", grad, param.shape)
@@ -472,11 +504,12 @@ cdef _check_update(who, param, grad, slots):
 
 def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float beta_2,
                 float one_minus_beta_2, float step, float epsilon, float m_scale=1,
-                float grad_scale=0, n_threads=1):
+                float grad_scale=0, divisor=1, l1=0, l2=0, n_threads=1):
     """One fused Adam pass: m, v and param updated in place (see cnnx_adam_update; Nadam
     passes its m_scale and grad_scale)."""
     who = "adam_update"
     _check_update(who, param, grad, {"m": m, "v": v})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_adam_scalars scalars
     scalars.beta_1, scalars.one_minus_beta_1 = beta_1, one_minus_beta_1
@@ -489,28 +522,31 @@ def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float b
     cdef float[::1] v_view = _flat(v)
     with nogil:
         cnnx_adam_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
-                         &v_view[0], &scalars, threads)
+                         &v_view[0], &scalars, &terms, threads)
 
 
 def rmsprop_update(param, grad, square, float decay, float weight, float learning_rate,
-                   float epsilon, n_threads=1):
+                   float epsilon, divisor=1, l1=0, l2=0, n_threads=1):
     """One fused RMSprop (Adagrad: decay = weight = 1) pass, in place."""
     who = "rmsprop_update"
     _check_update(who, param, grad, {"square": square})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
     cdef float[::1] square_view = _flat(square)
     with nogil:
         cnnx_rmsprop_update(param_view.shape[0], &param_view[0], &grad_view[0],
-                            &square_view[0], decay, weight, learning_rate, epsilon, threads)
+                            &square_view[0], decay, weight, learning_rate, epsilon, &terms,
+                            threads)
 
 
 def adamax_update(param, grad, m, u, float beta_1, float one_minus_beta_1, float beta_2,
-                  float step, float epsilon, n_threads=1):
+                  float step, float epsilon, divisor=1, l1=0, l2=0, n_threads=1):
     """One fused AdaMax pass, in place."""
     who = "adamax_update"
     _check_update(who, param, grad, {"m": m, "u": u})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
@@ -519,17 +555,35 @@ def adamax_update(param, grad, m, u, float beta_1, float one_minus_beta_1, float
     with nogil:
         cnnx_adamax_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
                            &u_view[0], beta_1, one_minus_beta_1, beta_2, step, epsilon,
-                           threads)
+                           &terms, threads)
+
+
+def adadelta_update(param, grad, mean_grad, mean_delta, float rho, float one_minus_rho,
+                    float learning_rate, float epsilon, divisor=1, l1=0, l2=0, n_threads=1):
+    """One fused Adadelta pass, in place."""
+    who = "adadelta_update"
+    _check_update(who, param, grad, {"mean_grad": mean_grad, "mean_delta": mean_delta})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] mean_grad_view = _flat(mean_grad)
+    cdef float[::1] mean_delta_view = _flat(mean_delta)
+    with nogil:
+        cnnx_adadelta_update(param_view.shape[0], &param_view[0], &grad_view[0],
+                             &mean_grad_view[0], &mean_delta_view[0], rho, one_minus_rho,
+                             learning_rate, epsilon, &terms, threads)
 
 
 def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint nesterov,
-               n_threads=1):
+               divisor=1, l1=0, l2=0, n_threads=1):
     """One fused SGD pass (velocity None: plain SGD), in place."""
     who = "sgd_update"
     _check_output(who, "param", param, None)
     _check(who, "grad", grad, param.shape)
     if velocity is not None:
         _check_output(who, "velocity", velocity, param.shape)
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
@@ -541,7 +595,40 @@ def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint 
     cdef int use_nesterov = nesterov
     with nogil:
         cnnx_sgd_update(param_view.shape[0], &param_view[0], &grad_view[0], velocity_pointer,
-                        learning_rate, momentum, use_nesterov, threads)
+                        learning_rate, momentum, use_nesterov, &terms, threads)
+
+
+def lars_norms(param, grad, divisor=1, l1=0, l2=0, n_threads=1):
+    """(||param||, ||g||) in double, block sums added in block order."""
+    who = "lars_norms"
+    _check(who, "param", param)
+    _check(who, "grad", grad, param.shape)
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] param_view = param.reshape(-1)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef long n = param_view.shape[0]
+    cdef double[::1] partials = np.empty(cnnx_lars_norms_partials(n))
+    cdef double norms[2]
+    with nogil:
+        cnnx_lars_norms(n, &param_view[0], &grad_view[0], &terms, norms, &partials[0],
+                        threads)
+    return norms[0], norms[1]
+
+
+def lars_update(param, grad, velocity, float momentum, float weight_decay, float step,
+                divisor=1, l1=0, l2=0, n_threads=1):
+    """One fused LARS pass (step = learning rate * local rate), in place."""
+    who = "lars_update"
+    _check_update(who, param, grad, {"velocity": velocity})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] velocity_view = _flat(velocity)
+    with nogil:
+        cnnx_lars_update(param_view.shape[0], &param_view[0], &grad_view[0],
+                         &velocity_view[0], momentum, weight_decay, step, &terms, threads)
 
 
 # ------------------------------------------------------------------------------ per channel

@@ -97,32 +97,62 @@ void cnnx_relu_forward(long n, const float *x, float *y, int n_threads);
 /* grad[i] *= (y[i] > 0): ReLU's backward from its output, in place. */
 void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads);
 
+/* ---- optimizers.c: one fused pass per parameter tensor. Every update reads the gradient
+ * g = grad / divisor + l1 sign(param) + two_l2 param: divisor is the sample count of a
+ * summed gradient (1 for a mean), l1 and two_l2 an L1L2 regularizer's l1 and 2 l2 (0 when
+ * none). float32 throughout, in the NumPy formulas' order. */
+typedef struct {
+    float divisor, l1, two_l2;
+} cnnx_gradient_terms;
+
 /* Adam (Kingma & Ba, Algorithm 1) with the bias corrections folded into step and epsilon:
  * m = beta_1 m + (1 - beta_1) g;  v = beta_2 v + (1 - beta_2) g^2;
  * param -= m / (sqrt(v) + epsilon) * step.  With grad_scale != 0 (Nadam) the numerator is
- * m * m_scale + g * grad_scale. float32 throughout, in the NumPy formulas' order. */
+ * m * m_scale + g * grad_scale. */
 typedef struct {
     float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon;
     float m_scale, grad_scale;
 } cnnx_adam_scalars;
 void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
-                      const cnnx_adam_scalars *scalars, int n_threads);
+                      const cnnx_adam_scalars *scalars, const cnnx_gradient_terms *terms,
+                      int n_threads);
 
 /* RMSprop (Adagrad: decay = weight = 1): square = decay square + weight g^2;
  * param -= g / (sqrt(square) + epsilon) * learning_rate. */
 void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square, float decay,
-                         float weight, float learning_rate, float epsilon, int n_threads);
+                         float weight, float learning_rate, float epsilon,
+                         const cnnx_gradient_terms *terms, int n_threads);
 
 /* AdaMax (Kingma & Ba, Algorithm 2): m = beta_1 m + (1 - beta_1) g;
  * u = max(beta_2 u, |g|);  param -= m / (u + epsilon) * step. */
 void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
                         float beta_1, float one_minus_beta_1, float beta_2, float step,
-                        float epsilon, int n_threads);
+                        float epsilon, const cnnx_gradient_terms *terms, int n_threads);
+
+/* Adadelta (Zeiler 2012): mean_grad = rho mean_grad + (1 - rho) g^2;
+ * delta = sqrt(mean_delta + epsilon) / sqrt(mean_grad + epsilon) g;
+ * mean_delta = rho mean_delta + (1 - rho) delta^2;  param -= delta * learning_rate. */
+void cnnx_adadelta_update(long n, float *param, const float *grad, float *mean_grad,
+                          float *mean_delta, float rho, float one_minus_rho,
+                          float learning_rate, float epsilon,
+                          const cnnx_gradient_terms *terms, int n_threads);
 
 /* SGD: velocity NULL: param -= lr g.  Else v = momentum v - lr g, then param += v
  * (nesterov: param = (param - lr g) + momentum v). */
 void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
-                     float learning_rate, float momentum, int nesterov, int n_threads);
+                     float learning_rate, float momentum, int nesterov,
+                     const cnnx_gradient_terms *terms, int n_threads);
+
+/* LARS (You et al. 2017), two passes: norms = (||param||, ||g||), block sums in double
+ * added in block order (partials: cnnx_lars_norms_partials(n) doubles of scratch); then
+ * v = momentum v + (g + weight_decay param) * step;  param -= v  (step = lr * local lr). */
+long cnnx_lars_norms_partials(long n);
+void cnnx_lars_norms(long n, const float *param, const float *grad,
+                     const cnnx_gradient_terms *terms, double *norms, double *partials,
+                     int n_threads);
+void cnnx_lars_update(long n, float *param, const float *grad, float *velocity,
+                      float momentum, float weight_decay, float step,
+                      const cnnx_gradient_terms *terms, int n_threads);
 
 /* Per-channel sums over a (rows, channels) array: sums[c] = sum_r (a[r, c] - a_shift[c]) and
  * product_sums[c] = sum_r (a[r, c] - a_shift[c]) * (b[r, c] - b_shift[c]) (b NULL: a).
