@@ -8,7 +8,7 @@ and what it got. Workspace is allocated here (NumPy), so the C side never alloca
 import threading
 
 import numpy as np
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 cdef extern from "cnnx_kernels.h" nogil:
     int cnnx_openmp_enabled()
@@ -98,6 +98,10 @@ cdef extern from "cnnx_kernels.h" nogil:
     void cnnx_lars_update(long n, float *param, const float *grad, float *velocity,
                           float momentum, float weight_decay, float step,
                           const cnnx_gradient_terms *terms, int n_threads)
+    # loss.c
+    double cnnx_softmax_cross_entropy(int rows, int classes, const float *logits,
+                                      const int64_t *labels, float *grad, double *row_losses,
+                                      int n_threads)
 
 ISAS = {"auto": 0, "generic": 1, "avx2": 2}
 _ISA_NAMES = {1: "generic", 2: "avx2"}
@@ -629,6 +633,33 @@ def lars_update(param, grad, velocity, float momentum, float weight_decay, float
     with nogil:
         cnnx_lars_update(param_view.shape[0], &param_view[0], &grad_view[0],
                          &velocity_view[0], momentum, weight_decay, step, &terms, threads)
+
+
+# ------------------------------------------------------------------------------ loss
+
+def softmax_cross_entropy(logits, labels, grad, n_threads=1):
+    """Sum over rows of -log softmax(logits)[label] (float64); grad = softmax - onehot.
+    logits, grad (N, K) float32; labels (N,) int64 in [0, K)."""
+    who = "softmax_cross_entropy"
+    _check(who, "logits", logits, (-1, -1))
+    _check(who, "labels", labels, (logits.shape[0],), np.int64)
+    _check_output(who, "grad", grad, logits.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef int rows = logits.shape[0], classes = logits.shape[1], r
+    cdef const int64_t[::1] labels_view = labels
+    for r in range(rows):
+        if labels_view[r] < 0 or labels_view[r] >= classes:
+            raise ValueError(f"{who}: labels must lie in [0, {classes}), got "
+                             f"{labels_view[r]} at row {r}")
+    cdef const float[:, ::1] logits_view = logits
+    cdef float[:, ::1] grad_view = grad
+    cdef double[::1] row_losses = np.empty(rows)
+    cdef double total
+    with nogil:
+        total = cnnx_softmax_cross_entropy(rows, classes, &logits_view[0, 0],
+                                           &labels_view[0], &grad_view[0, 0],
+                                           &row_losses[0], threads)
+    return total
 
 
 # ------------------------------------------------------------------------------ per channel

@@ -154,6 +154,14 @@ void cnnx_lars_update(long n, float *param, const float *grad, float *velocity,
                       float momentum, float weight_decay, float step,
                       const cnnx_gradient_terms *terms, int n_threads);
 
+/* ---- loss.c: softmax cross-entropy over logits (rows, classes), labels in [0, classes).
+ * grad[r, k] = softmax(logits[r])[k] - (k == labels[r]); row_losses[r] =
+ * log sum_k exp(logits[r, k]) - logits[r, labels[r]] (shifted by the row's max: no overflow);
+ * returns the sum of row_losses, added in row order. */
+double cnnx_softmax_cross_entropy(int rows, int classes, const float *logits,
+                                  const int64_t *labels, float *grad, double *row_losses,
+                                  int n_threads);
+
 /* Per-channel sums over a (rows, channels) array: sums[c] = sum_r (a[r, c] - a_shift[c]) and
  * product_sums[c] = sum_r (a[r, c] - a_shift[c]) * (b[r, c] - b_shift[c]) (b NULL: a).
  * In double across fixed chunks of rows (float within a chunk when channels is 16 or 32).
