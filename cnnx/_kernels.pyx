@@ -228,42 +228,94 @@ def column_sums(a, sums, n_threads=1):
 
 # ------------------------------------------------------------------------------ convolution
 
-cdef cnnx_conv_geometry _conv_geometry(who, tuple source_shape, tuple out_size, tuple kernel,
-                                       tuple strides, tuple dilation, tuple pads) except *:
+cdef class ConvGeometry:
+    """One convolution's geometry, worked out and checked once (Conv2D.build) and handed to
+    every call: input (H, W, C), kernel_size (KH, KW), filters F, strides, pads (top, left)
+    and output_size (OH, OW). It holds the C structs of the forward (and kernel-gradient)
+    GEMM and of the input-gradient pass: a convolution of grad_output, dilated by the
+    strides, with the kernel flipped in space and transposed in channels."""
+    cdef cnnx_conv_geometry forward
+    cdef cnnx_conv_geometry grad_input
+    cdef readonly tuple input_size, kernel_size, strides, pads, output_size
+    cdef readonly int filters
+
+    def __init__(self, input_size, kernel_size, int filters, strides, pads, output_size):
+        self.input_size = tuple(int(v) for v in input_size)
+        self.kernel_size = tuple(int(v) for v in kernel_size)
+        self.strides = tuple(int(v) for v in strides)
+        self.pads = tuple(int(v) for v in pads)
+        self.output_size = tuple(int(v) for v in output_size)
+        self.filters = filters
+        if (len(self.input_size) != 3 or len(self.kernel_size) != 2 or len(self.strides) != 2
+                or len(self.pads) != 2 or len(self.output_size) != 2):
+            raise ValueError(f"ConvGeometry: expected input_size (H, W, C) and pairs for "
+                             f"kernel_size, strides, pads and output_size, got {self!r}")
+        (h, w, c), (kh, kw) = self.input_size, self.kernel_size
+        (sh, sw), (top, left), (oh, ow) = self.strides, self.pads, self.output_size
+        if min(h, w, c, kh, kw, sh, sw, oh, ow, filters) < 1 or min(top, left) < 0:
+            raise ValueError(f"ConvGeometry: sizes must be positive and pads non-negative, "
+                             f"got {self!r}")
+        if (oh - 1) * sh - top >= h or (ow - 1) * sw - left >= w or top >= kh or left >= kw:
+            raise ValueError(f"ConvGeometry: a window lies wholly in the padding: {self!r}")
+        if <long long>kh * kw * max(c, filters) > _INT_MAX:
+            raise ValueError(f"ConvGeometry: the GEMM of this convolution has more than "
+                             f"2**31 - 1 columns: {self!r}")
+        self.forward = _conv_struct((h, w, c), (oh, ow), (kh, kw), (sh, sw), (1, 1),
+                                    (top, left))
+        self.grad_input = _conv_struct((oh, ow, filters), (h, w), (kh, kw), (1, 1), (sh, sw),
+                                       (kh - 1 - top, kw - 1 - left))
+
+    def __repr__(self):
+        return (f"ConvGeometry(input_size={self.input_size}, kernel_size={self.kernel_size}, "
+                f"filters={self.filters}, strides={self.strides}, pads={self.pads}, "
+                f"output_size={self.output_size})")
+
+    def __reduce__(self):                    # pickled with its layer (Dask ships models)
+        return ConvGeometry, (self.input_size, self.kernel_size, self.filters, self.strides,
+                              self.pads, self.output_size)
+
+    def __eq__(self, other):
+        return isinstance(other, ConvGeometry) and self.__reduce__() == other.__reduce__()
+
+    def __hash__(self):
+        return hash(self.__reduce__()[1])
+
+
+cdef cnnx_conv_geometry _conv_struct(tuple source_size, tuple out_size, tuple kernel,
+                                     tuple strides, tuple dilation, tuple pads):
     cdef cnnx_conv_geometry g
-    g.batch, g.in_h, g.in_w, g.channels = source_shape
+    g.batch = 0                                  # each call sets its batch
+    g.in_h, g.in_w, g.channels = source_size
     g.out_h, g.out_w = out_size
     g.kernel_h, g.kernel_w = kernel
     g.stride_h, g.stride_w = strides
     g.dilation_h, g.dilation_w = dilation
     g.pad_top, g.pad_left = pads
-    if min(g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
-           g.dilation_h, g.dilation_w) < 1 or min(g.pad_top, g.pad_left) < 0:
-        raise ValueError(f"{who}: bad geometry: out {out_size}, kernel {kernel}, strides "
-                         f"{strides}, dilation {dilation}, pads {pads}")
-    if (<long long>g.batch * g.out_h * g.out_w > _INT_MAX
-            or <long long>g.kernel_h * g.kernel_w * g.channels > _INT_MAX):
-        raise ValueError(f"{who}: the GEMM of this convolution has more than 2**31 - 1 rows")
     return g
 
 
-def conv2d_forward(x, kernel, bias, y, strides=(1, 1), pads=(0, 0), bint relu=False,
-                   dilation=(1, 1), n_threads=1):
-    """y = conv(x, kernel) + bias (relu).  x (N,H,W,C), kernel (KH,KW,C,F) -> y (N,OH,OW,F).
+cdef int _batch_rows(who, cnnx_conv_geometry *g, int batch) except -1:
+    """Set the call's batch; the GEMM's rows (N*OH*OW) must fit an int."""
+    if <long long>batch * g.out_h * g.out_w > _INT_MAX:
+        raise ValueError(f"{who}: {batch} x {g.out_h} x {g.out_w} output pixels, more than "
+                         f"2**31 - 1 GEMM rows; use smaller batches")
+    g.batch = batch
+    return 0
 
-    pads = (top, left) zeros before the input; the output size is y's. dilation dilates the
-    input (the grad-input pass of a strided convolution)."""
+
+def conv2d_forward(ConvGeometry geometry, x, kernel, bias, y, bint relu=False, n_threads=1):
+    """y = conv(x, kernel) + bias (relu).  x (N,H,W,C), kernel (KH,KW,C,F) -> y (N,OH,OW,F),
+    all as the geometry says; bias (F,) or None."""
     who = "conv2d_forward"
-    _check(who, "x", x, (-1, -1, -1, -1))
-    _check(who, "kernel", kernel, (-1, -1, x.shape[3], -1))
-    cdef int filters = kernel.shape[3]
-    _check_output(who, "y", y, (x.shape[0], -1, -1, filters))
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "x", x, (-1, h, w, c))
+    _check(who, "kernel", kernel, (kh, kw, c, f))
+    _check_output(who, "y", y, (x.shape[0], *geometry.output_size, f))
     if bias is not None:
-        _check(who, "bias", bias, (filters,))
+        _check(who, "bias", bias, (f,))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_conv_geometry g = _conv_geometry(
-        who, x.shape, y.shape[1:3], kernel.shape[:2], tuple(strides), tuple(dilation),
-        tuple(pads))
+    cdef cnnx_conv_geometry g = geometry.forward
+    _batch_rows(who, &g, x.shape[0])
     cdef const float[:, :, :, ::1] x_view = x
     cdef const float[:, :, :, ::1] kernel_view = kernel
     cdef float[:, :, :, ::1] y_view = y
@@ -273,8 +325,8 @@ def conv2d_forward(x, kernel, bias, y, strides=(1, 1), pads=(0, 0), bint relu=Fa
         bias_view = bias
         bias_pointer = &bias_view[0]
     cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_forward_workspace_floats(&g, filters, threads))
-    cdef int use_relu = relu
+        cnnx_conv2d_forward_workspace_floats(&g, f, threads))
+    cdef int use_relu = relu, filters = f
     with nogil:
         cnnx_conv2d_forward(&g, &x_view[0, 0, 0, 0], &kernel_view[0, 0, 0, 0], filters,
                             bias_pointer, use_relu, &y_view[0, 0, 0, 0], threads,
@@ -282,25 +334,50 @@ def conv2d_forward(x, kernel, bias, y, strides=(1, 1), pads=(0, 0), bint relu=Fa
     return y
 
 
-def conv2d_grad_kernel(x, grad_output, grad_kernel, grad_bias, strides=(1, 1), pads=(0, 0),
+def conv2d_grad_input(ConvGeometry geometry, grad_output, kernel, grad_input, n_threads=1):
+    """grad_input (N,H,W,C) of the convolution: grad_output (N,OH,OW,F), dilated by the
+    strides, convolved with the kernel flipped in space and transposed to (KH,KW,F,C)."""
+    who = "conv2d_grad_input"
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "grad_output", grad_output, (-1, *geometry.output_size, f))
+    _check(who, "kernel", kernel, (kh, kw, c, f))
+    _check_output(who, "grad_input", grad_input, (grad_output.shape[0], h, w, c))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_conv_geometry g = geometry.grad_input
+    _batch_rows(who, &g, grad_output.shape[0])
+    flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+    cdef const float[:, :, :, ::1] grad_output_view = grad_output
+    cdef const float[:, :, :, ::1] flipped_view = flipped
+    cdef float[:, :, :, ::1] grad_input_view = grad_input
+    cdef float[::1] workspace = _workspace(
+        cnnx_conv2d_forward_workspace_floats(&g, c, threads))
+    cdef int channels = c
+    with nogil:
+        cnnx_conv2d_forward(&g, &grad_output_view[0, 0, 0, 0], &flipped_view[0, 0, 0, 0],
+                            channels, NULL, 0, &grad_input_view[0, 0, 0, 0], threads,
+                            &workspace[0])
+    return grad_input
+
+
+def conv2d_grad_kernel(ConvGeometry geometry, x, grad_output, grad_kernel, grad_bias,
                        n_threads=1):
     """grad_kernel = im2col(x)^T @ grad_output, grad_bias = sums of grad_output over pixels."""
     who = "conv2d_grad_kernel"
-    _check(who, "x", x, (-1, -1, -1, -1))
-    _check(who, "grad_output", grad_output, (x.shape[0], -1, -1, -1))
-    cdef int filters = grad_output.shape[3]
-    _check_output(who, "grad_kernel", grad_kernel, (-1, -1, x.shape[3], filters))
-    _check_output(who, "grad_bias", grad_bias, (filters,))
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "x", x, (-1, h, w, c))
+    _check(who, "grad_output", grad_output, (x.shape[0], *geometry.output_size, f))
+    _check_output(who, "grad_kernel", grad_kernel, (kh, kw, c, f))
+    _check_output(who, "grad_bias", grad_bias, (f,))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_conv_geometry g = _conv_geometry(
-        who, x.shape, grad_output.shape[1:3], grad_kernel.shape[:2], tuple(strides), (1, 1),
-        tuple(pads))
+    cdef cnnx_conv_geometry g = geometry.forward
+    _batch_rows(who, &g, x.shape[0])
     cdef const float[:, :, :, ::1] x_view = x
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
     cdef float[:, :, :, ::1] grad_kernel_view = grad_kernel
     cdef float[::1] grad_bias_view = grad_bias
     cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_grad_kernel_workspace_floats(&g, filters, threads))
+        cnnx_conv2d_grad_kernel_workspace_floats(&g, f, threads))
+    cdef int filters = f
     with nogil:
         cnnx_conv2d_grad_kernel(&g, &x_view[0, 0, 0, 0], &grad_output_view[0, 0, 0, 0],
                                 filters, &grad_kernel_view[0, 0, 0, 0], &grad_bias_view[0],

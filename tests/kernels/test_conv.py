@@ -110,16 +110,58 @@ def test_conv2d_float32_agrees_with_float64_path(rng):
 def test_conv2d_kernel_rejects_wrong_dtype_and_channels(rng):
     x = f32(rng, (1, 5, 5, 3))
     y = np.empty((1, 3, 3, 4), np.float32)
+    geometry = ops.conv_geometry((5, 5, 3), 3, 4, 1, "valid")
     with pytest.raises(TypeError, match=r"conv2d_forward: kernel must be float32, got float64"):
-        _kernels.conv2d_forward(x, np.ones((3, 3, 3, 4)), None, y)
+        _kernels.conv2d_forward(geometry, x, np.ones((3, 3, 3, 4)), None, y)
     with pytest.raises(ValueError, match=r"conv2d_forward: kernel must have shape "
-                                         r"\(any, any, 3, any\), got \(3, 3, 2, 4\)"):
-        _kernels.conv2d_forward(x, f32(rng, (3, 3, 2, 4)), None, y)
+                                         r"\(3, 3, 3, 4\), got \(3, 3, 2, 4\)"):
+        _kernels.conv2d_forward(geometry, x, f32(rng, (3, 3, 2, 4)), None, y)
     with pytest.raises(ValueError, match=r"conv2d_forward: x must be C-contiguous"):
-        _kernels.conv2d_forward(x[:, :, ::-1], f32(rng, (3, 3, 3, 4)), None, y)
+        _kernels.conv2d_forward(geometry, x[:, :, ::-1], f32(rng, (3, 3, 3, 4)), None, y)
     with pytest.raises(ValueError, match=r"conv2d_forward: x is empty"):
-        _kernels.conv2d_forward(np.empty((0, 5, 5, 3), np.float32), f32(rng, (3, 3, 3, 4)),
-                                None, np.empty((0, 3, 3, 4), np.float32))
+        _kernels.conv2d_forward(geometry, np.empty((0, 5, 5, 3), np.float32),
+                                f32(rng, (3, 3, 3, 4)), None, np.empty((0, 3, 3, 4), np.float32))
+
+
+def test_the_kernels_check_arrays_against_the_geometry(rng):
+    """A layer's geometry is checked once, when made; each call checks its arrays against it
+    at the Cython boundary (and nowhere above)."""
+    geometry = ops.conv_geometry((7, 6, 3), (3, 2), 4, (2, 1), "same")
+    assert (geometry.output_size, geometry.pads) == ((4, 6), (1, 0))
+    kernel = f32(rng, (3, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"conv2d_forward: x must have shape "
+                                         r"\(any, 7, 6, 3\), got \(2, 7, 7, 3\)"):
+        _kernels.conv2d_forward(geometry, f32(rng, (2, 7, 7, 3)), kernel, None,
+                                np.empty((2, 4, 6, 4), np.float32))
+    with pytest.raises(ValueError, match=r"conv2d_grad_kernel: grad_output must have shape "
+                                         r"\(2, 4, 6, 4\), got \(2, 4, 5, 4\)"):
+        _kernels.conv2d_grad_kernel(geometry, f32(rng, (2, 7, 6, 3)), f32(rng, (2, 4, 5, 4)),
+                                    np.empty((3, 2, 3, 4), np.float32),
+                                    np.empty(4, np.float32))
+    with pytest.raises(ValueError, match=r"conv2d_grad_input: grad_input must have shape "
+                                         r"\(2, 7, 6, 3\), got \(2, 7, 6, 4\)"):
+        _kernels.conv2d_grad_input(geometry, f32(rng, (2, 4, 6, 4)), kernel,
+                                   np.empty((2, 7, 6, 4), np.float32))
+    with pytest.raises(ValueError, match=r"ConvGeometry: a window lies wholly in the padding"):
+        _kernels.ConvGeometry((7, 6, 3), (3, 2), 4, (2, 1), (3, 0), (4, 6))
+    with pytest.raises(ValueError, match="does not fit a 2x6 input"):
+        ops.conv_geometry((2, 6, 3), 3, 4, 1, "valid")
+
+
+def test_conv2d_geometry_is_made_at_build_and_travels_with_the_layer(rng):
+    import pickle
+
+    from cnnx import nn
+    layer = nn.Conv2D(4, (3, 2), strides=(2, 1), padding="same")
+    layer.build((7, 6, 3), rng)
+    assert layer.geometry == ops.conv_geometry((7, 6, 3), (3, 2), 4, (2, 1), "same")
+    copy = pickle.loads(pickle.dumps(layer))           # what Dask does with a model
+    assert copy.geometry == layer.geometry
+    x = f32(rng, (2, 7, 6, 3))
+    np.testing.assert_array_equal(copy.forward(x), layer.forward(x))
+    np.testing.assert_array_equal(
+        layer.forward(x), ops.conv2d_forward(x, layer.params["kernel"], layer.params["bias"],
+                                             (2, 1), "same"))
 
 
 def test_conv2d_backward_rejects_wrong_grad_output(rng):
