@@ -37,6 +37,8 @@ cdef extern from "cnnx_kernels.h" nogil:
                                  const float *grad_output, int filters, float *grad_kernel,
                                  float *grad_bias, int n_threads, float *workspace)
     void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads)
+    void cnnx_conv2d_flip_kernel(int kernel_h, int kernel_w, int channels, int filters,
+                                 const float *kernel, float *flipped)
     ctypedef struct cnnx_pool_geometry:
         int batch, in_h, in_w, channels
         int out_h, out_w
@@ -345,14 +347,16 @@ def conv2d_grad_input(ConvGeometry geometry, grad_output, kernel, grad_input, n_
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_conv_geometry g = geometry.grad_input
     _batch_rows(who, &g, grad_output.shape[0])
-    flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+    cdef const float[:, :, :, ::1] kernel_view = kernel
+    cdef float[:, :, :, ::1] flipped_view = np.empty((kh, kw, f, c), np.float32)
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
-    cdef const float[:, :, :, ::1] flipped_view = flipped
     cdef float[:, :, :, ::1] grad_input_view = grad_input
     cdef float[::1] workspace = _workspace(
         cnnx_conv2d_forward_workspace_floats(&g, c, threads))
-    cdef int channels = c
+    cdef int channels = c, filters = f, kernel_h = kh, kernel_w = kw
     with nogil:
+        cnnx_conv2d_flip_kernel(kernel_h, kernel_w, channels, filters,
+                                &kernel_view[0, 0, 0, 0], &flipped_view[0, 0, 0, 0])
         cnnx_conv2d_forward(&g, &grad_output_view[0, 0, 0, 0], &flipped_view[0, 0, 0, 0],
                             channels, NULL, 0, &grad_input_view[0, 0, 0, 0], threads,
                             &workspace[0])

@@ -13,6 +13,9 @@ PADDINGS = ("valid", "same")
 
 
 def _pair(value, what):
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        if value[0] >= 1 and value[1] >= 1:
+            return value                   # already a pair of positive ints: every call
     pair = (value, value) if np.isscalar(value) else tuple(value)
     if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
         raise ValueError(f"{what} must be a positive int or a pair of them, got {value!r}")

@@ -90,11 +90,11 @@ class GradientTerms:
 
     def __init__(self, divisor=1, regularizer=None):
         self.divisor, self.regularizer = divisor, regularizer
+        self._options = {"divisor": divisor, "l1": regularizer.l1 if regularizer else 0.0,
+                         "l2": regularizer.l2 if regularizer else 0.0}
 
     def kernel_options(self):
-        regularizer = self.regularizer
-        return {"divisor": self.divisor, "l1": regularizer.l1 if regularizer else 0.0,
-                "l2": regularizer.l2 if regularizer else 0.0}
+        return self._options
 
     def of(self, grad, param):
         """The gradient as an array (NumPy path): grad / divisor (+ the penalty's gradient)."""
@@ -103,9 +103,6 @@ class GradientTerms:
         if self.regularizer is not None:
             grad = grad + self.regularizer.gradient(param)
         return grad
-
-
-_PLAIN = GradientTerms()
 
 
 class Optimizer:
@@ -137,14 +134,17 @@ class Optimizer:
         lr = self.learning_rate(self.iterations)
         self.iterations += 1
         self._begin_step()
+        plain = GradientTerms(n_samples)          # for the params without a regularizer
         for name in sorted(grads):                # fixed order: state updates are reproducible
             param, grad = params[name], grads[name]
             if grad.shape != param.shape:
                 raise ValueError(f"{type(self).__name__}.apply: gradient for {name!r} is "
                                  f"{grad.shape}, parameter is {param.shape}")
-            terms = (_PLAIN if n_samples == 1 and name not in regularizers
-                     else GradientTerms(n_samples, regularizers.get(name)))
-            self._update(name, param, grad.astype(param.dtype, copy=False), lr, terms)
+            regularizer = regularizers.get(name)
+            terms = plain if regularizer is None else GradientTerms(n_samples, regularizer)
+            if grad.dtype != param.dtype:
+                grad = grad.astype(param.dtype)
+            self._update(name, param, grad, lr, terms)
 
     def _begin_step(self):
         """Hook for state shared by all parameters (Nadam's momentum product)."""
@@ -449,8 +449,10 @@ class LARS(Optimizer):
 
 def _fused(*arrays):
     """True when the C update applies: float32, C-contiguous, writeable, not empty."""
-    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.size > 0
-               for a in arrays) and arrays[0].flags.writeable
+    for a in arrays:                      # a loop, not all(...): this runs for every param
+        if a.dtype != np.float32 or not a.flags.c_contiguous or a.size == 0:
+            return False
+    return arrays[0].flags.writeable
 
 
 def _moving_average(average, value, decay, work=None):

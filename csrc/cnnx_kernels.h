@@ -60,6 +60,11 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                              const float *grad_output, int filters, float *grad_kernel,
                              float *grad_bias, int n_threads, float *workspace);
 
+/* flipped[i, j, f, c] = kernel[KH-1-i, KW-1-j, c, f]: the weights of the grad-input pass
+ * (flipped in space, transposed in channels). */
+void cnnx_conv2d_flip_kernel(int kernel_h, int kernel_w, int channels, int filters,
+                             const float *kernel, float *flipped);
+
 /* sums[n] = sum over rows of a[m, n], rows added in order (dense grad bias). */
 void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads);
 

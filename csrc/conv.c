@@ -390,3 +390,18 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                               grad_bias);
     }
 }
+
+void cnnx_conv2d_flip_kernel(int kernel_h, int kernel_w, int channels, int filters,
+                             const float *restrict kernel, float *restrict flipped)
+{
+    long tap_floats = (long)channels * filters;
+    for (int i = 0; i < kernel_h; ++i)
+        for (int j = 0; j < kernel_w; ++j) {
+            const float *source = kernel + ((long)(kernel_h - 1 - i) * kernel_w
+                                            + (kernel_w - 1 - j)) * tap_floats;
+            float *target = flipped + ((long)i * kernel_w + j) * tap_floats;
+            for (int c = 0; c < channels; ++c)          /* (C, F) -> (F, C), one tap */
+                for (int f = 0; f < filters; ++f)
+                    target[(long)f * channels + c] = source[(long)c * filters + f];
+        }
+}

@@ -46,14 +46,14 @@ class SparseCategoricalCrossentropy(Loss):
         if y.ndim != 1:
             raise ValueError(f"{who}: sparse_categorical_crossentropy expects labels of shape "
                              f"(N,), got {y.shape}")
-        if y.size and not np.issubdtype(y.dtype, np.integer):
+        if y.size and y.dtype.kind not in "iu":           # not an integer dtype
             if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
                 raise ValueError(f"{who}: labels must be integer class indices, got {y.dtype} "
                                  f"values such as {y[np.argmax(y != np.round(y))]!r}")
-        if y.size and (y.min() < 0 or y.max() >= n_outputs):
+        if y.size and (np.minimum.reduce(y) < 0 or np.maximum.reduce(y) >= n_outputs):
             raise ValueError(f"{who}: labels must lie in [0, {n_outputs}) for a model with "
                              f"{n_outputs} outputs, got min {y.min()}, max {y.max()}")
-        return y.astype(np.int64)
+        return y.astype(np.int64, copy=False)
 
     def __call__(self, probabilities, y):
         rows = np.arange(len(y))
