@@ -3,7 +3,9 @@
 Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output.
 float32 arrays run on the C kernels (every operand must then be float32); float64 arrays
 take the NumPy path of cnnx.ops_float64, which the gradient checks use (same maths, no
-rounding noise). Checks and geometry live here, once for both paths.
+rounding noise). A layer works its convolution's geometry out once (conv_geometry, at
+build) and passes it in: its calls then go straight to the kernels, which check the arrays
+against it. Called without a geometry, the ops check their arguments and make one.
 """
 import numpy as np
 
