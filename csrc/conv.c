@@ -130,39 +130,37 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
         long image = band_index / bands_per_image;
         int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
         int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
-        int virtual_rows = (rows - 1) * width + g->out_w;
+        int pixels = rows * g->out_w;
         float *y_band = y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
         copy_band(g, x, image, y0, rows, band);
-        for (int v0 = 0; v0 < virtual_rows; v0 += GEMM_MR) {
-            int out_x = v0 % width;
-            int whole = out_x + GEMM_MR <= g->out_w;     /* six real pixels of one row */
-            const float *a = band + (long)v0 * g->channels;
+        for (int q0 = 0; q0 < pixels; q0 += GEMM_MR) {
+            /* six real output pixels, across row ends: their band cells by offset */
+            int tile_rows = pixels - q0 < GEMM_MR ? pixels - q0 : GEMM_MR;
+            long row_offsets[GEMM_MR];
+            for (int r = 0; r < GEMM_MR; ++r) {
+                int q = q0 + (r < tile_rows ? r : 0);
+                row_offsets[r] = ((long)(q / g->out_w) * width + q % g->out_w) * g->channels;
+            }
             for (int panel = 0; panel < panels; ++panel) {
                 int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
                                                                : GEMM_NR;
                 const float *b = packed_kernel + (long)panel * depth * GEMM_NR;
                 const float *panel_bias = bias ? bias + panel * GEMM_NR : NULL;
-                if (whole && cols == GEMM_NR) {
-                    float *c = y_band + ((long)(v0 / width) * g->out_w + out_x) * filters
-                               + panel * GEMM_NR;
-                    micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, c,
-                                      filters, panel_bias, relu);
+                float *c = y_band + (long)q0 * filters + panel * GEMM_NR;
+                if (tile_rows == GEMM_MR && cols == GEMM_NR) {
+                    micro_kernels()->conv(taps, tap_offsets, g->channels, band, row_offsets, b,
+                                          c, filters, panel_bias, relu);
                     continue;
                 }
                 if (bias) {
                     memset(edge_bias, 0, sizeof(float) * GEMM_NR);
                     memcpy(edge_bias, panel_bias, sizeof(float) * cols);
                 }
-                micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
-                                  GEMM_NR, bias ? edge_bias : NULL, relu);
-                for (int r = 0; r < GEMM_MR; ++r) {
-                    int v = v0 + r, row_x = v % width;
-                    if (v >= virtual_rows || row_x >= g->out_w)
-                        continue;                         /* junk column or past the band */
-                    memcpy(y_band + ((long)(v / width) * g->out_w + row_x) * filters
-                               + panel * GEMM_NR,
-                           edge_tile + r * GEMM_NR, sizeof(float) * cols);
-                }
+                micro_kernels()->conv(taps, tap_offsets, g->channels, band, row_offsets, b,
+                                      edge_tile, GEMM_NR, bias ? edge_bias : NULL, relu);
+                for (int r = 0; r < tile_rows; ++r)
+                    memcpy(c + (long)r * filters, edge_tile + r * GEMM_NR,
+                           sizeof(float) * cols);
             }
         }
     }

@@ -14,9 +14,11 @@ typedef void (*micro_kernel_fn)(int kc, const float *a, long a_row_stride, long 
                                 int accumulate, const float *bias, int relu);
 
 /* Direct convolution tile: c[0:6, 0:16] = sum over taps t, channels p of
- * a[r*a_row_stride + tap_offsets[t] + p] * b[(t*channels + p)*16 + j] (+ bias) (relu). */
+ * a[row_offsets[r] + tap_offsets[t] + p] * b[(t*channels + p)*16 + j] (+ bias) (relu).
+ * Rows at any offsets: a tile takes six real output pixels even across an output row's end,
+ * so no junk columns are computed. */
 typedef void (*conv_kernel_fn)(int taps, const int *tap_offsets, int channels, const float *a,
-                               long a_row_stride, const float *b, float *c, long ldc,
+                               const long *row_offsets, const float *b, float *c, long ldc,
                                const float *bias, int relu);
 
 /* c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j) with rows at any offsets:

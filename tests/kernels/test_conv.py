@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from cnnx import _kernels, ops
 import reference
 
+
 # (x shape NHWC, kernel shape HWIO, strides, padding)
 CASES = [
     ((1, 1, 1, 1), (1, 1, 1, 1), (1, 1), "valid"),
@@ -24,6 +25,7 @@ CASES = [
     ((1, 7, 9, 2), (2, 2, 2, 19), (1, 1), "valid"),        # virtual rows, 6 + 2 k rows
     ((2, 5, 8, 1), (3, 3, 1, 16), (1, 1), "valid"),
 ]
+ISAS_HERE = ["avx2", "generic"] if _kernels.cpu_has_avx2_fma() else ["generic"]
 IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1][0]}x{c[1][1]}-s{c[2][0]}{c[2][1]}-{c[3]}" for c in CASES]
 
 
@@ -206,3 +208,33 @@ def test_conv2d_forward_refuses_an_integer_kernel(rng):
     with pytest.raises(TypeError, match=r"conv2d_forward expects kernel of dtype float32 "
                                         r".*got int64"):
         ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), np.ones((3, 3, 2, 4), np.int64), None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 5), h=st.integers(1, 15), w=st.integers(1, 15), c=st.integers(1, 34),
+       f=st.integers(1, 40), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       padding=st.sampled_from(["valid", "same"]), seed=st.integers(0, 2**16))
+def test_small_images_match_reference_on_both_isas_and_any_thread_count(
+        n, h, w, c, f, kh, kw, padding, seed):
+    """Stride 1 on small images (the fashion net's 13x13 and 11x11): micro-tiles that cross
+    output rows and images, ragged filter panels; both micro-kernel sets, 1 and 2 threads."""
+    if padding == "valid" and (kh > h or kw > w):
+        return
+    rng = np.random.default_rng(seed)
+    x, kernel, bias = f32(rng, (n, h, w, c)), f32(rng, (kh, kw, c, f)), f32(rng, f)
+    grad_output = f32(rng, ops.conv2d_forward(x, kernel, None, 1, padding).shape)
+    expected_y = reference.conv2d(x, kernel, bias, (1, 1), padding, True)
+    expected_grads = reference.conv2d_backward(x, kernel, grad_output, (1, 1), padding)
+    try:
+        for isa in ISAS_HERE:
+            _kernels.set_isa(isa)
+            runs = [(ops.conv2d_forward(x, kernel, bias, 1, padding, relu=True, n_threads=t),
+                     *ops.conv2d_backward(x, kernel, grad_output, 1, padding, n_threads=t))
+                    for t in (1, 2)]
+            np.testing.assert_allclose(runs[0][0], expected_y, **tolerance(kernel.shape))
+            for got, expected in zip(runs[0][1:], expected_grads):
+                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+            for one, two in zip(*runs):
+                assert np.array_equal(one, two)
+    finally:
+        _kernels.set_isa("auto")
