@@ -37,7 +37,8 @@
 #define BAND_ROWS 16
 #define MAX_TAPS 64                /* fast path for kernels up to 8x8 */
 #define EDGE_FLOATS (GEMM_MR * GEMM_NR + GEMM_NR)
-#define GRAD_SLACK (GEMM_NR + GEMM_MR)
+#define PANEL_MAJOR_MIN_DEPTH 64   /* grad-kernel: grad_output in 16-column panels from here */
+#define GRAD_PARTS 8              /* grad-kernel partials: at most this many runs of bands */
 /* grad_output rows read in place by the grad-kernel fast path only when this wide: each
  * micro-tile call then runs k = out_w deep; narrower rows take the virtual-row layout. */
 #define IN_PLACE_MIN_WIDTH 32
@@ -216,118 +217,171 @@ static void sum_partials_in_order(const float *partials, long parts, long kernel
     }
 }
 
-/* Per thread: band, virtual grad_output (+ slack for ragged column panels), an edge tile. */
+/* The grad-kernel partials: bands are cut into at most GRAD_PARTS fixed runs (by the
+ * geometry alone); a run's bands add into one partial, and the partials are added in run
+ * order. Few partials: little to write and add up (an 11x11 image is one band, and one
+ * partial per image cost more than its products). */
+static long grad_part_count(const cnnx_conv_geometry *g)
+{
+    long bands = band_count(g);
+    return bands < GRAD_PARTS ? bands : GRAD_PARTS;
+}
+
+/* Per thread: band, virtual grad_output in 16-column panels, an edge tile. */
+static long grad_virtual_floats(const cnnx_conv_geometry *g, int filters)
+{
+    long panels = (filters + GEMM_NR - 1) / GEMM_NR;
+    return panels * ((long)BAND_ROWS * padded_width(g) + GEMM_MR) * GEMM_NR;
+}
+
 static long grad_kernel_thread_floats(const cnnx_conv_geometry *g, int filters)
 {
-    long virtual_pixels = (long)BAND_ROWS * padded_width(g);
-    return band_floats(g) + virtual_pixels * filters + GRAD_SLACK + EDGE_FLOATS;
+    return band_floats(g) + grad_virtual_floats(g, filters) + EDGE_FLOATS;
 }
 
 static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
 {
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
     return (long)n_threads * grad_kernel_thread_floats(g, filters)
-           + band_count(g) * (depth * filters + filters);
+           + grad_part_count(g) * (depth * filters + filters);
 }
 
 /* partial[depth, F] (=, or += when accumulate) = im2col(band)^T @ grad[pixels, F] over
- * `pixels` virtual rows from band. The KW*C k indices (j, c) of one kernel row i are
- * contiguous in the band: im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. Six k rows are
- * read in place (pixel stride C), adjacent when they share a kernel row; a narrow kernel
- * row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at gathered
- * offsets instead of leaving half of it empty. */
+ * `pixels` virtual rows from band; grad's column panel f0/16 starts at grad + f0/16 *
+ * panel_stride, its rows grad_k_stride apart. The KW*C k indices (j, c) of one kernel row i
+ * are contiguous in the band: im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. Six k rows
+ * are read in place (pixel stride C), adjacent when they share a kernel row; a narrow
+ * kernel row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at
+ * gathered offsets instead of leaving half of it empty. Column panels outermost: one
+ * panel of grad stays in L1 while every k tile reads it. */
 static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, int pixels,
-                             const float *grad, int filters, float *partial, int accumulate,
-                             float *edge_tile)
+                             const float *grad, long grad_k_stride, long panel_stride,
+                             int filters, float *partial, int accumulate, float *edge_tile)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels, row_span = g->kernel_w * g->channels;
     long width = padded_width(g);
-    for (int k0 = 0; k0 < depth; ) {
-        /* one tile: the rest of this kernel row, or (narrow rows) up to 6 k rows across rows */
-        int rest_of_row = row_span - k0 % row_span;
-        int k_rows = row_span >= GEMM_MR ? (rest_of_row < GEMM_MR ? rest_of_row : GEMM_MR)
-                                         : (depth - k0 < GEMM_MR ? depth - k0 : GEMM_MR);
-        long offsets[GEMM_MR];
-        for (int r = 0; r < GEMM_MR; ++r) {
-            int k = k0 + (r < k_rows ? r : 0);
-            offsets[r] = (k / row_span) * width * g->channels + k % row_span;
-        }
-        for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
-            int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+    for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
+        int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+        const float *b = grad + (f0 / GEMM_NR) * panel_stride;
+        for (int k0 = 0; k0 < depth; ) {
+            /* one tile: the rest of this kernel row, or (narrow rows) up to 6 k rows */
+            int rest_of_row = row_span - k0 % row_span;
+            int k_rows = row_span >= GEMM_MR ? (rest_of_row < GEMM_MR ? rest_of_row : GEMM_MR)
+                                             : (depth - k0 < GEMM_MR ? depth - k0 : GEMM_MR);
+            long offsets[GEMM_MR];
+            for (int r = 0; r < GEMM_MR; ++r) {
+                int k = k0 + (r < k_rows ? r : 0);
+                offsets[r] = (k / row_span) * width * g->channels + k % row_span;
+            }
             float *c = partial + (long)k0 * filters + f0;
             if (k_rows <= rest_of_row)        /* rows adjacent in the band: constant stride */
-                gemm_micro_tile(pixels, band + offsets[0], 1, g->channels, grad + f0, filters,
+                gemm_micro_tile(pixels, band + offsets[0], 1, g->channels, b, grad_k_stride,
                                 c, filters, k_rows, cols, accumulate, edge_tile);
             else
-                gemm_gathered_tile(pixels, band, offsets, g->channels, grad + f0, filters, c,
+                gemm_gathered_tile(pixels, band, offsets, g->channels, b, grad_k_stride, c,
                                    filters, k_rows, cols, accumulate, edge_tile);
+            k0 += k_rows;
         }
-        k0 += k_rows;
     }
 }
 
-/* grad_kernel[depth, F] per band = im2col(band)^T @ grad_output(band), both read in place
- * from the band buffers; the partials are then added in band order. */
+/* grad_output's band in virtual-row layout (zeros in the junk columns), bias sums added
+ * in pixel order. panel_major: 16-column panels panel_floats apart (zeros past the last
+ * filter: one panel stays in L1 while the depth/6 k tiles
+ * read it); otherwise rows of all F columns (F % 16 == 0: one copy per pixel, cheaper when
+ * the depth, hence the reuse, is small). */
+static void fill_grad_virtual(const cnnx_conv_geometry *g, const float *grad_band,
+                              int virtual_rows, int filters, int panel_major, float *dst,
+                              long panel_floats, float *bias_partial)
+{
+    int width = padded_width(g), panels = (filters + GEMM_NR - 1) / GEMM_NR;
+    for (int v = 0; v < virtual_rows; ++v) {
+        int out_x = v % width;
+        const float *src = grad_band + ((long)(v / width) * g->out_w + out_x) * filters;
+        if (!panel_major) {
+            float *row = dst + (long)v * filters;
+            if (out_x >= g->out_w)
+                memset(row, 0, sizeof(float) * filters);
+            else
+                memcpy(row, src, sizeof(float) * filters);
+        } else {
+            for (int panel = 0; panel < panels; ++panel) {
+                float *row = dst + panel * panel_floats + (long)v * GEMM_NR;
+                int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
+                                                               : GEMM_NR;
+                if (out_x >= g->out_w)
+                    cols = 0;
+                else
+                    memcpy(row, src + panel * GEMM_NR, sizeof(float) * cols);
+                memset(row + cols, 0, sizeof(float) * (GEMM_NR - cols));
+            }
+        }
+        if (out_x < g->out_w)
+            for (int f = 0; f < filters; ++f)
+                bias_partial[f] += src[f];
+    }
+}
+
+/* grad_kernel[depth, F] = im2col(x)^T @ grad_output, band by band, both read from the band
+ * buffers; each run of bands adds into its partial, and the partials are added in order. */
 static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                                   const float *grad_output, int filters, float *grad_kernel,
                                   float *grad_bias, int n_threads, float *workspace)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels, width = padded_width(g);
     int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
-    long bands = band_count(g), partial_size = (long)depth * filters + filters;
+    long bands = band_count(g), parts = grad_part_count(g);
+    long partial_size = (long)depth * filters + filters;
     long thread_floats = grad_kernel_thread_floats(g, filters);
+    long panel_floats = ((long)BAND_ROWS * width + GEMM_MR) * GEMM_NR;
     float *partials = workspace + (long)n_threads * thread_floats;
+    int panel_major = filters % GEMM_NR != 0 || depth >= PANEL_MAJOR_MIN_DEPTH;
     (void)n_threads;
     cnnx_get_isa();
 
-    #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && bands > 1)
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && parts > 1)
     {
         float *band = workspace + THREAD_ID() * thread_floats;
         float *grad_virtual = band + band_floats(g);
-        float *edge_tile = grad_virtual + (long)BAND_ROWS * width * filters + GRAD_SLACK;
+        float *edge_tile = grad_virtual + grad_virtual_floats(g, filters);
         #pragma omp for schedule(dynamic)
-        for (long band_index = 0; band_index < bands; ++band_index) {
-            long image = band_index / bands_per_image;
-            int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
-            int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
-            int virtual_rows = (rows - 1) * width + g->out_w;
-            const float *grad_band =
-                grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
-            float *partial = partials + band_index * partial_size;
+        for (long part = 0; part < parts; ++part) {
+            long first = part * bands / parts, end = (part + 1) * bands / parts;
+            float *partial = partials + part * partial_size;
             float *bias_partial = partial + (long)depth * filters;
-            copy_band(g, x, image, y0, rows, band);
             memset(bias_partial, 0, sizeof(float) * filters);
-            if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
-                /* grad_output read in place, one output row at a time (no junk columns);
-                 * rows are added into the partial in order */
-                for (int y = 0; y < rows; ++y) {
-                    const float *grad_row = grad_band + (long)y * g->out_w * filters;
-                    for (int out_x = 0; out_x < g->out_w; ++out_x)
-                        for (int f = 0; f < filters; ++f)
-                            bias_partial[f] += grad_row[(long)out_x * filters + f];
-                    grad_kernel_rows(g, band + (long)y * width * g->channels, g->out_w,
-                                     grad_row, filters, partial, y > 0, edge_tile);
-                }
-                continue;
-            }
-            /* grad_output in virtual-row layout: zeros in the junk columns */
-            for (int v = 0; v < virtual_rows; ++v) {
-                float *dst = grad_virtual + (long)v * filters;
-                int out_x = v % width;
-                if (out_x >= g->out_w) {
-                    memset(dst, 0, sizeof(float) * filters);
+            for (long band_index = first; band_index < end; ++band_index) {
+                long image = band_index / bands_per_image;
+                int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
+                int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
+                int virtual_rows = (rows - 1) * width + g->out_w;
+                int accumulate = band_index > first;
+                const float *grad_band =
+                    grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
+                copy_band(g, x, image, y0, rows, band);
+                if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
+                    /* grad_output read in place, one output row at a time (no junk
+                     * columns); rows are added into the partial in order */
+                    for (int y = 0; y < rows; ++y) {
+                        const float *grad_row = grad_band + (long)y * g->out_w * filters;
+                        for (int out_x = 0; out_x < g->out_w; ++out_x)
+                            for (int f = 0; f < filters; ++f)
+                                bias_partial[f] += grad_row[(long)out_x * filters + f];
+                        grad_kernel_rows(g, band + (long)y * width * g->channels, g->out_w,
+                                         grad_row, filters, GEMM_NR, filters, partial,
+                                         accumulate || y > 0, edge_tile);
+                    }
                     continue;
                 }
-                const float *src = grad_band + ((long)(v / width) * g->out_w + out_x) * filters;
-                memcpy(dst, src, sizeof(float) * filters);
-                for (int f = 0; f < filters; ++f)
-                    bias_partial[f] += src[f];
+                fill_grad_virtual(g, grad_band, virtual_rows, filters, panel_major,
+                                  grad_virtual, panel_floats, bias_partial);
+                grad_kernel_rows(g, band, virtual_rows, grad_virtual,
+                                 panel_major ? GEMM_NR : filters,
+                                 panel_major ? panel_floats : GEMM_NR, filters, partial,
+                                 accumulate, edge_tile);
             }
-            memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * GRAD_SLACK);
-            grad_kernel_rows(g, band, virtual_rows, grad_virtual, filters, partial, 0,
-                             edge_tile);
         }
-        sum_partials_in_order(partials, bands, (long)depth * filters, filters, grad_kernel,
+        sum_partials_in_order(partials, parts, (long)depth * filters, filters, grad_kernel,
                               grad_bias);
     }
 }
