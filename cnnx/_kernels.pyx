@@ -8,7 +8,10 @@ and what it got. Workspace is allocated here (NumPy), so the C side never alloca
 import threading
 
 import numpy as np
+cimport numpy as cnp
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+cnp.import_array()
 
 cdef extern from "cnnx_kernels.h" nogil:
     int cnnx_openmp_enabled()
@@ -135,28 +138,53 @@ def cpu_has_avx2_fma():
 # ------------------------------------------------------------------------------ checks
 
 cdef _check(who, name, array, shape=None, dtype=np.float32):
-    """array must be a C-contiguous, non-empty ndarray of dtype (and shape, -1 = any)."""
+    """array must be a C-contiguous, non-empty ndarray of dtype (and shape, -1 = any).
+    Plain loops and NumPy's C accessors: a step makes dozens of these calls, and a generator
+    or a dtype comparison per call showed in its Python overhead."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{who}: {name} must be a numpy.ndarray, got {type(array).__name__}")
-    if array.dtype != dtype:
+    cdef cnp.ndarray checked = <cnp.ndarray>array
+    cdef bint dtype_ok
+    if dtype is np.float32:
+        dtype_ok = cnp.PyArray_TYPE(checked) == cnp.NPY_FLOAT32
+    else:
+        dtype_ok = checked.dtype == dtype
+    if not dtype_ok:
         raise TypeError(f"{who}: {name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    cdef int ndim = cnp.PyArray_NDIM(checked), axis
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(checked)
+    cdef bint shape_ok = True
     if shape is not None:
-        if array.ndim != len(shape) or any(
-                want != -1 and want != got for want, got in zip(shape, array.shape)):
+        if ndim != len(shape):
+            shape_ok = False
+        else:
+            for axis in range(ndim):
+                want = shape[axis]
+                if want != -1 and want != dims[axis]:
+                    shape_ok = False
+                    break
+        if not shape_ok:
             expected = "(" + ", ".join("any" if s == -1 else str(s) for s in shape) + ")"
             raise ValueError(f"{who}: {name} must have shape {expected}, got {array.shape}")
-    if array.size == 0:
+    cdef cnp.npy_intp size = cnp.PyArray_SIZE(checked)
+    if size == 0:
         raise ValueError(f"{who}: {name} is empty (shape {array.shape})")
-    if array.size > _INT_MAX:
+    if size > _INT_MAX:
         raise ValueError(f"{who}: {name} has {array.size} elements, more than 2**31 - 1")
-    if not array.flags.c_contiguous:
+    if not cnp.PyArray_IS_C_CONTIGUOUS(checked):
         raise ValueError(f"{who}: {name} must be C-contiguous "
                          f"(use numpy.ascontiguousarray), got strides {array.strides}")
 
 
+cdef inline float *_data(array):
+    """The first float of an array _check has accepted (read-only arrays too: the kernels
+    only read their inputs)."""
+    return <float *>cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
 cdef _check_output(who, name, array, shape, dtype=np.float32):
     _check(who, name, array, shape, dtype)
-    if not array.flags.writeable:
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>array):
         raise ValueError(f"{who}: {name} is read-only")
 
 
@@ -169,9 +197,9 @@ cdef int _threads(who, n_threads) except -1:
 _local = threading.local()
 
 
-cdef float[::1] _workspace(long floats):
+cdef cnp.ndarray _workspace(long floats):
     """Scratch for one kernel call, kept per Python thread: a fresh multi-MB array each call
-    would page-fault on every call."""
+    would page-fault on every call. An ndarray (callers take _data() or a memoryview)."""
     buffer = getattr(_local, "workspace", None)
     if buffer is None or buffer.shape[0] < floats:
         buffer = np.empty(max(floats, 1), np.float32)
@@ -198,19 +226,15 @@ def sgemm(a, b, c, bias=None, bint relu=False, bint transpose_a=False,
     if bias is not None:
         _check(who, "bias", bias, (n,))
     cdef int threads = _threads(who, n_threads)
-    cdef const float[:, ::1] a_view = a
-    cdef const float[:, ::1] b_view = b
-    cdef float[:, ::1] c_view = c
-    cdef const float[::1] bias_view
-    cdef const float *bias_pointer = NULL
-    if bias is not None:
-        bias_view = bias
-        bias_pointer = &bias_view[0]
-    cdef float[::1] workspace = _workspace(cnnx_gemm_workspace_floats(threads))
+    cdef const float *a_data = _data(a)
+    cdef const float *b_data = _data(b)
+    cdef float *c_data = _data(c)
+    cdef const float *bias_pointer = NULL if bias is None else _data(bias)
+    cdef float *workspace = _data(_workspace(cnnx_gemm_workspace_floats(threads)))
     cdef int ta = transpose_a, tb = transpose_b, use_relu = relu
     with nogil:
-        cnnx_sgemm(m, n, k, &a_view[0, 0], ta, &b_view[0, 0], tb, bias_pointer, use_relu,
-                   &c_view[0, 0], threads, &workspace[0])
+        cnnx_sgemm(m, n, k, a_data, ta, b_data, tb, bias_pointer, use_relu, c_data, threads,
+                   workspace)
     return c
 
 
@@ -220,11 +244,11 @@ def column_sums(a, sums, n_threads=1):
     _check(who, "a", a, (-1, -1))
     _check_output(who, "sums", sums, (a.shape[1],))
     cdef int threads = _threads(who, n_threads)
-    cdef const float[:, ::1] a_view = a
-    cdef float[::1] sums_view = sums
+    cdef const float *a_data = _data(a)
+    cdef float *sums_data = _data(sums)
     cdef int m = a.shape[0], n = a.shape[1]
     with nogil:
-        cnnx_column_sums(m, n, &a_view[0, 0], &sums_view[0], threads)
+        cnnx_column_sums(m, n, a_data, sums_data, threads)
     return sums
 
 
@@ -318,21 +342,16 @@ def conv2d_forward(ConvGeometry geometry, x, kernel, bias, y, bint relu=False, n
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_conv_geometry g = geometry.forward
     _batch_rows(who, &g, x.shape[0])
-    cdef const float[:, :, :, ::1] x_view = x
-    cdef const float[:, :, :, ::1] kernel_view = kernel
-    cdef float[:, :, :, ::1] y_view = y
-    cdef const float[::1] bias_view
-    cdef const float *bias_pointer = NULL
-    if bias is not None:
-        bias_view = bias
-        bias_pointer = &bias_view[0]
-    cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_forward_workspace_floats(&g, f, threads))
+    cdef const float *x_data = _data(x)
+    cdef const float *kernel_data = _data(kernel)
+    cdef float *y_data = _data(y)
+    cdef const float *bias_pointer = NULL if bias is None else _data(bias)
+    cdef float *workspace = _data(_workspace(cnnx_conv2d_forward_workspace_floats(&g, f,
+                                                                                  threads)))
     cdef int use_relu = relu, filters = f
     with nogil:
-        cnnx_conv2d_forward(&g, &x_view[0, 0, 0, 0], &kernel_view[0, 0, 0, 0], filters,
-                            bias_pointer, use_relu, &y_view[0, 0, 0, 0], threads,
-                            &workspace[0])
+        cnnx_conv2d_forward(&g, x_data, kernel_data, filters, bias_pointer, use_relu, y_data,
+                            threads, workspace)
     return y
 
 
@@ -347,19 +366,19 @@ def conv2d_grad_input(ConvGeometry geometry, grad_output, kernel, grad_input, n_
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_conv_geometry g = geometry.grad_input
     _batch_rows(who, &g, grad_output.shape[0])
-    cdef const float[:, :, :, ::1] kernel_view = kernel
-    cdef float[:, :, :, ::1] flipped_view = np.empty((kh, kw, f, c), np.float32)
-    cdef const float[:, :, :, ::1] grad_output_view = grad_output
-    cdef float[:, :, :, ::1] grad_input_view = grad_input
-    cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_forward_workspace_floats(&g, c, threads))
+    flipped = np.empty((kh, kw, f, c), np.float32)
+    cdef const float *kernel_data = _data(kernel)
+    cdef float *flipped_data = _data(flipped)
+    cdef const float *grad_output_data = _data(grad_output)
+    cdef float *grad_input_data = _data(grad_input)
+    cdef float *workspace = _data(_workspace(cnnx_conv2d_forward_workspace_floats(&g, c,
+                                                                                  threads)))
     cdef int channels = c, filters = f, kernel_h = kh, kernel_w = kw
     with nogil:
-        cnnx_conv2d_flip_kernel(kernel_h, kernel_w, channels, filters,
-                                &kernel_view[0, 0, 0, 0], &flipped_view[0, 0, 0, 0])
-        cnnx_conv2d_forward(&g, &grad_output_view[0, 0, 0, 0], &flipped_view[0, 0, 0, 0],
-                            channels, NULL, 0, &grad_input_view[0, 0, 0, 0], threads,
-                            &workspace[0])
+        cnnx_conv2d_flip_kernel(kernel_h, kernel_w, channels, filters, kernel_data,
+                                flipped_data)
+        cnnx_conv2d_forward(&g, grad_output_data, flipped_data, channels, NULL, 0,
+                            grad_input_data, threads, workspace)
     return grad_input
 
 
@@ -375,17 +394,16 @@ def conv2d_grad_kernel(ConvGeometry geometry, x, grad_output, grad_kernel, grad_
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_conv_geometry g = geometry.forward
     _batch_rows(who, &g, x.shape[0])
-    cdef const float[:, :, :, ::1] x_view = x
-    cdef const float[:, :, :, ::1] grad_output_view = grad_output
-    cdef float[:, :, :, ::1] grad_kernel_view = grad_kernel
-    cdef float[::1] grad_bias_view = grad_bias
-    cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_grad_kernel_workspace_floats(&g, f, threads))
+    cdef const float *x_data = _data(x)
+    cdef const float *grad_output_data = _data(grad_output)
+    cdef float *grad_kernel_data = _data(grad_kernel)
+    cdef float *grad_bias_data = _data(grad_bias)
+    cdef float *workspace = _data(_workspace(
+        cnnx_conv2d_grad_kernel_workspace_floats(&g, f, threads)))
     cdef int filters = f
     with nogil:
-        cnnx_conv2d_grad_kernel(&g, &x_view[0, 0, 0, 0], &grad_output_view[0, 0, 0, 0],
-                                filters, &grad_kernel_view[0, 0, 0, 0], &grad_bias_view[0],
-                                threads, &workspace[0])
+        cnnx_conv2d_grad_kernel(&g, x_data, grad_output_data, filters, grad_kernel_data,
+                                grad_bias_data, threads, workspace)
     return grad_kernel, grad_bias
 
 

@@ -15,6 +15,7 @@ from cnnx.nn import callbacks as callbacks_module
 from cnnx.nn import losses
 from cnnx.nn.gradient_sum import GradientSum
 from cnnx.nn.layer import ActivatedLayer, Layer
+from cnnx.nn.lazy_rng import LazyRng
 from cnnx.nn.summary import summary_table
 
 # Keras' default layer names (Keras numbers repeats: conv2d, conv2d_1, ...)
@@ -167,7 +168,7 @@ class Sequential:
         x = self._as_input(x, "gradient")
         y = self._as_labels(y, len(x), "gradient")
         state_before = {name: value.copy() for name, value in self.state.items()}
-        outputs = self.forward(x, training=True, rng=np.random.default_rng((self.seed, *key)))
+        outputs = self.forward(x, training=True, rng=LazyRng((self.seed, *key)))
         last = self.layers[-1]
         if self._fused:
             loss_sum, grad = self.loss.from_logits(last.logits(), y)
