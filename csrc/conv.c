@@ -94,6 +94,44 @@ static void copy_band(const cnnx_conv_geometry *g, const float *source, long ima
            sizeof(float) * (g->kernel_w + GEMM_MR + 2) * channels);
 }
 
+/* The taps a forward tile of output pixels q0..q0+rows-1 (band starting at output row y0)
+ * needs, as offsets into the band (a_taps) and the packed kernel (b_taps); a tap that reads
+ * only padding for all of them is left out (b_taps NULL: all taps, the kernel read in order) (its products are all zero; on 13x13 grad-input
+ * tiles, padded by 2, about a third of the taps). The list depends on the geometry alone. */
+static int tile_taps(const cnnx_conv_geometry *g, int y0, int q0, int rows,
+                     const int *tap_offsets, int *a_taps, int *b_taps,
+                     const int **a_list, const int **b_list)
+{
+    int first_y = y0 + q0 / g->out_w, last_y = y0 + (q0 + rows - 1) / g->out_w;
+    int first_x = q0 % g->out_w, last_x = (q0 + rows - 1) % g->out_w;
+    if (last_y > first_y) {      /* the tile wraps: it holds both row ends, take all columns */
+        first_x = 0;
+        last_x = g->out_w - 1;
+    }
+    int used = 0, taps = g->kernel_h * g->kernel_w;
+    if (first_y >= g->pad_top && last_y + g->kernel_h - 1 - g->pad_top < g->in_h
+        && first_x >= g->pad_left && last_x + g->kernel_w - 1 - g->pad_left < g->in_w) {
+        *a_list = tap_offsets;                        /* inside: every tap (no padding: all) */
+        *b_list = NULL;                               /* the packed kernel read straight on */
+        return taps;
+    }
+    *a_list = a_taps;
+    *b_list = b_taps;
+    for (int i = 0; i < g->kernel_h; ++i) {
+        /* input rows first_y + i - pad_top .. last_y + i - pad_top must meet [0, in_h) */
+        if (last_y + i - g->pad_top < 0 || first_y + i - g->pad_top >= g->in_h)
+            continue;
+        for (int j = 0; j < g->kernel_w; ++j) {
+            if (last_x + j - g->pad_left < 0 || first_x + j - g->pad_left >= g->in_w)
+                continue;
+            int tap = i * g->kernel_w + j;
+            a_taps[used] = tap_offsets[tap];
+            b_taps[used++] = tap * g->channels * GEMM_NR;
+        }
+    }
+    return used;
+}
+
 static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
 {
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
@@ -105,7 +143,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                               int filters, const float *bias, int relu, float *y,
                               int n_threads, float *workspace)
 {
-    int depth = g->kernel_h * g->kernel_w * g->channels, taps = g->kernel_h * g->kernel_w;
+    int depth = g->kernel_h * g->kernel_w * g->channels;
     int panels = (filters + GEMM_NR - 1) / GEMM_NR, width = padded_width(g);
     int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
     long bands = band_count(g);
@@ -128,6 +166,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
     for (long band_index = 0; band_index < bands; ++band_index) {
         float *band = thread_space + THREAD_ID() * (band_floats(g) + EDGE_FLOATS);
         float *edge_tile = band + band_floats(g), *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
+        int a_taps[MAX_TAPS], b_taps[MAX_TAPS];
         long image = band_index / bands_per_image;
         int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
         int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
@@ -142,6 +181,9 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 int q = q0 + (r < tile_rows ? r : 0);
                 row_offsets[r] = ((long)(q / g->out_w) * width + q % g->out_w) * g->channels;
             }
+            const int *a_list, *b_list;
+            int used_taps = tile_taps(g, y0, q0, tile_rows, tap_offsets, a_taps, b_taps,
+                                      &a_list, &b_list);
             for (int panel = 0; panel < panels; ++panel) {
                 int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
                                                                : GEMM_NR;
@@ -149,16 +191,16 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 const float *panel_bias = bias ? bias + panel * GEMM_NR : NULL;
                 float *c = y_band + (long)q0 * filters + panel * GEMM_NR;
                 if (tile_rows == GEMM_MR && cols == GEMM_NR) {
-                    micro_kernels()->conv(taps, tap_offsets, g->channels, band, row_offsets, b,
-                                          c, filters, panel_bias, relu);
+                    micro_kernels()->conv(used_taps, a_list, b_list, g->channels, band,
+                                          row_offsets, b, c, filters, panel_bias, relu);
                     continue;
                 }
                 if (bias) {
                     memset(edge_bias, 0, sizeof(float) * GEMM_NR);
                     memcpy(edge_bias, panel_bias, sizeof(float) * cols);
                 }
-                micro_kernels()->conv(taps, tap_offsets, g->channels, band, row_offsets, b,
-                                      edge_tile, GEMM_NR, bias ? edge_bias : NULL, relu);
+                micro_kernels()->conv(used_taps, a_list, b_list, g->channels, band, row_offsets,
+                                      b, edge_tile, GEMM_NR, bias ? edge_bias : NULL, relu);
                 for (int r = 0; r < tile_rows; ++r)
                     memcpy(c + (long)r * filters, edge_tile + r * GEMM_NR,
                            sizeof(float) * cols);

@@ -50,7 +50,7 @@ static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long
 #define AVX2 __attribute__((target("avx2,fma")))
 
 /* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
-/* taps > 1 (direct convolution): k runs over taps x kc, tap t reading a + tap_offsets[t]. */
+/* Callers pass taps = 1 (the direct convolution's tap loop lives in gathered_avx2_body). */
 static inline __attribute__((always_inline)) AVX2 void
 micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
                        long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
@@ -159,14 +159,17 @@ static AVX2 void micro_kernel_avx2_adjacent_rows(int kc, const float *a, long a_
 
 #endif
 
-static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
-                                const float *a, const long *row_offsets, const float *b,
-                                float *c, long ldc, const float *bias, int relu)
+static void conv_kernel_generic(int taps, const int *tap_offsets, const int *b_tap_offsets,
+                                int channels, const float *a, const long *row_offsets,
+                                const float *b_base, float *c, long ldc, const float *bias,
+                                int relu)
 {
     float acc[GEMM_MR][GEMM_NR];
     memset(acc, 0, sizeof(acc));
     for (int tap = 0; tap < taps; ++tap) {
         const float *a_tap = a + tap_offsets[tap];
+        const float *b = b_base + (b_tap_offsets ? b_tap_offsets[tap]
+                                                 : tap * channels * GEMM_NR);
         for (int p = 0; p < channels; ++p, b += GEMM_NR)
             for (int r = 0; r < GEMM_MR; ++r) {
                 float a_value = a_tap[row_offsets[r] + p];
@@ -201,13 +204,16 @@ static void gathered_kernel_generic(int kc, const float *a, const long *row_offs
 }
 
 #if CNNX_X86
-/* Rows at any offsets (six pointers); taps > 1: k runs over taps x kc, tap t reading
- * row + tap_offsets[t] (the direct convolution). */
+/* Rows at any offsets (six pointers). With tap lists (the direct convolution): k runs over
+ * taps x kc, tap t reading row + tap_offsets[t] and b from b_base + b_tap_offsets[t]. */
 static inline __attribute__((always_inline)) AVX2 void
-gathered_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
-                   const long *row_offsets, long a_k_stride, const float *b, long b_k_stride,
-                   float *c, long ldc, int accumulate, const float *bias, int relu)
+gathered_avx2_body(int taps, const int *tap_offsets, const int *b_tap_offsets, int kc,
+                   const float *a,
+                   const long *row_offsets, long a_k_stride, const float *b_base,
+                   long b_k_stride, float *c, long ldc, int accumulate, const float *bias,
+                   int relu)
 {
+    const float *b = b_base;
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
     __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -215,7 +221,9 @@ gathered_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
     __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
     for (int tap = 0; tap < taps; ++tap) {
-      const float *a_tap = taps == 1 ? a : a + tap_offsets[tap];
+      const float *a_tap = tap_offsets ? a + tap_offsets[tap] : a;
+      if (b_tap_offsets)
+          b = b_base + b_tap_offsets[tap];
       const float *a0 = a_tap + row_offsets[0], *a1 = a_tap + row_offsets[1];
       const float *a2 = a_tap + row_offsets[2], *a3 = a_tap + row_offsets[3];
       const float *a4 = a_tap + row_offsets[4], *a5 = a_tap + row_offsets[5];
@@ -281,16 +289,17 @@ static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_of
                                       long a_k_stride, const float *b, long b_k_stride,
                                       float *c, long ldc, int accumulate)
 {
-    gathered_avx2_body(1, NULL, kc, a, row_offsets, a_k_stride, b, b_k_stride, c, ldc,
+    gathered_avx2_body(1, NULL, NULL, kc, a, row_offsets, a_k_stride, b, b_k_stride, c, ldc,
                        accumulate, NULL, 0);
 }
 
-static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, int channels,
-                                  const float *a, const long *row_offsets, const float *b,
-                                  float *c, long ldc, const float *bias, int relu)
+static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, const int *b_tap_offsets,
+                                  int channels, const float *a, const long *row_offsets,
+                                  const float *b, float *c, long ldc, const float *bias,
+                                  int relu)
 {
-    gathered_avx2_body(taps, tap_offsets, channels, a, row_offsets, 1, b, GEMM_NR, c, ldc, 0,
-                       bias, relu);
+    gathered_avx2_body(taps, tap_offsets, b_tap_offsets, channels, a, row_offsets, 1, b,
+                       GEMM_NR, c, ldc, 0, bias, relu);
 }
 #endif
 
