@@ -276,9 +276,40 @@ static long grad_virtual_floats(const cnnx_conv_geometry *g, int filters)
     return panels * ((long)BAND_ROWS * padded_width(g) + GEMM_MR) * GEMM_NR;
 }
 
+/* The compact row im2col of a band of a small image (OW < IN_PLACE_MIN_WIDTH):
+ * rows[y][x][j*C + c] = band[y][x + j][c], KW*C floats per pixel, + slack for the last
+ * micro-tile's reads past a kernel row. */
+static long row_im2col_floats(const cnnx_conv_geometry *g)
+{
+    if (g->out_w >= IN_PLACE_MIN_WIDTH)
+        return 0;
+    return (long)(BAND_ROWS + g->kernel_h - 1) * g->out_w * g->kernel_w * g->channels + GEMM_MR;
+}
+
+static void fill_row_im2col(const cnnx_conv_geometry *g, const float *band, int rows,
+                            float *dst)
+{
+    long row_span = (long)g->kernel_w * g->channels;
+    int width = padded_width(g);
+    for (int y = 0; y < rows + g->kernel_h - 1; ++y)
+        for (int x = 0; x < g->out_w; ++x)       /* the KW cells from (y, x) are adjacent */
+            memcpy(dst + ((long)y * g->out_w + x) * row_span,
+                   band + ((long)y * width + x) * g->channels, sizeof(float) * row_span);
+    memset(dst + (long)(rows + g->kernel_h - 1) * g->out_w * row_span, 0,
+           sizeof(float) * GEMM_MR);
+}
+
+static void add_bias_sums(const float *grad, int pixels, int filters, float *bias_partial)
+{
+    for (int q = 0; q < pixels; ++q)
+        for (int f = 0; f < filters; ++f)
+            bias_partial[f] += grad[(long)q * filters + f];
+}
+
 static long grad_kernel_thread_floats(const cnnx_conv_geometry *g, int filters)
 {
-    return band_floats(g) + grad_virtual_floats(g, filters) + EDGE_FLOATS;
+    return band_floats(g) + grad_virtual_floats(g, filters) + row_im2col_floats(g)
+           + EDGE_FLOATS;
 }
 
 static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
@@ -289,19 +320,20 @@ static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters,
 }
 
 /* partial[depth, F] (=, or += when accumulate) = im2col(band)^T @ grad[pixels, F] over
- * `pixels` virtual rows from band; grad's column panel f0/16 starts at grad + f0/16 *
+ * `pixels` rows of band: im2col[q][i*KW*C + t] = band[q*pixel_stride + i*row_stride + t]
+ * (the band buffer: pixel stride C, row stride Wp*C; the compact row im2col: pixel stride
+ * KW*C, row stride OW*KW*C); grad's column panel f0/16 starts at grad + f0/16 *
  * panel_stride, its rows grad_k_stride apart. The KW*C k indices (j, c) of one kernel row i
- * are contiguous in the band: im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. Six k rows
- * are read in place (pixel stride C), adjacent when they share a kernel row; a narrow
+ * are contiguous in both layouts. Six k rows are read in place, adjacent when they share a kernel row; a narrow
  * kernel row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at
  * gathered offsets instead of leaving half of it empty. Column panels outermost: one
  * panel of grad stays in L1 while every k tile reads it. */
-static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, int pixels,
-                             const float *grad, long grad_k_stride, long panel_stride,
-                             int filters, float *partial, int accumulate, float *edge_tile)
+static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, long row_stride,
+                             long pixel_stride, int pixels, const float *grad,
+                             long grad_k_stride, long panel_stride, int filters,
+                             float *partial, int accumulate, float *edge_tile)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels, row_span = g->kernel_w * g->channels;
-    long width = padded_width(g);
     for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
         int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
         const float *b = grad + (f0 / GEMM_NR) * panel_stride;
@@ -313,30 +345,30 @@ static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, int
             long offsets[GEMM_MR];
             for (int r = 0; r < GEMM_MR; ++r) {
                 int k = k0 + (r < k_rows ? r : 0);
-                offsets[r] = (k / row_span) * width * g->channels + k % row_span;
+                offsets[r] = (k / row_span) * row_stride + k % row_span;
             }
             float *c = partial + (long)k0 * filters + f0;
             if (k_rows <= rest_of_row)        /* rows adjacent in the band: constant stride */
-                gemm_micro_tile(pixels, band + offsets[0], 1, g->channels, b, grad_k_stride,
+                gemm_micro_tile(pixels, band + offsets[0], 1, pixel_stride, b, grad_k_stride,
                                 c, filters, k_rows, cols, accumulate, edge_tile);
             else
-                gemm_gathered_tile(pixels, band, offsets, g->channels, b, grad_k_stride, c,
+                gemm_gathered_tile(pixels, band, offsets, pixel_stride, b, grad_k_stride, c,
                                    filters, k_rows, cols, accumulate, edge_tile);
             k0 += k_rows;
         }
     }
 }
 
-/* grad_output's band in virtual-row layout (zeros in the junk columns), bias sums added
- * in pixel order. panel_major: 16-column panels panel_floats apart (zeros past the last
+/* grad_output's band in virtual-row layout, rows `width` wide (Wp: zeros in the junk
+ * columns; OW: none), bias sums added in pixel order. panel_major: 16-column panels panel_floats apart (zeros past the last
  * filter: one panel stays in L1 while the depth/6 k tiles
  * read it); otherwise rows of all F columns (F % 16 == 0: one copy per pixel, cheaper when
  * the depth, hence the reuse, is small). */
-static void fill_grad_virtual(const cnnx_conv_geometry *g, const float *grad_band,
+static void fill_grad_virtual(const cnnx_conv_geometry *g, int width, const float *grad_band,
                               int virtual_rows, int filters, int panel_major, float *dst,
                               long panel_floats, float *bias_partial)
 {
-    int width = padded_width(g), panels = (filters + GEMM_NR - 1) / GEMM_NR;
+    int panels = (filters + GEMM_NR - 1) / GEMM_NR;
     for (int v = 0; v < virtual_rows; ++v) {
         int out_x = v % width;
         const float *src = grad_band + ((long)(v / width) * g->out_w + out_x) * filters;
@@ -385,7 +417,8 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
     {
         float *band = workspace + THREAD_ID() * thread_floats;
         float *grad_virtual = band + band_floats(g);
-        float *edge_tile = grad_virtual + grad_virtual_floats(g, filters);
+        float *row_im2col = grad_virtual + grad_virtual_floats(g, filters);
+        float *edge_tile = row_im2col + row_im2col_floats(g);
         #pragma omp for schedule(dynamic)
         for (long part = 0; part < parts; ++part) {
             long first = part * bands / parts, end = (part + 1) * bands / parts;
@@ -409,16 +442,37 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                         for (int out_x = 0; out_x < g->out_w; ++out_x)
                             for (int f = 0; f < filters; ++f)
                                 bias_partial[f] += grad_row[(long)out_x * filters + f];
-                        grad_kernel_rows(g, band + (long)y * width * g->channels, g->out_w,
+                        grad_kernel_rows(g, band + (long)y * width * g->channels,
+                                         (long)width * g->channels, g->channels, g->out_w,
                                          grad_row, filters, GEMM_NR, filters, partial,
                                          accumulate || y > 0, edge_tile);
                     }
                     continue;
                 }
-                fill_grad_virtual(g, grad_band, virtual_rows, filters, panel_major,
+                if (g->out_w < IN_PLACE_MIN_WIDTH) {
+                    /* small images: the compact row im2col, no junk columns (on 11x11
+                     * outputs the virtual rows would be 14% junk) */
+                    int pixels = rows * g->out_w;
+                    long row_span = (long)g->kernel_w * g->channels;
+                    fill_row_im2col(g, band, rows, row_im2col);
+                    const float *b = grad_band;
+                    if (panel_major)
+                        fill_grad_virtual(g, g->out_w, grad_band, pixels, filters, 1,
+                                          grad_virtual, panel_floats, bias_partial);
+                    else
+                        add_bias_sums(grad_band, pixels, filters, bias_partial);
+                    if (panel_major)
+                        b = grad_virtual;
+                    grad_kernel_rows(g, row_im2col, g->out_w * row_span, row_span, pixels, b,
+                                     panel_major ? GEMM_NR : filters,
+                                     panel_major ? panel_floats : GEMM_NR, filters, partial,
+                                     accumulate, edge_tile);
+                    continue;
+                }
+                fill_grad_virtual(g, width, grad_band, virtual_rows, filters, panel_major,
                                   grad_virtual, panel_floats, bias_partial);
-                grad_kernel_rows(g, band, virtual_rows, grad_virtual,
-                                 panel_major ? GEMM_NR : filters,
+                grad_kernel_rows(g, band, (long)width * g->channels, g->channels, virtual_rows,
+                                 grad_virtual, panel_major ? GEMM_NR : filters,
                                  panel_major ? panel_floats : GEMM_NR, filters, partial,
                                  accumulate, edge_tile);
             }
