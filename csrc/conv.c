@@ -15,10 +15,16 @@
  *     batch is cut into bands of BAND_ROWS output rows of one image; a thread copies its
  *     band, zero-padded, into an L2-sized buffer Wp = OW + KW - 1 cells wide. Output pixel
  *     (y, x) is then "virtual row" v = y*Wp + x, and its im2col row is the buffer read at
- *     v*C + tap_offset[tap] + c: a constant row stride, so the micro-kernel reads im2col in
- *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped
- *     (grad kernel: their grad_output rows are zeros). Bands are fixed by the geometry, so
- *     the grad-kernel partials are per band and added in band order.
+ *     v*C + tap_offset[tap] + c, so the micro-kernel reads im2col in place, no packing.
+ *   - Forward and grad input: a micro-tile takes six real output pixels by their offsets,
+ *     across row ends (on 11x11 outputs a tile per row end computed 15% junk), and a tile
+ *     on the border leaves out the taps that read only padding (the grad input of a 3x3
+ *     'valid' conv on 11x11 pads by 2: a third of its products are zeros).
+ *   - Grad kernel (pixels are its k): on small images (OW < 32) each band becomes a compact
+ *     row im2col (KW*C floats per real pixel, no junk); wider ones read the band with its
+ *     KW - 1 junk columns per row (zero grad_output rows there) or grad_output rows in
+ *     place. Bands are fixed by the geometry and cut into at most GRAD_PARTS fixed runs;
+ *     a run's bands add into one partial, the partials are added in run order.
  *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
  *     neither calls back into it. The im2col rows it packs from live in packing.c.
  */
