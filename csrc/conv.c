@@ -100,16 +100,13 @@ static void copy_band(const cnnx_conv_geometry *g, const float *source, long ima
            sizeof(float) * (g->kernel_w + GEMM_MR + 2) * channels);
 }
 
-/* The taps a forward tile of output pixels q0..q0+rows-1 (band starting at output row y0)
- * needs, as offsets into the band (a_taps) and the packed kernel (b_taps); a tap that reads
+/* The taps a forward tile of output pixels (first_y, first_x) .. (last_y, last_x) needs, as offsets into the band (a_taps) and the packed kernel (b_taps); a tap that reads
  * only padding for all of them is left out (b_taps NULL: all taps, the kernel read in order) (its products are all zero; on 13x13 grad-input
  * tiles, padded by 2, about a third of the taps). The list depends on the geometry alone. */
-static int tile_taps(const cnnx_conv_geometry *g, int y0, int q0, int rows,
-                     const int *tap_offsets, int *a_taps, int *b_taps,
+static int tile_taps(const cnnx_conv_geometry *g, int first_y, int first_x, int last_y,
+                     int last_x, const int *tap_offsets, int *a_taps, int *b_taps,
                      const int **a_list, const int **b_list)
 {
-    int first_y = y0 + q0 / g->out_w, last_y = y0 + (q0 + rows - 1) / g->out_w;
-    int first_x = q0 % g->out_w, last_x = (q0 + rows - 1) % g->out_w;
     if (last_y > first_y) {      /* the tile wraps: it holds both row ends, take all columns */
         first_x = 0;
         last_x = g->out_w - 1;
@@ -179,17 +176,34 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
         int pixels = rows * g->out_w;
         float *y_band = y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
         copy_band(g, x, image, y0, rows, band);
+        int tile_y = 0, tile_x = 0;                       /* pixel q0, in the band */
         for (int q0 = 0; q0 < pixels; q0 += GEMM_MR) {
-            /* six real output pixels, across row ends: their band cells by offset */
+            /* six real output pixels, across row ends: their band cells by offset (walked,
+             * not divided: with one channel the divisions cost as much as the tile) */
             int tile_rows = pixels - q0 < GEMM_MR ? pixels - q0 : GEMM_MR;
             long row_offsets[GEMM_MR];
+            int first_y = tile_y, first_x = tile_x;
+            int row_y = tile_y, row_x = tile_x, last_y = tile_y, last_x = tile_x;
             for (int r = 0; r < GEMM_MR; ++r) {
-                int q = q0 + (r < tile_rows ? r : 0);
-                row_offsets[r] = ((long)(q / g->out_w) * width + q % g->out_w) * g->channels;
+                if (r < tile_rows) {
+                    last_y = row_y;
+                    last_x = row_x;
+                }
+                row_offsets[r] = r < tile_rows
+                                     ? ((long)row_y * width + row_x) * g->channels
+                                     : row_offsets[0];
+                if (++row_x == g->out_w) {
+                    row_x = 0;
+                    ++row_y;
+                }
+                if (r == GEMM_MR - 1) {
+                    tile_y = row_y;
+                    tile_x = row_x;
+                }
             }
             const int *a_list, *b_list;
-            int used_taps = tile_taps(g, y0, q0, tile_rows, tap_offsets, a_taps, b_taps,
-                                      &a_list, &b_list);
+            int used_taps = tile_taps(g, y0 + first_y, first_x, y0 + last_y, last_x,
+                                      tap_offsets, a_taps, b_taps, &a_list, &b_list);
             for (int panel = 0; panel < panels; ++panel) {
                 int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
                                                                : GEMM_NR;
