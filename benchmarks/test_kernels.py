@@ -28,6 +28,14 @@ GEMMS = [(1024, 1024, 1024),
          (6400, 27, 16), (102400, 27, 16), (102400, 144, 16), (102400, 144, 32),
          (25600, 288, 64), (6400, 288, 64)]
 CONVS = [(32, 80, 80, 3, 16), (32, 80, 80, 16, 16), (32, 80, 80, 16, 32)]   # N, H, W, C, F
+# the fashion net's second convolution ('valid': 13x13 -> 11x11; its backward pads by 2)
+SMALL_CONVS = [(32, 13, 13, 32, 64), (64, 13, 13, 32, 64)]
+PADDED_CONVS = [(shape, "same") for shape in CONVS] + [(shape, "valid") for shape in SMALL_CONVS]
+
+
+def padded_id(case):
+    shape, padding = case
+    return f"{conv_id(shape)}-{padding}"
 
 
 def interleaved_ratio(baseline, candidate, rounds=9):
@@ -96,18 +104,21 @@ def conv_operands(shape):
     return x, kernel, bias, grad_output
 
 
-def conv_flops(shape, passes):
+def conv_flops(shape, passes, padding="same"):
     n, h, w, c, f = shape
+    if padding == "valid":
+        h, w = h - 2, w - 2
     return 2.0 * n * h * w * 9 * c * f * passes
 
 
 @pytest.mark.benchmark(group="conv3x3-forward")
-@pytest.mark.parametrize("shape", CONVS, ids=conv_id)
-def test_conv3x3_forward(benchmark, shape, n_threads, medians, peak):
+@pytest.mark.parametrize("case", PADDED_CONVS, ids=padded_id)
+def test_conv3x3_forward(benchmark, case, n_threads, medians, peak):
+    shape, padding = case
     x, kernel, bias, _ = conv_operands(shape)
-    benchmark(ops.conv2d_forward, x, kernel, bias, 1, "same", True, n_threads)
-    record(benchmark, medians, ("forward", conv_id(shape), n_threads), conv_flops(shape, 1),
-           n_threads, peak[n_threads])
+    benchmark(ops.conv2d_forward, x, kernel, bias, 1, padding, True, n_threads)
+    record(benchmark, medians, ("forward", padded_id(case), n_threads),
+           conv_flops(shape, 1, padding), n_threads, peak[n_threads])
 
 
 def need_input_grad(shape):
@@ -115,14 +126,16 @@ def need_input_grad(shape):
 
 
 @pytest.mark.benchmark(group="conv3x3-backward")
-@pytest.mark.parametrize("shape", CONVS, ids=conv_id)
-def test_conv3x3_backward(benchmark, shape, n_threads, medians, peak):
-    x, kernel, _, grad_output = conv_operands(shape)
-    benchmark(ops.conv2d_backward, x, kernel, grad_output, 1, "same", need_input_grad(shape),
+@pytest.mark.parametrize("case", PADDED_CONVS, ids=padded_id)
+def test_conv3x3_backward(benchmark, case, n_threads, medians, peak):
+    shape, padding = case
+    x, kernel, _, _ = conv_operands(shape)
+    grad_output = ops.conv2d_forward(x, kernel, None, 1, padding)   # its shape, any values
+    benchmark(ops.conv2d_backward, x, kernel, grad_output, 1, padding, need_input_grad(shape),
               n_threads)
     passes = 2 if need_input_grad(shape) else 1
-    record(benchmark, medians, ("backward", conv_id(shape), n_threads),
-           conv_flops(shape, passes), n_threads, peak[n_threads])
+    record(benchmark, medians, ("backward", padded_id(case), n_threads),
+           conv_flops(shape, passes, padding), n_threads, peak[n_threads])
 
 
 def torch_median(python, shape, n_threads, channels_last, tcmalloc):

@@ -12,11 +12,19 @@ convolutions and matrix products reach, and the OpenMP threads in force.
 test_step_profile (batch 64): where a step's time goes, layer by layer, as a fraction of the
 FMA peak (convolution, dense) or of the copy bandwidth (memory-bound layers), and each
 convolution inside the step against the same convolution alone.
+test_python_overhead (fashion, batch 32; goal: under 3% of the step): the time a step spends
+outside the C kernels' calls, measured inside each step, plus the Cython boundary's fixed
+cost per call (a call on one float) times the calls a step makes:
+
+    pytest benchmarks/test_training.py -k python_overhead --benchmark-only -p no:xdist -s
 """
 import ctypes.util
+import contextlib
 import json
 import os
+import statistics
 import subprocess
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +32,7 @@ import numpy as np
 import pytest
 
 import cnnx
-from cnnx import bench
+from cnnx import _kernels, bench
 
 TORCH_SCRIPT = Path(__file__).with_name("torch_training.py")
 TCMALLOC = "libtcmalloc_minimal.so.4"
@@ -97,3 +105,78 @@ def test_step_profile(benchmark, net, threads, peak, copy_bandwidth):
             info[f"{index}_Conv2D_alone_{kind}"] = value
     print(f"\n{net}, {threads} thread(s), batch {batch}:\n{bench.format_profile(profile)}\n"
           f"convolutions alone (fraction of peak): {alone}")
+
+
+@contextlib.contextmanager
+def kernel_clock():
+    """Time every call into cnnx._kernels while inside: yields [seconds, calls], reset by
+    the caller. The ops look _kernels' functions up at each call, so wrapping the module's
+    attributes sees them all."""
+    spent = [0.0, 0]
+    originals = {name: value for name, value in vars(_kernels).items()
+                 if callable(value) and not name.startswith("_") and not isinstance(value, type)}
+
+    def timed(function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - started
+                spent[1] += 1
+        return call
+    for name, function in originals.items():
+        setattr(_kernels, name, timed(function))
+    try:
+        yield spent
+    finally:
+        for name, function in originals.items():
+            setattr(_kernels, name, function)
+
+
+def python_overhead(net, batch, threads, rounds):
+    """Median step (ms) and, measured inside the same steps, the median time outside the
+    kernels' calls; the boundary's fixed cost per call (ms) and the calls per step."""
+    model, x, y = bench.training_setup(net, batch)
+    run = bench.step_function(model, x, y)
+    one, target = np.ones(1, np.float32), np.empty(1, np.float32)
+    steps, outside, boundary = [], [], []
+    with cnnx.num_threads(threads):
+        for _ in range(10):
+            run()                                       # buffers and optimizer slots built
+        for _ in range(rounds):                         # interleaved: the load moves
+            started = time.perf_counter()
+            run()
+            steps.append(time.perf_counter() - started)
+            with kernel_clock() as spent:
+                started = time.perf_counter()
+                run()
+                outside.append(time.perf_counter() - started - spent[0])
+                calls = spent[1]
+            started = time.perf_counter()
+            for _ in range(100):
+                _kernels.copy(one, target, n_threads=1)
+            boundary.append((time.perf_counter() - started) / 100)
+    return {"step_ms": 1e3 * statistics.median(steps),
+            "outside_kernels_ms": 1e3 * statistics.median(outside),
+            "boundary_ms_per_call": 1e3 * statistics.median(boundary), "calls": calls}
+
+
+@pytest.mark.benchmark(group="python overhead")
+@pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"{t}thr")
+def test_python_overhead(benchmark, threads):
+    result = python_overhead("fashion", 32, threads, rounds=100)
+    model, x, y = bench.training_setup("fashion", 32)
+    with cnnx.num_threads(threads):
+        benchmark.pedantic(bench.step_function(model, x, y), rounds=20, warmup_rounds=5)
+    step = result["step_ms"]
+    boundary = result["boundary_ms_per_call"] * result["calls"]
+    result.update(outside_share=result["outside_kernels_ms"] / step,
+                  with_boundary_share=(result["outside_kernels_ms"] + boundary) / step,
+                  threads=threads, load_average=os.getloadavg()[0])
+    benchmark.extra_info.update(result)
+    print(f"\nfashion, batch 32, {threads} thread(s): step {step:.2f} ms; outside the kernels "
+          f"{result['outside_kernels_ms']:.3f} ms ({100 * result['outside_share']:.1f}%); "
+          f"with the boundary ({result['calls']} calls x "
+          f"{1e3 * result['boundary_ms_per_call']:.2f} us) "
+          f"{100 * result['with_boundary_share']:.1f}%; load {result['load_average']:.2f}")

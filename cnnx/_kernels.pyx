@@ -8,7 +8,10 @@ and what it got. Workspace is allocated here (NumPy), so the C side never alloca
 import threading
 
 import numpy as np
-from libc.stdint cimport uint32_t, uint64_t
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+cnp.import_array()
 
 cdef extern from "cnnx_kernels.h" nogil:
     int cnnx_openmp_enabled()
@@ -37,6 +40,8 @@ cdef extern from "cnnx_kernels.h" nogil:
                                  const float *grad_output, int filters, float *grad_kernel,
                                  float *grad_bias, int n_threads, float *workspace)
     void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads)
+    void cnnx_conv2d_flip_kernel(int kernel_h, int kernel_w, int channels, int filters,
+                                 const float *kernel, float *flipped)
     double cnnx_fma_peak_seconds(long n_iterations, int n_threads, float *sink)
     double cnnx_add_chain_seconds(long n_iterations, long *sink)
     void cnnx_copy(long n, const float *source, float *target, int n_threads)
@@ -46,19 +51,39 @@ cdef extern from "cnnx_kernels.h" nogil:
                            unsigned char *keep, int n_threads)
     void cnnx_dropout_apply(long n, const float *x, const unsigned char *keep, float scale,
                             float *y, int n_threads)
+    # optimizers.c
+    ctypedef struct cnnx_gradient_terms:
+        float divisor, l1, two_l2
     ctypedef struct cnnx_adam_scalars:
         float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon
         float m_scale, grad_scale
+    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
+                          const cnnx_adam_scalars *scalars, const cnnx_gradient_terms *terms,
+                          int n_threads)
     void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square,
                              float decay, float weight, float learning_rate, float epsilon,
-                             int n_threads)
+                             const cnnx_gradient_terms *terms, int n_threads)
     void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
                             float beta_1, float one_minus_beta_1, float beta_2, float step,
-                            float epsilon, int n_threads)
-    void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
-                          const cnnx_adam_scalars *scalars, int n_threads)
+                            float epsilon, const cnnx_gradient_terms *terms, int n_threads)
+    void cnnx_adadelta_update(long n, float *param, const float *grad, float *mean_grad,
+                              float *mean_delta, float rho, float one_minus_rho,
+                              float learning_rate, float epsilon,
+                              const cnnx_gradient_terms *terms, int n_threads)
     void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
-                         float learning_rate, float momentum, int nesterov, int n_threads)
+                         float learning_rate, float momentum, int nesterov,
+                         const cnnx_gradient_terms *terms, int n_threads)
+    long cnnx_lars_norms_partials(long n)
+    void cnnx_lars_norms(long n, const float *param, const float *grad,
+                         const cnnx_gradient_terms *terms, double *norms, double *partials,
+                         int n_threads)
+    void cnnx_lars_update(long n, float *param, const float *grad, float *velocity,
+                          float momentum, float weight_decay, float step,
+                          const cnnx_gradient_terms *terms, int n_threads)
+    # loss.c
+    double cnnx_softmax_cross_entropy(int rows, int classes, const float *logits,
+                                      const int64_t *labels, float *grad, double *row_losses,
+                                      int n_threads)
 
 # The memory-bound kernels' declarations (pooling, BatchNorm's per-channel passes), a block
 # of their own.
@@ -124,28 +149,53 @@ def cpu_has_avx2_fma():
 # ------------------------------------------------------------------------------ checks
 
 cdef _check(who, name, array, shape=None, dtype=np.float32):
-    """array must be a C-contiguous, non-empty ndarray of dtype (and shape, -1 = any)."""
+    """array must be a C-contiguous, non-empty ndarray of dtype (and shape, -1 = any).
+    Plain loops and NumPy's C accessors: a step makes dozens of these calls, and a generator
+    or a dtype comparison per call showed in its Python overhead."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{who}: {name} must be a numpy.ndarray, got {type(array).__name__}")
-    if array.dtype != dtype:
+    cdef cnp.ndarray checked = <cnp.ndarray>array
+    cdef bint dtype_ok
+    if dtype is np.float32:
+        dtype_ok = cnp.PyArray_TYPE(checked) == cnp.NPY_FLOAT32
+    else:
+        dtype_ok = checked.dtype == dtype
+    if not dtype_ok:
         raise TypeError(f"{who}: {name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    cdef int ndim = cnp.PyArray_NDIM(checked), axis
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(checked)
+    cdef bint shape_ok = True
     if shape is not None:
-        if array.ndim != len(shape) or any(
-                want != -1 and want != got for want, got in zip(shape, array.shape)):
+        if ndim != len(shape):
+            shape_ok = False
+        else:
+            for axis in range(ndim):
+                want = shape[axis]
+                if want != -1 and want != dims[axis]:
+                    shape_ok = False
+                    break
+        if not shape_ok:
             expected = "(" + ", ".join("any" if s == -1 else str(s) for s in shape) + ")"
             raise ValueError(f"{who}: {name} must have shape {expected}, got {array.shape}")
-    if array.size == 0:
+    cdef cnp.npy_intp size = cnp.PyArray_SIZE(checked)
+    if size == 0:
         raise ValueError(f"{who}: {name} is empty (shape {array.shape})")
-    if array.size > _INT_MAX:
+    if size > _INT_MAX:
         raise ValueError(f"{who}: {name} has {array.size} elements, more than 2**31 - 1")
-    if not array.flags.c_contiguous:
+    if not cnp.PyArray_IS_C_CONTIGUOUS(checked):
         raise ValueError(f"{who}: {name} must be C-contiguous "
                          f"(use numpy.ascontiguousarray), got strides {array.strides}")
 
 
+cdef inline float *_data(array):
+    """The first float of an array _check has accepted (read-only arrays too: the kernels
+    only read their inputs)."""
+    return <float *>cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
 cdef _check_output(who, name, array, shape, dtype=np.float32):
     _check(who, name, array, shape, dtype)
-    if not array.flags.writeable:
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>array):
         raise ValueError(f"{who}: {name} is read-only")
 
 
@@ -158,9 +208,9 @@ cdef int _threads(who, n_threads) except -1:
 _local = threading.local()
 
 
-cdef float[::1] _workspace(long floats):
+cdef cnp.ndarray _workspace(long floats):
     """Scratch for one kernel call, kept per Python thread: a fresh multi-MB array each call
-    would page-fault on every call."""
+    would page-fault on every call. An ndarray (callers take _data() or a memoryview)."""
     buffer = getattr(_local, "workspace", None)
     if buffer is None or buffer.shape[0] < floats:
         buffer = np.empty(max(floats, 1), np.float32)
@@ -187,19 +237,15 @@ def sgemm(a, b, c, bias=None, bint relu=False, bint transpose_a=False,
     if bias is not None:
         _check(who, "bias", bias, (n,))
     cdef int threads = _threads(who, n_threads)
-    cdef const float[:, ::1] a_view = a
-    cdef const float[:, ::1] b_view = b
-    cdef float[:, ::1] c_view = c
-    cdef const float[::1] bias_view
-    cdef const float *bias_pointer = NULL
-    if bias is not None:
-        bias_view = bias
-        bias_pointer = &bias_view[0]
-    cdef float[::1] workspace = _workspace(cnnx_gemm_workspace_floats(threads))
+    cdef const float *a_data = _data(a)
+    cdef const float *b_data = _data(b)
+    cdef float *c_data = _data(c)
+    cdef const float *bias_pointer = NULL if bias is None else _data(bias)
+    cdef float *workspace = _data(_workspace(cnnx_gemm_workspace_floats(threads)))
     cdef int ta = transpose_a, tb = transpose_b, use_relu = relu
     with nogil:
-        cnnx_sgemm(m, n, k, &a_view[0, 0], ta, &b_view[0, 0], tb, bias_pointer, use_relu,
-                   &c_view[0, 0], threads, &workspace[0])
+        cnnx_sgemm(m, n, k, a_data, ta, b_data, tb, bias_pointer, use_relu, c_data, threads,
+                   workspace)
     return c
 
 
@@ -209,93 +255,166 @@ def column_sums(a, sums, n_threads=1):
     _check(who, "a", a, (-1, -1))
     _check_output(who, "sums", sums, (a.shape[1],))
     cdef int threads = _threads(who, n_threads)
-    cdef const float[:, ::1] a_view = a
-    cdef float[::1] sums_view = sums
+    cdef const float *a_data = _data(a)
+    cdef float *sums_data = _data(sums)
     cdef int m = a.shape[0], n = a.shape[1]
     with nogil:
-        cnnx_column_sums(m, n, &a_view[0, 0], &sums_view[0], threads)
+        cnnx_column_sums(m, n, a_data, sums_data, threads)
     return sums
 
 
 # ------------------------------------------------------------------------------ convolution
 
-cdef cnnx_conv_geometry _conv_geometry(who, tuple source_shape, tuple out_size, tuple kernel,
-                                       tuple strides, tuple dilation, tuple pads) except *:
+cdef class ConvGeometry:
+    """One convolution's geometry, worked out and checked once (Conv2D.build) and handed to
+    every call: input (H, W, C), kernel_size (KH, KW), filters F, strides, pads (top, left)
+    and output_size (OH, OW). It holds the C structs of the forward (and kernel-gradient)
+    GEMM and of the input-gradient pass: a convolution of grad_output, dilated by the
+    strides, with the kernel flipped in space and transposed in channels."""
+    cdef cnnx_conv_geometry forward
+    cdef cnnx_conv_geometry grad_input
+    cdef readonly tuple input_size, kernel_size, strides, pads, output_size
+    cdef readonly int filters
+
+    def __init__(self, input_size, kernel_size, int filters, strides, pads, output_size):
+        self.input_size = tuple(int(v) for v in input_size)
+        self.kernel_size = tuple(int(v) for v in kernel_size)
+        self.strides = tuple(int(v) for v in strides)
+        self.pads = tuple(int(v) for v in pads)
+        self.output_size = tuple(int(v) for v in output_size)
+        self.filters = filters
+        if (len(self.input_size) != 3 or len(self.kernel_size) != 2 or len(self.strides) != 2
+                or len(self.pads) != 2 or len(self.output_size) != 2):
+            raise ValueError(f"ConvGeometry: expected input_size (H, W, C) and pairs for "
+                             f"kernel_size, strides, pads and output_size, got {self!r}")
+        (h, w, c), (kh, kw) = self.input_size, self.kernel_size
+        (sh, sw), (top, left), (oh, ow) = self.strides, self.pads, self.output_size
+        if min(h, w, c, kh, kw, sh, sw, oh, ow, filters) < 1 or min(top, left) < 0:
+            raise ValueError(f"ConvGeometry: sizes must be positive and pads non-negative, "
+                             f"got {self!r}")
+        if (oh - 1) * sh - top >= h or (ow - 1) * sw - left >= w or top >= kh or left >= kw:
+            raise ValueError(f"ConvGeometry: a window lies wholly in the padding: {self!r}")
+        if <long long>kh * kw * max(c, filters) > _INT_MAX:
+            raise ValueError(f"ConvGeometry: the GEMM of this convolution has more than "
+                             f"2**31 - 1 columns: {self!r}")
+        self.forward = _conv_struct((h, w, c), (oh, ow), (kh, kw), (sh, sw), (1, 1),
+                                    (top, left))
+        self.grad_input = _conv_struct((oh, ow, filters), (h, w), (kh, kw), (1, 1), (sh, sw),
+                                       (kh - 1 - top, kw - 1 - left))
+
+    def __repr__(self):
+        return (f"ConvGeometry(input_size={self.input_size}, kernel_size={self.kernel_size}, "
+                f"filters={self.filters}, strides={self.strides}, pads={self.pads}, "
+                f"output_size={self.output_size})")
+
+    def __reduce__(self):                    # pickled with its layer (Dask ships models)
+        return ConvGeometry, (self.input_size, self.kernel_size, self.filters, self.strides,
+                              self.pads, self.output_size)
+
+    def __eq__(self, other):
+        return isinstance(other, ConvGeometry) and self.__reduce__() == other.__reduce__()
+
+    def __hash__(self):
+        return hash(self.__reduce__()[1])
+
+
+cdef cnnx_conv_geometry _conv_struct(tuple source_size, tuple out_size, tuple kernel,
+                                     tuple strides, tuple dilation, tuple pads):
     cdef cnnx_conv_geometry g
-    g.batch, g.in_h, g.in_w, g.channels = source_shape
+    g.batch = 0                                  # each call sets its batch
+    g.in_h, g.in_w, g.channels = source_size
     g.out_h, g.out_w = out_size
     g.kernel_h, g.kernel_w = kernel
     g.stride_h, g.stride_w = strides
     g.dilation_h, g.dilation_w = dilation
     g.pad_top, g.pad_left = pads
-    if min(g.out_h, g.out_w, g.kernel_h, g.kernel_w, g.stride_h, g.stride_w,
-           g.dilation_h, g.dilation_w) < 1 or min(g.pad_top, g.pad_left) < 0:
-        raise ValueError(f"{who}: bad geometry: out {out_size}, kernel {kernel}, strides "
-                         f"{strides}, dilation {dilation}, pads {pads}")
-    if (<long long>g.batch * g.out_h * g.out_w > _INT_MAX
-            or <long long>g.kernel_h * g.kernel_w * g.channels > _INT_MAX):
-        raise ValueError(f"{who}: the GEMM of this convolution has more than 2**31 - 1 rows")
     return g
 
 
-def conv2d_forward(x, kernel, bias, y, strides=(1, 1), pads=(0, 0), bint relu=False,
-                   dilation=(1, 1), n_threads=1):
-    """y = conv(x, kernel) + bias (relu).  x (N,H,W,C), kernel (KH,KW,C,F) -> y (N,OH,OW,F).
+cdef int _batch_rows(who, cnnx_conv_geometry *g, int batch) except -1:
+    """Set the call's batch; the GEMM's rows (N*OH*OW) must fit an int."""
+    if <long long>batch * g.out_h * g.out_w > _INT_MAX:
+        raise ValueError(f"{who}: {batch} x {g.out_h} x {g.out_w} output pixels, more than "
+                         f"2**31 - 1 GEMM rows; use smaller batches")
+    g.batch = batch
+    return 0
 
-    pads = (top, left) zeros before the input; the output size is y's. dilation dilates the
-    input (the grad-input pass of a strided convolution)."""
+
+def conv2d_forward(ConvGeometry geometry, x, kernel, bias, y, bint relu=False, n_threads=1):
+    """y = conv(x, kernel) + bias (relu).  x (N,H,W,C), kernel (KH,KW,C,F) -> y (N,OH,OW,F),
+    all as the geometry says; bias (F,) or None."""
     who = "conv2d_forward"
-    _check(who, "x", x, (-1, -1, -1, -1))
-    _check(who, "kernel", kernel, (-1, -1, x.shape[3], -1))
-    cdef int filters = kernel.shape[3]
-    _check_output(who, "y", y, (x.shape[0], -1, -1, filters))
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "x", x, (-1, h, w, c))
+    _check(who, "kernel", kernel, (kh, kw, c, f))
+    _check_output(who, "y", y, (x.shape[0], *geometry.output_size, f))
     if bias is not None:
-        _check(who, "bias", bias, (filters,))
+        _check(who, "bias", bias, (f,))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_conv_geometry g = _conv_geometry(
-        who, x.shape, y.shape[1:3], kernel.shape[:2], tuple(strides), tuple(dilation),
-        tuple(pads))
-    cdef const float[:, :, :, ::1] x_view = x
-    cdef const float[:, :, :, ::1] kernel_view = kernel
-    cdef float[:, :, :, ::1] y_view = y
-    cdef const float[::1] bias_view
-    cdef const float *bias_pointer = NULL
-    if bias is not None:
-        bias_view = bias
-        bias_pointer = &bias_view[0]
-    cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_forward_workspace_floats(&g, filters, threads))
-    cdef int use_relu = relu
+    cdef cnnx_conv_geometry g = geometry.forward
+    _batch_rows(who, &g, x.shape[0])
+    cdef const float *x_data = _data(x)
+    cdef const float *kernel_data = _data(kernel)
+    cdef float *y_data = _data(y)
+    cdef const float *bias_pointer = NULL if bias is None else _data(bias)
+    cdef float *workspace = _data(_workspace(cnnx_conv2d_forward_workspace_floats(&g, f,
+                                                                                  threads)))
+    cdef int use_relu = relu, filters = f
     with nogil:
-        cnnx_conv2d_forward(&g, &x_view[0, 0, 0, 0], &kernel_view[0, 0, 0, 0], filters,
-                            bias_pointer, use_relu, &y_view[0, 0, 0, 0], threads,
-                            &workspace[0])
+        cnnx_conv2d_forward(&g, x_data, kernel_data, filters, bias_pointer, use_relu, y_data,
+                            threads, workspace)
     return y
 
 
-def conv2d_grad_kernel(x, grad_output, grad_kernel, grad_bias, strides=(1, 1), pads=(0, 0),
+def conv2d_grad_input(ConvGeometry geometry, grad_output, kernel, grad_input, n_threads=1):
+    """grad_input (N,H,W,C) of the convolution: grad_output (N,OH,OW,F), dilated by the
+    strides, convolved with the kernel flipped in space and transposed to (KH,KW,F,C)."""
+    who = "conv2d_grad_input"
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "grad_output", grad_output, (-1, *geometry.output_size, f))
+    _check(who, "kernel", kernel, (kh, kw, c, f))
+    _check_output(who, "grad_input", grad_input, (grad_output.shape[0], h, w, c))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_conv_geometry g = geometry.grad_input
+    _batch_rows(who, &g, grad_output.shape[0])
+    flipped = np.empty((kh, kw, f, c), np.float32)
+    cdef const float *kernel_data = _data(kernel)
+    cdef float *flipped_data = _data(flipped)
+    cdef const float *grad_output_data = _data(grad_output)
+    cdef float *grad_input_data = _data(grad_input)
+    cdef float *workspace = _data(_workspace(cnnx_conv2d_forward_workspace_floats(&g, c,
+                                                                                  threads)))
+    cdef int channels = c, filters = f, kernel_h = kh, kernel_w = kw
+    with nogil:
+        cnnx_conv2d_flip_kernel(kernel_h, kernel_w, channels, filters, kernel_data,
+                                flipped_data)
+        cnnx_conv2d_forward(&g, grad_output_data, flipped_data, channels, NULL, 0,
+                            grad_input_data, threads, workspace)
+    return grad_input
+
+
+def conv2d_grad_kernel(ConvGeometry geometry, x, grad_output, grad_kernel, grad_bias,
                        n_threads=1):
     """grad_kernel = im2col(x)^T @ grad_output, grad_bias = sums of grad_output over pixels."""
     who = "conv2d_grad_kernel"
-    _check(who, "x", x, (-1, -1, -1, -1))
-    _check(who, "grad_output", grad_output, (x.shape[0], -1, -1, -1))
-    cdef int filters = grad_output.shape[3]
-    _check_output(who, "grad_kernel", grad_kernel, (-1, -1, x.shape[3], filters))
-    _check_output(who, "grad_bias", grad_bias, (filters,))
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "x", x, (-1, h, w, c))
+    _check(who, "grad_output", grad_output, (x.shape[0], *geometry.output_size, f))
+    _check_output(who, "grad_kernel", grad_kernel, (kh, kw, c, f))
+    _check_output(who, "grad_bias", grad_bias, (f,))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_conv_geometry g = _conv_geometry(
-        who, x.shape, grad_output.shape[1:3], grad_kernel.shape[:2], tuple(strides), (1, 1),
-        tuple(pads))
-    cdef const float[:, :, :, ::1] x_view = x
-    cdef const float[:, :, :, ::1] grad_output_view = grad_output
-    cdef float[:, :, :, ::1] grad_kernel_view = grad_kernel
-    cdef float[::1] grad_bias_view = grad_bias
-    cdef float[::1] workspace = _workspace(
-        cnnx_conv2d_grad_kernel_workspace_floats(&g, filters, threads))
+    cdef cnnx_conv_geometry g = geometry.forward
+    _batch_rows(who, &g, x.shape[0])
+    cdef const float *x_data = _data(x)
+    cdef const float *grad_output_data = _data(grad_output)
+    cdef float *grad_kernel_data = _data(grad_kernel)
+    cdef float *grad_bias_data = _data(grad_bias)
+    cdef float *workspace = _data(_workspace(
+        cnnx_conv2d_grad_kernel_workspace_floats(&g, f, threads)))
+    cdef int filters = f
     with nogil:
-        cnnx_conv2d_grad_kernel(&g, &x_view[0, 0, 0, 0], &grad_output_view[0, 0, 0, 0],
-                                filters, &grad_kernel_view[0, 0, 0, 0], &grad_bias_view[0],
-                                threads, &workspace[0])
+        cnnx_conv2d_grad_kernel(&g, x_data, grad_output_data, filters, grad_kernel_data,
+                                grad_bias_data, threads, workspace)
     return grad_kernel, grad_bias
 
 
@@ -521,6 +640,22 @@ def relu_backward(y, grad, n_threads=1):
     return grad
 
 
+# ------------------------------------------------------------------------------ optimizers
+# Every update reads g = grad / divisor + l1 sign(param) + 2 l2 param (divisor: the sample
+# count of a summed gradient, 1 for a mean; l1, l2: an L1L2 regularizer's, 0 without one),
+# and updates param and its slots in place.
+
+cdef cnnx_gradient_terms _gradient_terms(who, divisor, l1, l2) except *:
+    if not divisor > 0:
+        raise ValueError(f"{who}: divisor must be positive (the gradient's sample count), "
+                         f"got {divisor!r}")
+    if not (l1 >= 0 and l2 >= 0):
+        raise ValueError(f"{who}: l1 and l2 must be non-negative, got l1={l1!r}, l2={l2!r}")
+    cdef cnnx_gradient_terms terms
+    terms.divisor, terms.l1, terms.two_l2 = divisor, l1, 2 * l2
+    return terms
+
+
 cdef _check_update(who, param, grad, slots):
     _check_output(who, "param", param, None)
     _check(who, "grad", grad, param.shape)
@@ -530,11 +665,12 @@ cdef _check_update(who, param, grad, slots):
 
 def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float beta_2,
                 float one_minus_beta_2, float step, float epsilon, float m_scale=1,
-                float grad_scale=0, n_threads=1):
+                float grad_scale=0, divisor=1, l1=0, l2=0, n_threads=1):
     """One fused Adam pass: m, v and param updated in place (see cnnx_adam_update; Nadam
     passes its m_scale and grad_scale)."""
     who = "adam_update"
     _check_update(who, param, grad, {"m": m, "v": v})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef cnnx_adam_scalars scalars
     scalars.beta_1, scalars.one_minus_beta_1 = beta_1, one_minus_beta_1
@@ -547,28 +683,31 @@ def adam_update(param, grad, m, v, float beta_1, float one_minus_beta_1, float b
     cdef float[::1] v_view = _flat(v)
     with nogil:
         cnnx_adam_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
-                         &v_view[0], &scalars, threads)
+                         &v_view[0], &scalars, &terms, threads)
 
 
 def rmsprop_update(param, grad, square, float decay, float weight, float learning_rate,
-                   float epsilon, n_threads=1):
+                   float epsilon, divisor=1, l1=0, l2=0, n_threads=1):
     """One fused RMSprop (Adagrad: decay = weight = 1) pass, in place."""
     who = "rmsprop_update"
     _check_update(who, param, grad, {"square": square})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
     cdef float[::1] square_view = _flat(square)
     with nogil:
         cnnx_rmsprop_update(param_view.shape[0], &param_view[0], &grad_view[0],
-                            &square_view[0], decay, weight, learning_rate, epsilon, threads)
+                            &square_view[0], decay, weight, learning_rate, epsilon, &terms,
+                            threads)
 
 
 def adamax_update(param, grad, m, u, float beta_1, float one_minus_beta_1, float beta_2,
-                  float step, float epsilon, n_threads=1):
+                  float step, float epsilon, divisor=1, l1=0, l2=0, n_threads=1):
     """One fused AdaMax pass, in place."""
     who = "adamax_update"
     _check_update(who, param, grad, {"m": m, "u": u})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
@@ -577,17 +716,35 @@ def adamax_update(param, grad, m, u, float beta_1, float one_minus_beta_1, float
     with nogil:
         cnnx_adamax_update(param_view.shape[0], &param_view[0], &grad_view[0], &m_view[0],
                            &u_view[0], beta_1, one_minus_beta_1, beta_2, step, epsilon,
-                           threads)
+                           &terms, threads)
+
+
+def adadelta_update(param, grad, mean_grad, mean_delta, float rho, float one_minus_rho,
+                    float learning_rate, float epsilon, divisor=1, l1=0, l2=0, n_threads=1):
+    """One fused Adadelta pass, in place."""
+    who = "adadelta_update"
+    _check_update(who, param, grad, {"mean_grad": mean_grad, "mean_delta": mean_delta})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] mean_grad_view = _flat(mean_grad)
+    cdef float[::1] mean_delta_view = _flat(mean_delta)
+    with nogil:
+        cnnx_adadelta_update(param_view.shape[0], &param_view[0], &grad_view[0],
+                             &mean_grad_view[0], &mean_delta_view[0], rho, one_minus_rho,
+                             learning_rate, epsilon, &terms, threads)
 
 
 def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint nesterov,
-               n_threads=1):
+               divisor=1, l1=0, l2=0, n_threads=1):
     """One fused SGD pass (velocity None: plain SGD), in place."""
     who = "sgd_update"
     _check_output(who, "param", param, None)
     _check(who, "grad", grad, param.shape)
     if velocity is not None:
         _check_output(who, "velocity", velocity, param.shape)
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
     cdef int threads = _threads(who, n_threads)
     cdef float[::1] param_view = _flat(param)
     cdef const float[::1] grad_view = grad.reshape(-1)
@@ -599,7 +756,67 @@ def sgd_update(param, grad, velocity, float learning_rate, float momentum, bint 
     cdef int use_nesterov = nesterov
     with nogil:
         cnnx_sgd_update(param_view.shape[0], &param_view[0], &grad_view[0], velocity_pointer,
-                        learning_rate, momentum, use_nesterov, threads)
+                        learning_rate, momentum, use_nesterov, &terms, threads)
+
+
+def lars_norms(param, grad, divisor=1, l1=0, l2=0, n_threads=1):
+    """(||param||, ||g||) in double, block sums added in block order."""
+    who = "lars_norms"
+    _check(who, "param", param)
+    _check(who, "grad", grad, param.shape)
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
+    cdef int threads = _threads(who, n_threads)
+    cdef const float[::1] param_view = param.reshape(-1)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef long n = param_view.shape[0]
+    cdef double[::1] partials = np.empty(cnnx_lars_norms_partials(n))
+    cdef double norms[2]
+    with nogil:
+        cnnx_lars_norms(n, &param_view[0], &grad_view[0], &terms, norms, &partials[0],
+                        threads)
+    return norms[0], norms[1]
+
+
+def lars_update(param, grad, velocity, float momentum, float weight_decay, float step,
+                divisor=1, l1=0, l2=0, n_threads=1):
+    """One fused LARS pass (step = learning rate * local rate), in place."""
+    who = "lars_update"
+    _check_update(who, param, grad, {"velocity": velocity})
+    cdef cnnx_gradient_terms terms = _gradient_terms(who, divisor, l1, l2)
+    cdef int threads = _threads(who, n_threads)
+    cdef float[::1] param_view = _flat(param)
+    cdef const float[::1] grad_view = grad.reshape(-1)
+    cdef float[::1] velocity_view = _flat(velocity)
+    with nogil:
+        cnnx_lars_update(param_view.shape[0], &param_view[0], &grad_view[0],
+                         &velocity_view[0], momentum, weight_decay, step, &terms, threads)
+
+
+# ------------------------------------------------------------------------------ loss
+
+def softmax_cross_entropy(logits, labels, grad, n_threads=1):
+    """Sum over rows of -log softmax(logits)[label] (float64); grad = softmax - onehot.
+    logits, grad (N, K) float32; labels (N,) int64 in [0, K)."""
+    who = "softmax_cross_entropy"
+    _check(who, "logits", logits, (-1, -1))
+    _check(who, "labels", labels, (logits.shape[0],), np.int64)
+    _check_output(who, "grad", grad, logits.shape)
+    cdef int threads = _threads(who, n_threads)
+    cdef int rows = logits.shape[0], classes = logits.shape[1], r
+    cdef const int64_t[::1] labels_view = labels
+    for r in range(rows):
+        if labels_view[r] < 0 or labels_view[r] >= classes:
+            raise ValueError(f"{who}: labels must lie in [0, {classes}), got "
+                             f"{labels_view[r]} at row {r}")
+    cdef const float[:, ::1] logits_view = logits
+    cdef float[:, ::1] grad_view = grad
+    cdef double[::1] row_losses = np.empty(rows)
+    cdef double total
+    with nogil:
+        total = cnnx_softmax_cross_entropy(rows, classes, &logits_view[0, 0],
+                                           &labels_view[0], &grad_view[0, 0],
+                                           &row_losses[0], threads)
+    return total
 
 
 # ------------------------------------------------------------------------------ per channel

@@ -3,7 +3,9 @@
 Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output.
 float32 arrays run on the C kernels (every operand must then be float32); float64 arrays
 take the NumPy path of cnnx.ops_float64, which the gradient checks use (same maths, no
-rounding noise). Checks and geometry live here, once for both paths.
+rounding noise). A layer works its convolution's geometry out once (conv_geometry, at
+build) and passes it in: its calls then go straight to the kernels, which check the arrays
+against it. Called without a geometry, the ops check their arguments and make one.
 """
 import numpy as np
 
@@ -13,6 +15,9 @@ PADDINGS = ("valid", "same")
 
 
 def _pair(value, what):
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        if value[0] >= 1 and value[1] >= 1:
+            return value                   # already a pair of positive ints: every call
     pair = (value, value) if np.isscalar(value) else tuple(value)
     if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
         raise ValueError(f"{what} must be a positive int or a pair of them, got {value!r}")
@@ -78,71 +83,81 @@ def _c(array):
 
 # ---------------------------------------------------------------------------- convolution
 
-def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None,
-                   out=None):
-    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F).
-
-    out: optional float32 (N,OH,OW,F) array to write y into (a layer's reused buffer)."""
-    _check_nhwc(x, "conv2d_forward")
-    _check_operand(kernel, "conv2d_forward", "kernel", 4, "(KH, KW, C, F)")
+def conv_geometry(input_size, kernel_size, filters, strides, padding):
+    """A convolution's geometry, worked out and checked once (Conv2D.build does it when the
+    layer is built): input_size (H, W, C), kernel_size (KH, KW) -> a _kernels.ConvGeometry
+    with output_size (OH, OW) and pads (top, left) by Keras' rules."""
+    h, w, c = input_size
+    kh, kw = _pair(kernel_size, "kernel_size")
     strides = _pair(strides, "strides")
+    oh, ow, top, left = _geometry(h, w, kh, kw, strides, padding)
+    return _kernels.ConvGeometry((h, w, c), (kh, kw), int(filters), strides, (top, left),
+                                 (oh, ow))
+
+
+def _checked_conv_geometry(x, kernel, strides, padding, what):
+    """The public ops' checks (a layer passes its geometry instead): x and kernel, then the
+    geometry they and strides/padding make."""
+    _check_nhwc(x, what)
+    _check_operand(kernel, what, "kernel", 4, "(KH, KW, C, F)")
     kh, kw, c, f = kernel.shape
     if x.shape[3] != c:
-        raise ValueError(f"conv2d_forward: x has {x.shape[3]} channels but the kernel "
+        raise ValueError(f"{what}: x has {x.shape[3]} channels but the kernel "
                          f"{kernel.shape} expects {c}")
-    n, h, w, _ = x.shape
-    oh, ow, top, left = _geometry(h, w, kh, kw, strides, padding)
+    return conv_geometry(x.shape[1:], (kh, kw), f, strides, padding)
+
+
+def conv2d_forward(x, kernel, bias, strides=(1, 1), padding="valid", relu=False, n_threads=None,
+                   out=None, geometry=None):
+    """y = conv(x, kernel) + bias (ReLU if asked).  x (N,H,W,C), kernel (KH,KW,C,F) -> (N,OH,OW,F).
+
+    out: optional float32 (N,OH,OW,F) array to write y into (a layer's reused buffer).
+    geometry: the layer's conv_geometry (then strides and padding are not read, and the
+    arrays are checked once, at the kernels' boundary)."""
+    if geometry is None:
+        geometry = _checked_conv_geometry(x, kernel, strides, padding, "conv2d_forward")
+        kernel, bias = _c(kernel), None if bias is None else _c(bias)
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
         # one GEMM (N*OH*OW, KH*KW*C) @ (KH*KW*C, F) with im2col built panel by panel
-        y = out if out is not None else np.empty((n, oh, ow, f), np.float32)
-        return _kernels.conv2d_forward(_c(x), _c(kernel), None if bias is None else _c(bias),
-                                       y, strides, (top, left), relu, n_threads=n_threads)
-    return ops_float64.conv2d_forward(x, kernel, bias, strides, relu, oh, ow, top, left)
+        y = out if out is not None else np.empty(
+            (len(x), *geometry.output_size, geometry.filters), np.float32)
+        return _kernels.conv2d_forward(geometry, _c(x), kernel, bias, y, relu,
+                                       n_threads=n_threads)
+    return ops_float64.conv2d_forward(x, kernel, bias, geometry.strides, relu,
+                                      *geometry.output_size, *geometry.pads)
 
 
 def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
-                    need_input_grad=True, n_threads=None, out=None):
+                    need_input_grad=True, n_threads=None, out=None, geometry=None):
     """Gradients of conv2d_forward (without ReLU) -> (grad_input | None, grad_kernel, grad_bias).
 
-    out: optional float32 array shaped like x to write grad_input into."""
-    _check_nhwc(x, "conv2d_backward")
-    _check_operand(kernel, "conv2d_backward", "kernel", 4, "(KH, KW, C, F)")
-    _check_operand(grad_output, "conv2d_backward", "grad_output", 4, "(N, OH, OW, F)")
-    strides = _pair(strides, "strides")
-    kh, kw, c, f = kernel.shape
-    n, h, w, _ = x.shape
-    oh, ow, top, left = _geometry(h, w, kh, kw, strides, padding)
-    if grad_output.shape != (n, oh, ow, f):
-        raise ValueError(f"conv2d_backward: grad_output is {grad_output.shape}, "
-                         f"expected {(n, oh, ow, f)}")
+    out: optional float32 array shaped like x to write grad_input into. geometry: as in
+    conv2d_forward."""
+    if geometry is None:
+        geometry = _checked_conv_geometry(x, kernel, strides, padding, "conv2d_backward")
+        _check_operand(grad_output, "conv2d_backward", "grad_output", 4, "(N, OH, OW, F)")
+        expected = (len(x), *geometry.output_size, geometry.filters)
+        if grad_output.shape != expected:
+            raise ValueError(f"conv2d_backward: grad_output is {grad_output.shape}, "
+                             f"expected {expected}")
+        kernel = _c(kernel)
     n_threads = _threads.resolve(n_threads)
     if x.dtype == np.float32:
-        return _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad,
-                                        (top, left), n_threads, out)
-    return ops_float64.conv2d_backward(x, kernel, grad_output, strides, need_input_grad,
-                                       oh, ow, top, left)
-
-
-def _conv2d_backward_float32(x, kernel, grad_output, strides, need_input_grad, pads,
-                             n_threads, out):
-    kh, kw, c, f = kernel.shape
-    x, grad_output = _c(x), _c(grad_output)
-    grad_kernel = np.empty(kernel.shape, np.float32)
-    grad_bias = np.empty(f, np.float32)
-    # (KH*KW*C, N*OH*OW) @ (N*OH*OW, F), summed over fixed pixel chunks
-    _kernels.conv2d_grad_kernel(x, grad_output, grad_kernel, grad_bias, strides, pads,
-                                n_threads=n_threads)
-    grad_input = None
-    if need_input_grad:
-        # grad_input is a convolution of grad_output (input dilated by the stride) with the
-        # kernel flipped in space and transposed in channels: (KH, KW, F, C)
-        flipped = np.ascontiguousarray(kernel[::-1, ::-1].transpose(0, 1, 3, 2))
-        grad_input = out if out is not None else np.empty(x.shape, np.float32)
-        _kernels.conv2d_forward(grad_output, flipped, None, grad_input, (1, 1),
-                                (kh - 1 - pads[0], kw - 1 - pads[1]), False, strides,
-                                n_threads=n_threads)
-    return grad_input, grad_kernel, grad_bias
+        x, grad_output = _c(x), _c(grad_output)
+        grad_kernel = np.empty(kernel.shape, np.float32)
+        grad_bias = np.empty(geometry.filters, np.float32)
+        # (KH*KW*C, N*OH*OW) @ (N*OH*OW, F), summed over fixed pixel chunks
+        _kernels.conv2d_grad_kernel(geometry, x, grad_output, grad_kernel, grad_bias,
+                                    n_threads=n_threads)
+        grad_input = None
+        if need_input_grad:
+            grad_input = out if out is not None else np.empty(x.shape, np.float32)
+            _kernels.conv2d_grad_input(geometry, grad_output, kernel, grad_input,
+                                       n_threads=n_threads)
+        return grad_input, grad_kernel, grad_bias
+    return ops_float64.conv2d_backward(x, kernel, grad_output, geometry.strides,
+                                       need_input_grad, *geometry.output_size, *geometry.pads)
 
 
 # -------------------------------------------------------------------------------- pooling

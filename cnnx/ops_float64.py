@@ -3,7 +3,8 @@ rounding, which the gradient checks need. cnnx.ops validates, resolves the geome
 sends float64 operands here; nothing here is tuned for speed.
 
 Shapes: N batch, H x W input, C in channels, F filters, KH x KW kernel, OH x OW output (NHWC,
-HWIO). Geometry arguments (oh, ow, top, left) come from cnnx.ops._geometry.
+HWIO). Geometry arguments (oh, ow, top, left) come from cnnx.ops (a ConvGeometry's
+output_size and pads for convolutions, ops._geometry for pooling).
 """
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view

@@ -3,10 +3,14 @@
 An optimizer updates a flat dict of parameters in place from a dict of gradients with the
 same keys ("layer_name/param").  Its state is keyed by those names too, so state_dict()
 is a flat dict of arrays that goes into .npz checkpoints and over Dask as it is.
-Each optimizer implements one _update(name, param, grad, lr); the update rules are Keras'.
-SGD, Adagrad, RMSprop, Adam, AdaMax and Nadam update float32 parameters in one fused,
-threaded C pass per parameter (each element independent: the same bits for any thread
-count); other dtypes take NumPy. (Adadelta and LARS stay NumPy.)
+Each optimizer implements one _update(name, param, grad, lr, terms); the update rules are
+Keras'. Every optimizer updates float32 parameters in one fused, threaded C pass per
+parameter (LARS: a norms pass, then the update), the same bits for any thread count; other
+dtypes take NumPy, the float64 reference the tests compare with.
+
+The gradient an update reads is grad / n_samples + the regularizer's gradient (GradientTerms):
+Sequential hands a GradientSum's summed gradients and the layers' L1L2 penalties straight to
+the C pass, so a step makes no mean or penalty arrays.
 """
 import numpy as np
 
@@ -78,6 +82,29 @@ def schedule(learning_rate):
 
 # ----------------------------------------------------------------------------- optimizers
 
+class GradientTerms:
+    """The gradient an update reads: grad / divisor + regularizer.gradient(param).
+
+    divisor is the sample count of a summed gradient (1 for a mean), regularizer an L1L2
+    or None. The C updates take it as (divisor, l1, l2); NumPy builds the array."""
+
+    def __init__(self, divisor=1, regularizer=None):
+        self.divisor, self.regularizer = divisor, regularizer
+        self._options = {"divisor": divisor, "l1": regularizer.l1 if regularizer else 0.0,
+                         "l2": regularizer.l2 if regularizer else 0.0}
+
+    def kernel_options(self):
+        return self._options
+
+    def of(self, grad, param):
+        """The gradient as an array (NumPy path): grad / divisor (+ the penalty's gradient)."""
+        if self.divisor != 1:
+            grad = grad / grad.dtype.type(self.divisor)
+        if self.regularizer is not None:
+            grad = grad + self.regularizer.gradient(param)
+        return grad
+
+
 class Optimizer:
     """Base: apply() counts steps and calls _update once per parameter.
 
@@ -95,8 +122,11 @@ class Optimizer:
     def __getstate__(self):
         return {**self.__dict__, "_buffers": {}}
 
-    def apply(self, params, grads):
-        """params[name] -= update(grads[name]) in place, for every name in grads."""
+    def apply(self, params, grads, n_samples=1, regularizers=None):
+        """params[name] -= update(g) in place for every name in grads, where
+        g = grads[name] / n_samples + regularizers[name].gradient(params[name]) (a missing
+        regularizer adds nothing): summed gradients and penalties go in as they are."""
+        regularizers = regularizers or {}
         missing = set(grads) - set(params)
         if missing:
             raise KeyError(f"{type(self).__name__}.apply: gradients for unknown parameters "
@@ -104,17 +134,24 @@ class Optimizer:
         lr = self.learning_rate(self.iterations)
         self.iterations += 1
         self._begin_step()
+        plain = GradientTerms(n_samples)          # for the params without a regularizer
         for name in sorted(grads):                # fixed order: state updates are reproducible
             param, grad = params[name], grads[name]
             if grad.shape != param.shape:
                 raise ValueError(f"{type(self).__name__}.apply: gradient for {name!r} is "
                                  f"{grad.shape}, parameter is {param.shape}")
-            self._update(name, param, grad.astype(param.dtype, copy=False), lr)
+            regularizer = regularizers.get(name)
+            terms = plain if regularizer is None else GradientTerms(n_samples, regularizer)
+            if grad.dtype != param.dtype:
+                grad = grad.astype(param.dtype)
+            self._update(name, param, grad, lr, terms)
 
     def _begin_step(self):
         """Hook for state shared by all parameters (Nadam's momentum product)."""
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
+        """One step on one parameter; the gradient is terms.of(grad, param) (the C updates
+        take terms.kernel_options() instead)."""
         raise NotImplementedError
 
     def _scratch(self, name, like):
@@ -171,12 +208,13 @@ class SGD(Optimizer):
             raise ValueError(f"SGD expects 0 <= momentum < 1, got {momentum}")
         self.momentum, self.nesterov = momentum, nesterov
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         if _fused(param, grad):
             velocity = None if self.momentum == 0 else self._slot("velocity", name, param)
             _kernels.sgd_update(param, grad, velocity, lr, self.momentum, self.nesterov,
-                                n_threads=_threads.get_num_threads())
+                                **terms.kernel_options(), n_threads=_threads.get_num_threads())
             return
+        grad = terms.of(grad, param)
         step = np.multiply(grad, lr, out=self._scratch(name, param))        # lr g
         if self.momentum == 0:
             param -= step
@@ -210,12 +248,14 @@ class Adagrad(Optimizer):
         super().__init__(learning_rate)
         self.initial_accumulator_value, self.epsilon = initial_accumulator_value, epsilon
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         accumulator = self._slot("accumulator", name, param, self.initial_accumulator_value)
         if _fused(param, grad, accumulator):
             _kernels.rmsprop_update(param, grad, accumulator, 1.0, 1.0, lr, self.epsilon,
+                                    **terms.kernel_options(),
                                     n_threads=_threads.get_num_threads())
             return
+        grad = terms.of(grad, param)
         work = self._scratch(name, param)
         accumulator += np.multiply(grad, grad, out=work)
         _step_by_root(param, grad, accumulator, lr, self.epsilon, work)
@@ -234,13 +274,19 @@ class Adadelta(Optimizer):
         super().__init__(learning_rate)
         self.rho, self.epsilon = rho, epsilon
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         mean_grad = self._slot("accumulated_grad", name, param)
         mean_delta = self._slot("accumulated_delta", name, param)
-        mean_grad[...] = self.rho * mean_grad + (1 - self.rho) * grad * grad
+        if _fused(param, grad, mean_grad, mean_delta):
+            _kernels.adadelta_update(param, grad, mean_grad, mean_delta, self.rho, 1 - self.rho,
+                                     lr, self.epsilon, **terms.kernel_options(),
+                                     n_threads=_threads.get_num_threads())
+            return
+        grad = terms.of(grad, param)
+        _moving_average(mean_grad, grad * grad, self.rho)
         delta = np.sqrt(mean_delta + self.epsilon) / np.sqrt(mean_grad + self.epsilon) * grad
-        mean_delta[...] = self.rho * mean_delta + (1 - self.rho) * delta * delta
-        param -= lr * delta
+        _moving_average(mean_delta, delta * delta, self.rho)
+        param -= delta * lr
 
     def get_config(self):
         return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
@@ -254,12 +300,14 @@ class RMSprop(Optimizer):
         super().__init__(learning_rate)
         self.rho, self.epsilon = rho, epsilon
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         velocity = self._slot("velocity", name, param)
         if _fused(param, grad, velocity):
             _kernels.rmsprop_update(param, grad, velocity, self.rho, 1 - self.rho, lr,
-                                    self.epsilon, n_threads=_threads.get_num_threads())
+                                    self.epsilon, **terms.kernel_options(),
+                                    n_threads=_threads.get_num_threads())
             return
+        grad = terms.of(grad, param)
         work = self._scratch(name, param)
         _moving_average(velocity, np.multiply(grad, grad, out=work), self.rho)
         _step_by_root(param, grad, velocity, lr, self.epsilon, work)
@@ -277,15 +325,17 @@ class Adam(Optimizer):
         super().__init__(learning_rate)
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
         t = self.iterations
         if _fused(param, grad, m, v):
             root = np.sqrt(1 - self.beta_2 ** t)
             _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
                                  1 - self.beta_2, lr * root / (1 - self.beta_1 ** t),
-                                 self.epsilon * root, n_threads=_threads.get_num_threads())
+                                 self.epsilon * root, **terms.kernel_options(),
+                                 n_threads=_threads.get_num_threads())
             return
+        grad = terms.of(grad, param)
         work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
@@ -307,13 +357,15 @@ class AdaMax(Adam):
     def __init__(self, learning_rate=0.002, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         super().__init__(learning_rate, beta_1, beta_2, epsilon)
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         m, u = self._slot("m", name, param), self._slot("u", name, param)
         if _fused(param, grad, m, u):
             _kernels.adamax_update(param, grad, m, u, self.beta_1, 1 - self.beta_1, self.beta_2,
                                    lr / (1 - self.beta_1 ** self.iterations), self.epsilon,
+                                   **terms.kernel_options(),
                                    n_threads=_threads.get_num_threads())
             return
+        grad = terms.of(grad, param)
         work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         u *= self.beta_2
@@ -340,7 +392,7 @@ class Nadam(Adam):
         self._product_t = float(product) * self._mu_t
         self.slots["u_product"][""] = np.array(self._product_t)
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
         m_scale = self._mu_next / (1 - self._product_t * self._mu_next)
         grad_scale = (1 - self._mu_t) / (1 - self._product_t)
@@ -349,8 +401,10 @@ class Nadam(Adam):
             _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
                                  1 - self.beta_2, lr * root, self.epsilon * root,
                                  m_scale=m_scale, grad_scale=grad_scale,
+                                 **terms.kernel_options(),
                                  n_threads=_threads.get_num_threads())
             return
+        grad = terms.of(grad, param)
         work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
         _moving_average(v, np.multiply(grad, grad, out=work), self.beta_2)
@@ -369,17 +423,24 @@ class LARS(Optimizer):
         super().__init__(learning_rate)
         self.momentum, self.weight_decay, self.eta = momentum, weight_decay, eta
 
-    def _update(self, name, param, grad, lr):
+    def _update(self, name, param, grad, lr, terms):
         velocity = self._slot("velocity", name, param)
-        weight_norm = float(np.linalg.norm(param))
-        grad_norm = float(np.linalg.norm(grad))
-        if weight_norm > 0 and grad_norm > 0:
-            local_lr = self.eta * weight_norm / (grad_norm + self.weight_decay * weight_norm)
-        else:
-            local_lr = 1.0
-        velocity[...] = self.momentum * velocity + (lr * local_lr) * (grad + self.weight_decay
-                                                                      * param)
+        if _fused(param, grad, velocity):
+            options = dict(**terms.kernel_options(), n_threads=_threads.get_num_threads())
+            norms = _kernels.lars_norms(param, grad, **options)
+            _kernels.lars_update(param, grad, velocity, self.momentum, self.weight_decay,
+                                 lr * self._local_rate(*norms), **options)
+            return
+        grad = terms.of(grad, param)
+        norms = (float(np.linalg.norm(param)), float(np.linalg.norm(grad)))
+        velocity *= self.momentum
+        velocity += (grad + param * self.weight_decay) * (lr * self._local_rate(*norms))
         param -= velocity
+
+    def _local_rate(self, weight_norm, grad_norm):
+        if weight_norm > 0 and grad_norm > 0:
+            return self.eta * weight_norm / (grad_norm + self.weight_decay * weight_norm)
+        return 1.0
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,
@@ -388,8 +449,10 @@ class LARS(Optimizer):
 
 def _fused(*arrays):
     """True when the C update applies: float32, C-contiguous, writeable, not empty."""
-    return all(a.dtype == np.float32 and a.flags.c_contiguous and a.size > 0
-               for a in arrays) and arrays[0].flags.writeable
+    for a in arrays:                      # a loop, not all(...): this runs for every param
+        if a.dtype != np.float32 or not a.flags.c_contiguous or a.size == 0:
+            return False
+    return arrays[0].flags.writeable
 
 
 def _moving_average(average, value, decay, work=None):

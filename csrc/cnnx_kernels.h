@@ -60,6 +60,11 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                              const float *grad_output, int filters, float *grad_kernel,
                              float *grad_bias, int n_threads, float *workspace);
 
+/* flipped[i, j, f, c] = kernel[KH-1-i, KW-1-j, c, f]: the weights of the grad-input pass
+ * (flipped in space, transposed in channels). */
+void cnnx_conv2d_flip_kernel(int kernel_h, int kernel_w, int channels, int filters,
+                             const float *kernel, float *flipped);
+
 /* sums[n] = sum over rows of a[m, n], rows added in order (dense grad bias). */
 void cnnx_column_sums(int m, int n, const float *a, float *sums, int n_threads);
 
@@ -104,32 +109,70 @@ void cnnx_relu_forward(long n, const float *x, float *y, int n_threads);
 /* grad[i] *= (y[i] > 0): ReLU's backward from its output, in place. */
 void cnnx_relu_backward(long n, const float *y, float *grad, int n_threads);
 
+/* ---- optimizers.c: one fused pass per parameter tensor. Every update reads the gradient
+ * g = grad / divisor + l1 sign(param) + two_l2 param: divisor is the sample count of a
+ * summed gradient (1 for a mean), l1 and two_l2 an L1L2 regularizer's l1 and 2 l2 (0 when
+ * none). float32 throughout, in the NumPy formulas' order. */
+typedef struct {
+    float divisor, l1, two_l2;
+} cnnx_gradient_terms;
+
 /* Adam (Kingma & Ba, Algorithm 1) with the bias corrections folded into step and epsilon:
  * m = beta_1 m + (1 - beta_1) g;  v = beta_2 v + (1 - beta_2) g^2;
  * param -= m / (sqrt(v) + epsilon) * step.  With grad_scale != 0 (Nadam) the numerator is
- * m * m_scale + g * grad_scale. float32 throughout, in the NumPy formulas' order. */
+ * m * m_scale + g * grad_scale. */
 typedef struct {
     float beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, step, epsilon;
     float m_scale, grad_scale;
 } cnnx_adam_scalars;
 void cnnx_adam_update(long n, float *param, const float *grad, float *m, float *v,
-                      const cnnx_adam_scalars *scalars, int n_threads);
+                      const cnnx_adam_scalars *scalars, const cnnx_gradient_terms *terms,
+                      int n_threads);
 
 /* RMSprop (Adagrad: decay = weight = 1): square = decay square + weight g^2;
  * param -= g / (sqrt(square) + epsilon) * learning_rate. */
 void cnnx_rmsprop_update(long n, float *param, const float *grad, float *square, float decay,
-                         float weight, float learning_rate, float epsilon, int n_threads);
+                         float weight, float learning_rate, float epsilon,
+                         const cnnx_gradient_terms *terms, int n_threads);
 
 /* AdaMax (Kingma & Ba, Algorithm 2): m = beta_1 m + (1 - beta_1) g;
  * u = max(beta_2 u, |g|);  param -= m / (u + epsilon) * step. */
 void cnnx_adamax_update(long n, float *param, const float *grad, float *m, float *u,
                         float beta_1, float one_minus_beta_1, float beta_2, float step,
-                        float epsilon, int n_threads);
+                        float epsilon, const cnnx_gradient_terms *terms, int n_threads);
+
+/* Adadelta (Zeiler 2012): mean_grad = rho mean_grad + (1 - rho) g^2;
+ * delta = sqrt(mean_delta + epsilon) / sqrt(mean_grad + epsilon) g;
+ * mean_delta = rho mean_delta + (1 - rho) delta^2;  param -= delta * learning_rate. */
+void cnnx_adadelta_update(long n, float *param, const float *grad, float *mean_grad,
+                          float *mean_delta, float rho, float one_minus_rho,
+                          float learning_rate, float epsilon,
+                          const cnnx_gradient_terms *terms, int n_threads);
 
 /* SGD: velocity NULL: param -= lr g.  Else v = momentum v - lr g, then param += v
  * (nesterov: param = (param - lr g) + momentum v). */
 void cnnx_sgd_update(long n, float *param, const float *grad, float *velocity,
-                     float learning_rate, float momentum, int nesterov, int n_threads);
+                     float learning_rate, float momentum, int nesterov,
+                     const cnnx_gradient_terms *terms, int n_threads);
+
+/* LARS (You et al. 2017), two passes: norms = (||param||, ||g||), block sums in double
+ * added in block order (partials: cnnx_lars_norms_partials(n) doubles of scratch); then
+ * v = momentum v + (g + weight_decay param) * step;  param -= v  (step = lr * local lr). */
+long cnnx_lars_norms_partials(long n);
+void cnnx_lars_norms(long n, const float *param, const float *grad,
+                     const cnnx_gradient_terms *terms, double *norms, double *partials,
+                     int n_threads);
+void cnnx_lars_update(long n, float *param, const float *grad, float *velocity,
+                      float momentum, float weight_decay, float step,
+                      const cnnx_gradient_terms *terms, int n_threads);
+
+/* ---- loss.c: softmax cross-entropy over logits (rows, classes), labels in [0, classes).
+ * grad[r, k] = softmax(logits[r])[k] - (k == labels[r]); row_losses[r] =
+ * log sum_k exp(logits[r, k]) - logits[r, labels[r]] (shifted by the row's max: no overflow);
+ * returns the sum of row_losses, added in row order. */
+double cnnx_softmax_cross_entropy(int rows, int classes, const float *logits,
+                                  const int64_t *labels, float *grad, double *row_losses,
+                                  int n_threads);
 
 /* ReLU's mask for a BatchNormalization fused with the ReLU after it, recomputed from the
  * BatchNorm input b: keep[r, c] = (b[r, c] - shift[c]) * scale[c] > -offset[c] (the

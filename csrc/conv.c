@@ -15,10 +15,16 @@
  *     batch is cut into bands of BAND_ROWS output rows of one image; a thread copies its
  *     band, zero-padded, into an L2-sized buffer Wp = OW + KW - 1 cells wide. Output pixel
  *     (y, x) is then "virtual row" v = y*Wp + x, and its im2col row is the buffer read at
- *     v*C + tap_offset[tap] + c: a constant row stride, so the micro-kernel reads im2col in
- *     place, no packing. The KW - 1 junk columns per row (x >= OW) are computed and dropped
- *     (grad kernel: their grad_output rows are zeros). Bands are fixed by the geometry, so
- *     the grad-kernel partials are per band and added in band order.
+ *     v*C + tap_offset[tap] + c, so the micro-kernel reads im2col in place, no packing.
+ *   - Forward and grad input: a micro-tile takes six real output pixels by their offsets,
+ *     across row ends (on 11x11 outputs a tile per row end computed 15% junk), and a tile
+ *     on the border leaves out the taps that read only padding (the grad input of a 3x3
+ *     'valid' conv on 11x11 pads by 2: a third of its products are zeros).
+ *   - Grad kernel (pixels are its k): on small images (OW < 32) each band becomes a compact
+ *     row im2col (KW*C floats per real pixel, no junk); wider ones read the band with its
+ *     KW - 1 junk columns per row (zero grad_output rows there) or grad_output rows in
+ *     place. Bands are fixed by the geometry and cut into at most GRAD_PARTS fixed runs;
+ *     a run's bands add into one partial, the partials are added in run order.
  *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
  *     neither calls back into it. The im2col rows it packs from live in packing.c.
  */
@@ -37,7 +43,8 @@
 #define BAND_ROWS 16
 #define MAX_TAPS 64                /* fast path for kernels up to 8x8 */
 #define EDGE_FLOATS (GEMM_MR * GEMM_NR + GEMM_NR)
-#define GRAD_SLACK (GEMM_NR + GEMM_MR)
+#define PANEL_MAJOR_MIN_DEPTH 64   /* grad-kernel: grad_output in 16-column panels from here */
+#define GRAD_PARTS 8              /* grad-kernel partials: at most this many runs of bands */
 /* grad_output rows read in place by the grad-kernel fast path only when this wide: each
  * micro-tile call then runs k = out_w deep; narrower rows take the virtual-row layout. */
 #define IN_PLACE_MIN_WIDTH 32
@@ -93,6 +100,41 @@ static void copy_band(const cnnx_conv_geometry *g, const float *source, long ima
            sizeof(float) * (g->kernel_w + GEMM_MR + 2) * channels);
 }
 
+/* The taps a forward tile of output pixels (first_y, first_x) .. (last_y, last_x) needs, as offsets into the band (a_taps) and the packed kernel (b_taps); a tap that reads
+ * only padding for all of them is left out (b_taps NULL: all taps, the kernel read in order) (its products are all zero; on 13x13 grad-input
+ * tiles, padded by 2, about a third of the taps). The list depends on the geometry alone. */
+static int tile_taps(const cnnx_conv_geometry *g, int first_y, int first_x, int last_y,
+                     int last_x, const int *tap_offsets, int *a_taps, int *b_taps,
+                     const int **a_list, const int **b_list)
+{
+    if (last_y > first_y) {      /* the tile wraps: it holds both row ends, take all columns */
+        first_x = 0;
+        last_x = g->out_w - 1;
+    }
+    int used = 0, taps = g->kernel_h * g->kernel_w;
+    if (first_y >= g->pad_top && last_y + g->kernel_h - 1 - g->pad_top < g->in_h
+        && first_x >= g->pad_left && last_x + g->kernel_w - 1 - g->pad_left < g->in_w) {
+        *a_list = tap_offsets;                        /* inside: every tap (no padding: all) */
+        *b_list = NULL;                               /* the packed kernel read straight on */
+        return taps;
+    }
+    *a_list = a_taps;
+    *b_list = b_taps;
+    for (int i = 0; i < g->kernel_h; ++i) {
+        /* input rows first_y + i - pad_top .. last_y + i - pad_top must meet [0, in_h) */
+        if (last_y + i - g->pad_top < 0 || first_y + i - g->pad_top >= g->in_h)
+            continue;
+        for (int j = 0; j < g->kernel_w; ++j) {
+            if (last_x + j - g->pad_left < 0 || first_x + j - g->pad_left >= g->in_w)
+                continue;
+            int tap = i * g->kernel_w + j;
+            a_taps[used] = tap_offsets[tap];
+            b_taps[used++] = tap * g->channels * GEMM_NR;
+        }
+    }
+    return used;
+}
+
 static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
 {
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
@@ -104,7 +146,7 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                               int filters, const float *bias, int relu, float *y,
                               int n_threads, float *workspace)
 {
-    int depth = g->kernel_h * g->kernel_w * g->channels, taps = g->kernel_h * g->kernel_w;
+    int depth = g->kernel_h * g->kernel_w * g->channels;
     int panels = (filters + GEMM_NR - 1) / GEMM_NR, width = padded_width(g);
     int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
     long bands = band_count(g);
@@ -127,42 +169,61 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
     for (long band_index = 0; band_index < bands; ++band_index) {
         float *band = thread_space + THREAD_ID() * (band_floats(g) + EDGE_FLOATS);
         float *edge_tile = band + band_floats(g), *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
+        int a_taps[MAX_TAPS], b_taps[MAX_TAPS];
         long image = band_index / bands_per_image;
         int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
         int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
-        int virtual_rows = (rows - 1) * width + g->out_w;
+        int pixels = rows * g->out_w;
         float *y_band = y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
         copy_band(g, x, image, y0, rows, band);
-        for (int v0 = 0; v0 < virtual_rows; v0 += GEMM_MR) {
-            int out_x = v0 % width;
-            int whole = out_x + GEMM_MR <= g->out_w;     /* six real pixels of one row */
-            const float *a = band + (long)v0 * g->channels;
+        int tile_y = 0, tile_x = 0;                       /* pixel q0, in the band */
+        for (int q0 = 0; q0 < pixels; q0 += GEMM_MR) {
+            /* six real output pixels, across row ends: their band cells by offset (walked,
+             * not divided: with one channel the divisions cost as much as the tile) */
+            int tile_rows = pixels - q0 < GEMM_MR ? pixels - q0 : GEMM_MR;
+            long row_offsets[GEMM_MR];
+            int first_y = tile_y, first_x = tile_x;
+            int row_y = tile_y, row_x = tile_x, last_y = tile_y, last_x = tile_x;
+            for (int r = 0; r < GEMM_MR; ++r) {
+                if (r < tile_rows) {
+                    last_y = row_y;
+                    last_x = row_x;
+                }
+                row_offsets[r] = r < tile_rows
+                                     ? ((long)row_y * width + row_x) * g->channels
+                                     : row_offsets[0];
+                if (++row_x == g->out_w) {
+                    row_x = 0;
+                    ++row_y;
+                }
+                if (r == GEMM_MR - 1) {
+                    tile_y = row_y;
+                    tile_x = row_x;
+                }
+            }
+            const int *a_list, *b_list;
+            int used_taps = tile_taps(g, y0 + first_y, first_x, y0 + last_y, last_x,
+                                      tap_offsets, a_taps, b_taps, &a_list, &b_list);
             for (int panel = 0; panel < panels; ++panel) {
                 int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
                                                                : GEMM_NR;
                 const float *b = packed_kernel + (long)panel * depth * GEMM_NR;
                 const float *panel_bias = bias ? bias + panel * GEMM_NR : NULL;
-                if (whole && cols == GEMM_NR) {
-                    float *c = y_band + ((long)(v0 / width) * g->out_w + out_x) * filters
-                               + panel * GEMM_NR;
-                    micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, c,
-                                      filters, panel_bias, relu);
+                float *c = y_band + (long)q0 * filters + panel * GEMM_NR;
+                if (tile_rows == GEMM_MR && cols == GEMM_NR) {
+                    micro_kernels()->conv(used_taps, a_list, b_list, g->channels, band,
+                                          row_offsets, b, c, filters, panel_bias, relu);
                     continue;
                 }
                 if (bias) {
                     memset(edge_bias, 0, sizeof(float) * GEMM_NR);
                     memcpy(edge_bias, panel_bias, sizeof(float) * cols);
                 }
-                micro_kernels()->conv(taps, tap_offsets, g->channels, a, g->channels, b, edge_tile,
-                                  GEMM_NR, bias ? edge_bias : NULL, relu);
-                for (int r = 0; r < GEMM_MR; ++r) {
-                    int v = v0 + r, row_x = v % width;
-                    if (v >= virtual_rows || row_x >= g->out_w)
-                        continue;                         /* junk column or past the band */
-                    memcpy(y_band + ((long)(v / width) * g->out_w + row_x) * filters
-                               + panel * GEMM_NR,
-                           edge_tile + r * GEMM_NR, sizeof(float) * cols);
-                }
+                micro_kernels()->conv(used_taps, a_list, b_list, g->channels, band, row_offsets,
+                                      b, edge_tile, GEMM_NR, bias ? edge_bias : NULL, relu);
+                for (int r = 0; r < tile_rows; ++r)
+                    memcpy(c + (long)r * filters, edge_tile + r * GEMM_NR,
+                           sizeof(float) * cols);
             }
         }
     }
@@ -218,118 +279,225 @@ static void sum_partials_in_order(const float *partials, long parts, long kernel
     }
 }
 
-/* Per thread: band, virtual grad_output (+ slack for ragged column panels), an edge tile. */
+/* The grad-kernel partials: bands are cut into at most GRAD_PARTS fixed runs (by the
+ * geometry alone); a run's bands add into one partial, and the partials are added in run
+ * order. Few partials: little to write and add up (an 11x11 image is one band, and one
+ * partial per image cost more than its products). */
+static long grad_part_count(const cnnx_conv_geometry *g)
+{
+    long bands = band_count(g);
+    return bands < GRAD_PARTS ? bands : GRAD_PARTS;
+}
+
+/* Per thread: band, virtual grad_output in 16-column panels, an edge tile. */
+static long grad_virtual_floats(const cnnx_conv_geometry *g, int filters)
+{
+    long panels = (filters + GEMM_NR - 1) / GEMM_NR;
+    return panels * ((long)BAND_ROWS * padded_width(g) + GEMM_MR) * GEMM_NR;
+}
+
+/* The compact row im2col of a band of a small image (OW < IN_PLACE_MIN_WIDTH):
+ * rows[y][x][j*C + c] = band[y][x + j][c], KW*C floats per pixel, + slack for the last
+ * micro-tile's reads past a kernel row. */
+static long row_im2col_floats(const cnnx_conv_geometry *g)
+{
+    if (g->out_w >= IN_PLACE_MIN_WIDTH)
+        return 0;
+    return (long)(BAND_ROWS + g->kernel_h - 1) * g->out_w * g->kernel_w * g->channels + GEMM_MR;
+}
+
+static void fill_row_im2col(const cnnx_conv_geometry *g, const float *band, int rows,
+                            float *dst)
+{
+    long row_span = (long)g->kernel_w * g->channels;
+    int width = padded_width(g);
+    for (int y = 0; y < rows + g->kernel_h - 1; ++y)
+        for (int x = 0; x < g->out_w; ++x)       /* the KW cells from (y, x) are adjacent */
+            memcpy(dst + ((long)y * g->out_w + x) * row_span,
+                   band + ((long)y * width + x) * g->channels, sizeof(float) * row_span);
+    memset(dst + (long)(rows + g->kernel_h - 1) * g->out_w * row_span, 0,
+           sizeof(float) * GEMM_MR);
+}
+
+static void add_bias_sums(const float *grad, int pixels, int filters, float *bias_partial)
+{
+    for (int q = 0; q < pixels; ++q)
+        for (int f = 0; f < filters; ++f)
+            bias_partial[f] += grad[(long)q * filters + f];
+}
+
 static long grad_kernel_thread_floats(const cnnx_conv_geometry *g, int filters)
 {
-    long virtual_pixels = (long)BAND_ROWS * padded_width(g);
-    return band_floats(g) + virtual_pixels * filters + GRAD_SLACK + EDGE_FLOATS;
+    return band_floats(g) + grad_virtual_floats(g, filters) + row_im2col_floats(g)
+           + EDGE_FLOATS;
 }
 
 static long grad_kernel_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
 {
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
     return (long)n_threads * grad_kernel_thread_floats(g, filters)
-           + band_count(g) * (depth * filters + filters);
+           + grad_part_count(g) * (depth * filters + filters);
 }
 
 /* partial[depth, F] (=, or += when accumulate) = im2col(band)^T @ grad[pixels, F] over
- * `pixels` virtual rows from band. The KW*C k indices (j, c) of one kernel row i are
- * contiguous in the band: im2col[v][i*KW*C + t] = band[v*C + i*Wp*C + t]. Six k rows are
- * read in place (pixel stride C), adjacent when they share a kernel row; a narrow kernel
- * row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at gathered
- * offsets instead of leaving half of it empty. */
-static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, int pixels,
-                             const float *grad, int filters, float *partial, int accumulate,
-                             float *edge_tile)
+ * `pixels` rows of band: im2col[q][i*KW*C + t] = band[q*pixel_stride + i*row_stride + t]
+ * (the band buffer: pixel stride C, row stride Wp*C; the compact row im2col: pixel stride
+ * KW*C, row stride OW*KW*C); grad's column panel f0/16 starts at grad + f0/16 *
+ * panel_stride, its rows grad_k_stride apart. The KW*C k indices (j, c) of one kernel row i
+ * are contiguous in both layouts. Six k rows are read in place, adjacent when they share a kernel row; a narrow
+ * kernel row (KW*C < 6: one-channel inputs) lets a tile span several kernel rows at
+ * gathered offsets instead of leaving half of it empty. Column panels outermost: one
+ * panel of grad stays in L1 while every k tile reads it. */
+static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, long row_stride,
+                             long pixel_stride, int pixels, const float *grad,
+                             long grad_k_stride, long panel_stride, int filters,
+                             float *partial, int accumulate, float *edge_tile)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels, row_span = g->kernel_w * g->channels;
-    long width = padded_width(g);
-    for (int k0 = 0; k0 < depth; ) {
-        /* one tile: the rest of this kernel row, or (narrow rows) up to 6 k rows across rows */
-        int rest_of_row = row_span - k0 % row_span;
-        int k_rows = row_span >= GEMM_MR ? (rest_of_row < GEMM_MR ? rest_of_row : GEMM_MR)
-                                         : (depth - k0 < GEMM_MR ? depth - k0 : GEMM_MR);
-        long offsets[GEMM_MR];
-        for (int r = 0; r < GEMM_MR; ++r) {
-            int k = k0 + (r < k_rows ? r : 0);
-            offsets[r] = (k / row_span) * width * g->channels + k % row_span;
-        }
-        for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
-            int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+    for (int f0 = 0; f0 < filters; f0 += GEMM_NR) {
+        int cols = filters - f0 < GEMM_NR ? filters - f0 : GEMM_NR;
+        const float *b = grad + (f0 / GEMM_NR) * panel_stride;
+        for (int k0 = 0; k0 < depth; ) {
+            /* one tile: the rest of this kernel row, or (narrow rows) up to 6 k rows */
+            int rest_of_row = row_span - k0 % row_span;
+            int k_rows = row_span >= GEMM_MR ? (rest_of_row < GEMM_MR ? rest_of_row : GEMM_MR)
+                                             : (depth - k0 < GEMM_MR ? depth - k0 : GEMM_MR);
+            long offsets[GEMM_MR];
+            for (int r = 0; r < GEMM_MR; ++r) {
+                int k = k0 + (r < k_rows ? r : 0);
+                offsets[r] = (k / row_span) * row_stride + k % row_span;
+            }
             float *c = partial + (long)k0 * filters + f0;
             if (k_rows <= rest_of_row)        /* rows adjacent in the band: constant stride */
-                gemm_micro_tile(pixels, band + offsets[0], 1, g->channels, grad + f0, filters,
+                gemm_micro_tile(pixels, band + offsets[0], 1, pixel_stride, b, grad_k_stride,
                                 c, filters, k_rows, cols, accumulate, edge_tile);
             else
-                gemm_gathered_tile(pixels, band, offsets, g->channels, grad + f0, filters, c,
+                gemm_gathered_tile(pixels, band, offsets, pixel_stride, b, grad_k_stride, c,
                                    filters, k_rows, cols, accumulate, edge_tile);
+            k0 += k_rows;
         }
-        k0 += k_rows;
     }
 }
 
-/* grad_kernel[depth, F] per band = im2col(band)^T @ grad_output(band), both read in place
- * from the band buffers; the partials are then added in band order. */
+/* grad_output's band in virtual-row layout, rows `width` wide (Wp: zeros in the junk
+ * columns; OW: none), bias sums added in pixel order. panel_major: 16-column panels panel_floats apart (zeros past the last
+ * filter: one panel stays in L1 while the depth/6 k tiles
+ * read it); otherwise rows of all F columns (F % 16 == 0: one copy per pixel, cheaper when
+ * the depth, hence the reuse, is small). */
+static void fill_grad_virtual(const cnnx_conv_geometry *g, int width, const float *grad_band,
+                              int virtual_rows, int filters, int panel_major, float *dst,
+                              long panel_floats, float *bias_partial)
+{
+    int panels = (filters + GEMM_NR - 1) / GEMM_NR;
+    for (int v = 0; v < virtual_rows; ++v) {
+        int out_x = v % width;
+        const float *src = grad_band + ((long)(v / width) * g->out_w + out_x) * filters;
+        if (!panel_major) {
+            float *row = dst + (long)v * filters;
+            if (out_x >= g->out_w)
+                memset(row, 0, sizeof(float) * filters);
+            else
+                memcpy(row, src, sizeof(float) * filters);
+        } else {
+            for (int panel = 0; panel < panels; ++panel) {
+                float *row = dst + panel * panel_floats + (long)v * GEMM_NR;
+                int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
+                                                               : GEMM_NR;
+                if (out_x >= g->out_w)
+                    cols = 0;
+                else
+                    memcpy(row, src + panel * GEMM_NR, sizeof(float) * cols);
+                memset(row + cols, 0, sizeof(float) * (GEMM_NR - cols));
+            }
+        }
+        if (out_x < g->out_w)
+            for (int f = 0; f < filters; ++f)
+                bias_partial[f] += src[f];
+    }
+}
+
+/* grad_kernel[depth, F] = im2col(x)^T @ grad_output, band by band, both read from the band
+ * buffers; each run of bands adds into its partial, and the partials are added in order. */
 static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                                   const float *grad_output, int filters, float *grad_kernel,
                                   float *grad_bias, int n_threads, float *workspace)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels, width = padded_width(g);
     int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
-    long bands = band_count(g), partial_size = (long)depth * filters + filters;
+    long bands = band_count(g), parts = grad_part_count(g);
+    long partial_size = (long)depth * filters + filters;
     long thread_floats = grad_kernel_thread_floats(g, filters);
+    long panel_floats = ((long)BAND_ROWS * width + GEMM_MR) * GEMM_NR;
     float *partials = workspace + (long)n_threads * thread_floats;
+    int panel_major = filters % GEMM_NR != 0 || depth >= PANEL_MAJOR_MIN_DEPTH;
     (void)n_threads;
     cnnx_get_isa();
 
-    #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && bands > 1)
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && parts > 1)
     {
         float *band = workspace + THREAD_ID() * thread_floats;
         float *grad_virtual = band + band_floats(g);
-        float *edge_tile = grad_virtual + (long)BAND_ROWS * width * filters + GRAD_SLACK;
+        float *row_im2col = grad_virtual + grad_virtual_floats(g, filters);
+        float *edge_tile = row_im2col + row_im2col_floats(g);
         #pragma omp for schedule(dynamic)
-        for (long band_index = 0; band_index < bands; ++band_index) {
-            long image = band_index / bands_per_image;
-            int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
-            int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
-            int virtual_rows = (rows - 1) * width + g->out_w;
-            const float *grad_band =
-                grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
-            float *partial = partials + band_index * partial_size;
+        for (long part = 0; part < parts; ++part) {
+            long first = part * bands / parts, end = (part + 1) * bands / parts;
+            float *partial = partials + part * partial_size;
             float *bias_partial = partial + (long)depth * filters;
-            copy_band(g, x, image, y0, rows, band);
             memset(bias_partial, 0, sizeof(float) * filters);
-            if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
-                /* grad_output read in place, one output row at a time (no junk columns);
-                 * rows are added into the partial in order */
-                for (int y = 0; y < rows; ++y) {
-                    const float *grad_row = grad_band + (long)y * g->out_w * filters;
-                    for (int out_x = 0; out_x < g->out_w; ++out_x)
-                        for (int f = 0; f < filters; ++f)
-                            bias_partial[f] += grad_row[(long)out_x * filters + f];
-                    grad_kernel_rows(g, band + (long)y * width * g->channels, g->out_w,
-                                     grad_row, filters, partial, y > 0, edge_tile);
-                }
-                continue;
-            }
-            /* grad_output in virtual-row layout: zeros in the junk columns */
-            for (int v = 0; v < virtual_rows; ++v) {
-                float *dst = grad_virtual + (long)v * filters;
-                int out_x = v % width;
-                if (out_x >= g->out_w) {
-                    memset(dst, 0, sizeof(float) * filters);
+            for (long band_index = first; band_index < end; ++band_index) {
+                long image = band_index / bands_per_image;
+                int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
+                int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
+                int virtual_rows = (rows - 1) * width + g->out_w;
+                int accumulate = band_index > first;
+                const float *grad_band =
+                    grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
+                copy_band(g, x, image, y0, rows, band);
+                if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
+                    /* grad_output read in place, one output row at a time (no junk
+                     * columns); rows are added into the partial in order */
+                    for (int y = 0; y < rows; ++y) {
+                        const float *grad_row = grad_band + (long)y * g->out_w * filters;
+                        for (int out_x = 0; out_x < g->out_w; ++out_x)
+                            for (int f = 0; f < filters; ++f)
+                                bias_partial[f] += grad_row[(long)out_x * filters + f];
+                        grad_kernel_rows(g, band + (long)y * width * g->channels,
+                                         (long)width * g->channels, g->channels, g->out_w,
+                                         grad_row, filters, GEMM_NR, filters, partial,
+                                         accumulate || y > 0, edge_tile);
+                    }
                     continue;
                 }
-                const float *src = grad_band + ((long)(v / width) * g->out_w + out_x) * filters;
-                memcpy(dst, src, sizeof(float) * filters);
-                for (int f = 0; f < filters; ++f)
-                    bias_partial[f] += src[f];
+                if (g->out_w < IN_PLACE_MIN_WIDTH) {
+                    /* small images: the compact row im2col, no junk columns (on 11x11
+                     * outputs the virtual rows would be 14% junk) */
+                    int pixels = rows * g->out_w;
+                    long row_span = (long)g->kernel_w * g->channels;
+                    fill_row_im2col(g, band, rows, row_im2col);
+                    const float *b = grad_band;
+                    if (panel_major)
+                        fill_grad_virtual(g, g->out_w, grad_band, pixels, filters, 1,
+                                          grad_virtual, panel_floats, bias_partial);
+                    else
+                        add_bias_sums(grad_band, pixels, filters, bias_partial);
+                    if (panel_major)
+                        b = grad_virtual;
+                    grad_kernel_rows(g, row_im2col, g->out_w * row_span, row_span, pixels, b,
+                                     panel_major ? GEMM_NR : filters,
+                                     panel_major ? panel_floats : GEMM_NR, filters, partial,
+                                     accumulate, edge_tile);
+                    continue;
+                }
+                fill_grad_virtual(g, width, grad_band, virtual_rows, filters, panel_major,
+                                  grad_virtual, panel_floats, bias_partial);
+                grad_kernel_rows(g, band, (long)width * g->channels, g->channels, virtual_rows,
+                                 grad_virtual, panel_major ? GEMM_NR : filters,
+                                 panel_major ? panel_floats : GEMM_NR, filters, partial,
+                                 accumulate, edge_tile);
             }
-            memset(grad_virtual + (long)virtual_rows * filters, 0, sizeof(float) * GRAD_SLACK);
-            grad_kernel_rows(g, band, virtual_rows, grad_virtual, filters, partial, 0,
-                             edge_tile);
         }
-        sum_partials_in_order(partials, bands, (long)depth * filters, filters, grad_kernel,
+        sum_partials_in_order(partials, parts, (long)depth * filters, filters, grad_kernel,
                               grad_bias);
     }
 }
@@ -389,4 +557,19 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
         sum_partials_in_order(partials, chunks, (long)depth * filters, filters, grad_kernel,
                               grad_bias);
     }
+}
+
+void cnnx_conv2d_flip_kernel(int kernel_h, int kernel_w, int channels, int filters,
+                             const float *restrict kernel, float *restrict flipped)
+{
+    long tap_floats = (long)channels * filters;
+    for (int i = 0; i < kernel_h; ++i)
+        for (int j = 0; j < kernel_w; ++j) {
+            const float *source = kernel + ((long)(kernel_h - 1 - i) * kernel_w
+                                            + (kernel_w - 1 - j)) * tap_floats;
+            float *target = flipped + ((long)i * kernel_w + j) * tap_floats;
+            for (int c = 0; c < channels; ++c)          /* (C, F) -> (F, C), one tap */
+                for (int f = 0; f < filters; ++f)
+                    target[(long)f * channels + c] = source[(long)c * filters + f];
+        }
 }

@@ -50,7 +50,7 @@ static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long
 #define AVX2 __attribute__((target("avx2,fma")))
 
 /* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
-/* taps > 1 (direct convolution): k runs over taps x kc, tap t reading a + tap_offsets[t]. */
+/* Callers pass taps = 1 (the direct convolution's tap loop lives in gathered_avx2_body). */
 static inline __attribute__((always_inline)) AVX2 void
 micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
                        long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
@@ -157,26 +157,22 @@ static AVX2 void micro_kernel_avx2_adjacent_rows(int kc, const float *a, long a_
                            bias, relu);
 }
 
-static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, int channels,
-                                  const float *a, long a_row_stride, const float *b, float *c,
-                                  long ldc, const float *bias, int relu)
-{
-    micro_kernel_avx2_body(taps, tap_offsets, channels, a, a_row_stride, 1, b, GEMM_NR, c, ldc,
-                           0, bias, relu);
-}
 #endif
 
-static void conv_kernel_generic(int taps, const int *tap_offsets, int channels,
-                                const float *a, long a_row_stride, const float *b, float *c,
-                                long ldc, const float *bias, int relu)
+static void conv_kernel_generic(int taps, const int *tap_offsets, const int *b_tap_offsets,
+                                int channels, const float *a, const long *row_offsets,
+                                const float *b_base, float *c, long ldc, const float *bias,
+                                int relu)
 {
     float acc[GEMM_MR][GEMM_NR];
     memset(acc, 0, sizeof(acc));
     for (int tap = 0; tap < taps; ++tap) {
         const float *a_tap = a + tap_offsets[tap];
+        const float *b = b_base + (b_tap_offsets ? b_tap_offsets[tap]
+                                                 : tap * channels * GEMM_NR);
         for (int p = 0; p < channels; ++p, b += GEMM_NR)
             for (int r = 0; r < GEMM_MR; ++r) {
-                float a_value = a_tap[r * a_row_stride + p];
+                float a_value = a_tap[row_offsets[r] + p];
                 for (int j = 0; j < GEMM_NR; ++j)
                     acc[r][j] += a_value * b[j];
             }
@@ -208,20 +204,31 @@ static void gathered_kernel_generic(int kc, const float *a, const long *row_offs
 }
 
 #if CNNX_X86
-static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_offsets,
-                                      long a_k_stride, const float *b, long b_k_stride,
-                                      float *c, long ldc, int accumulate)
+/* Rows at any offsets (six pointers). With tap lists (the direct convolution): k runs over
+ * taps x kc, tap t reading row + tap_offsets[t] and b from b_base + b_tap_offsets[t]. */
+static inline __attribute__((always_inline)) AVX2 void
+gathered_avx2_body(int taps, const int *tap_offsets, const int *b_tap_offsets, int kc,
+                   const float *a,
+                   const long *row_offsets, long a_k_stride, const float *b_base,
+                   long b_k_stride, float *c, long ldc, int accumulate, const float *bias,
+                   int relu)
 {
-    const float *a0 = a + row_offsets[0], *a1 = a + row_offsets[1], *a2 = a + row_offsets[2];
-    const float *a3 = a + row_offsets[3], *a4 = a + row_offsets[4], *a5 = a + row_offsets[5];
+    const float *b = b_base;
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
     __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
     __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
     __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-    #pragma GCC unroll 4
-    for (long p = 0; p < (long)kc * a_k_stride; p += a_k_stride) {
+    for (int tap = 0; tap < taps; ++tap) {
+      const float *a_tap = tap_offsets ? a + tap_offsets[tap] : a;
+      if (b_tap_offsets)
+          b = b_base + b_tap_offsets[tap];
+      const float *a0 = a_tap + row_offsets[0], *a1 = a_tap + row_offsets[1];
+      const float *a2 = a_tap + row_offsets[2], *a3 = a_tap + row_offsets[3];
+      const float *a4 = a_tap + row_offsets[4], *a5 = a_tap + row_offsets[5];
+      #pragma GCC unroll 4
+      for (long p = 0; p < (long)kc * a_k_stride; p += a_k_stride) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         __m256 a_value = _mm256_broadcast_ss(a0 + p);
         c00 = _mm256_fmadd_ps(a_value, b0, c00);
@@ -242,7 +249,14 @@ static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_of
         c50 = _mm256_fmadd_ps(a_value, b0, c50);
         c51 = _mm256_fmadd_ps(a_value, b1, c51);
         b += b_k_stride;
+      }
     }
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    if (bias) {
+        bias0 = _mm256_loadu_ps(bias);
+        bias1 = _mm256_loadu_ps(bias + 8);
+    }
+    const __m256 zero = _mm256_setzero_ps();
 #define STORE_ROW(r, x0, x1)                                                      \
     do {                                                                          \
         float *row = c + (r) * ldc;                                               \
@@ -250,6 +264,14 @@ static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_of
         if (accumulate) {                                                         \
             v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
             v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
+        }                                                                         \
+        if (bias) {                                                               \
+            v0 = _mm256_add_ps(v0, bias0);                                        \
+            v1 = _mm256_add_ps(v1, bias1);                                        \
+        }                                                                         \
+        if (relu) {               /* max_ps returns its second operand on NaN */  \
+            v0 = _mm256_max_ps(zero, v0);                                         \
+            v1 = _mm256_max_ps(zero, v1);                                         \
         }                                                                         \
         _mm256_storeu_ps(row, v0);                                                \
         _mm256_storeu_ps(row + 8, v1);                                            \
@@ -261,6 +283,23 @@ static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_of
     STORE_ROW(4, c40, c41);
     STORE_ROW(5, c50, c51);
 #undef STORE_ROW
+}
+
+static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_offsets,
+                                      long a_k_stride, const float *b, long b_k_stride,
+                                      float *c, long ldc, int accumulate)
+{
+    gathered_avx2_body(1, NULL, NULL, kc, a, row_offsets, a_k_stride, b, b_k_stride, c, ldc,
+                       accumulate, NULL, 0);
+}
+
+static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, const int *b_tap_offsets,
+                                  int channels, const float *a, const long *row_offsets,
+                                  const float *b, float *c, long ldc, const float *bias,
+                                  int relu)
+{
+    gathered_avx2_body(taps, tap_offsets, b_tap_offsets, channels, a, row_offsets, 1, b,
+                       GEMM_NR, c, ldc, 0, bias, relu);
 }
 #endif
 

@@ -13,11 +13,15 @@ typedef void (*micro_kernel_fn)(int kc, const float *a, long a_row_stride, long 
                                 const float *b, long b_k_stride, float *c, long ldc,
                                 int accumulate, const float *bias, int relu);
 
-/* Direct convolution tile: c[0:6, 0:16] = sum over taps t, channels p of
- * a[r*a_row_stride + tap_offsets[t] + p] * b[(t*channels + p)*16 + j] (+ bias) (relu). */
-typedef void (*conv_kernel_fn)(int taps, const int *tap_offsets, int channels, const float *a,
-                               long a_row_stride, const float *b, float *c, long ldc,
-                               const float *bias, int relu);
+/* Direct convolution tile: c[0:6, 0:16] = sum over taps t < taps, channels p of
+ * a[row_offsets[r] + a_tap_offsets[t] + p] * b[b_tap_offsets[t] + p*16 + j] (+ bias) (relu).
+ * Rows at any offsets: a tile takes six real output pixels even across an output row's end,
+ * so no junk columns are computed. The tap lists let a tile on the border leave out the taps
+ * that read only padding (zeros); b_tap_offsets NULL: b_tap_offsets[t] = t*channels*16. */
+typedef void (*conv_kernel_fn)(int taps, const int *a_tap_offsets, const int *b_tap_offsets,
+                               int channels, const float *a, const long *row_offsets,
+                               const float *b, float *c, long ldc, const float *bias,
+                               int relu);
 
 /* c[0:6, 0:16] (=, or += when accumulate) sum_p a(r, p) * b(p, j) with rows at any offsets:
  * a(r, p) = a[row_offsets[r] + p*a_k_stride] (the grad-kernel GEMM of a convolution whose

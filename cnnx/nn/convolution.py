@@ -30,38 +30,35 @@ class Conv2D(WeightedLayer):
                              f"got {(None, *input_shape)}")
         h, w, c = input_shape
         (kh, kw), (sh, sw) = self.kernel_size, self.strides
-        oh = ops.output_size(h, kh, sh, self.padding)
-        ow = ops.output_size(w, kw, sw, self.padding)
-        if oh < 1 or ow < 1:
+        if (ops.output_size(h, kh, sh, self.padding) < 1
+                or ops.output_size(w, kw, sw, self.padding) < 1):
             raise ValueError(f"Conv2D(filters={self.filters}, kernel_size={self.kernel_size}) "
                              f"does not fit its input {(None, h, w, c)} with padding "
                              f"{self.padding!r}")
+        # worked out once here; every forward and backward hands it down to the kernels
+        self.geometry = ops.conv_geometry(input_shape, self.kernel_size, self.filters,
+                                          self.strides, self.padding)
         self._build_weights((kh, kw, c, self.filters), rng)
-        return (oh, ow, self.filters)
+        return (*self.geometry.output_size, self.filters)
 
     def forward(self, x, training=False, rng=None):
         self._x = x if training else None          # backward needs x for grads["kernel"]
         out = None
-        if training and x.dtype == np.float32 and x.ndim == 4:
+        if training and x.dtype == np.float32:
             # reused from step to step: a fresh 80 MB output page-faults on every step
-            out = self._workspace("output", self._output_shape(x.shape), np.float32)
+            out = self._workspace("output", (len(x), *self.geometry.output_size,
+                                             self.filters), np.float32)
         z = ops.conv2d_forward(x, self.params["kernel"], self.params.get("bias"),
-                               self.strides, self.padding, relu=self.fused_relu, out=out)
+                               relu=self.fused_relu, out=out, geometry=self.geometry)
         return self._activate(z, training)
-
-    def _output_shape(self, x_shape):
-        n, h, w, _ = x_shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.strides
-        return (n, ops.output_size(h, kh, sh, self.padding),
-                ops.output_size(w, kw, sw, self.padding), self.filters)
 
     def _backward_linear(self, grad_z):
         out = None
         if self.need_input_grad and self._x.dtype == np.float32:
             out = self._workspace("grad_input", self._x.shape, np.float32)
         grad_input, grad_kernel, grad_bias = ops.conv2d_backward(
-            self._x, self.params["kernel"], grad_z, self.strides, self.padding,
-            need_input_grad=self.need_input_grad, out=out)
+            self._x, self.params["kernel"], grad_z, need_input_grad=self.need_input_grad,
+            out=out, geometry=self.geometry)
         self.grads["kernel"] = grad_kernel
         if self.use_bias:
             self.grads["bias"] = grad_bias

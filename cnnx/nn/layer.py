@@ -33,11 +33,12 @@ class Layer:
     def _workspace(self, name, shape, dtype):
         """A buffer reused from one training step to the next: fresh arrays over 32 MB are
         mmapped by glibc and page-fault on every step.  Its contents die with the step."""
-        if not getattr(self, "_buffers", None):
-            self._buffers = {}
-        buffer = self._buffers.get(name)
+        buffers = self.__dict__.get("_buffers")
+        if buffers is None:                  # first use, or unpickled (buffers never travel)
+            buffers = self._buffers = {}
+        buffer = buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
-            buffer = self._buffers[name] = np.empty(shape, dtype)
+            buffer = buffers[name] = np.empty(shape, dtype)
         return buffer
 
     def build(self, input_shape, rng):

@@ -8,6 +8,7 @@ Each loss has two entry points:
 """
 import numpy as np
 
+from cnnx import _kernels, _threads
 from cnnx.nn import activations
 
 _TINY = 1e-7      # clip for probabilities on the unfused path (Keras' epsilon)
@@ -45,14 +46,14 @@ class SparseCategoricalCrossentropy(Loss):
         if y.ndim != 1:
             raise ValueError(f"{who}: sparse_categorical_crossentropy expects labels of shape "
                              f"(N,), got {y.shape}")
-        if y.size and not np.issubdtype(y.dtype, np.integer):
+        if y.size and y.dtype.kind not in "iu":           # not an integer dtype
             if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
                 raise ValueError(f"{who}: labels must be integer class indices, got {y.dtype} "
                                  f"values such as {y[np.argmax(y != np.round(y))]!r}")
-        if y.size and (y.min() < 0 or y.max() >= n_outputs):
+        if y.size and (np.minimum.reduce(y) < 0 or np.maximum.reduce(y) >= n_outputs):
             raise ValueError(f"{who}: labels must lie in [0, {n_outputs}) for a model with "
                              f"{n_outputs} outputs, got min {y.min()}, max {y.max()}")
-        return y.astype(np.int64)
+        return y.astype(np.int64, copy=False)
 
     def __call__(self, probabilities, y):
         rows = np.arange(len(y))
@@ -62,6 +63,17 @@ class SparseCategoricalCrossentropy(Loss):
         return float(-np.log(picked.astype(np.float64)).sum()), grad
 
     def from_logits(self, logits, y):
+        if logits.dtype == np.float32 and logits.ndim == 2:
+            # one C pass per row: the loss in double and softmax - onehot, stable at any logit
+            grad = np.empty(logits.shape, np.float32)
+            loss_sum = _kernels.softmax_cross_entropy(
+                np.ascontiguousarray(logits), np.ascontiguousarray(y, dtype=np.int64), grad,
+                n_threads=_threads.get_num_threads())
+            return loss_sum, grad
+        return self._from_logits_numpy(logits, y)
+
+    def _from_logits_numpy(self, logits, y):
+        """The float64 reference (any dtype): log_softmax, then p - onehot."""
         rows = np.arange(len(y))
         log_p = activations.log_softmax(logits)
         grad = np.exp(log_p)                           # p - onehot(y)

@@ -15,6 +15,7 @@ from cnnx.nn import callbacks as callbacks_module
 from cnnx.nn import losses
 from cnnx.nn.gradient_sum import GradientSum
 from cnnx.nn.layer import ActivatedLayer, Layer
+from cnnx.nn.lazy_rng import LazyRng
 from cnnx.nn.normalization import fuse_batchnorm_relu
 from cnnx.nn.summary import summary_table
 
@@ -169,7 +170,7 @@ class Sequential:
         x = self._as_input(x, "gradient")
         y = self._as_labels(y, len(x), "gradient")
         state_before = {name: value.copy() for name, value in self.state.items()}
-        outputs = self.forward(x, training=True, rng=np.random.default_rng((self.seed, *key)))
+        outputs = self.forward(x, training=True, rng=LazyRng((self.seed, *key)))
         last = self.layers[-1]
         if self._fused:
             loss_sum, grad = self.loss.from_logits(last.logits(), y)
@@ -196,24 +197,30 @@ class Sequential:
         return {f"{layer.name}/{name}": regularizer.gradient(layer.params[name])
                 for layer in self.layers for name, regularizer in layer.regularizers.items()}
 
+    def _regularizers(self):
+        return {f"{layer.name}/{name}": regularizer for layer in self.layers
+                for name, regularizer in layer.regularizers.items()}
+
     def apply_gradients(self, grads, state=None):
         """grads: MEAN gradients of the loss ({"layer/param": array}, i.e. GradientSum.grads
         / n_samples).  Adds the regularizer gradient and takes one optimizer step; installs
         `state` (GradientSum.state) as the new BatchNorm statistics when given."""
-        self._require_compiled("apply_gradients")
-        grads = dict(grads)
-        for key, penalty in self.regularization_gradient().items():
-            grads[key] = grads[key] + penalty
-        self.optimizer.apply(self.params, grads)
-        if state:
-            own = self.state
-            for key, value in state.items():
-                own[key][...] = value
+        self._step(grads, 1, state)
 
     def apply_gradient_sum(self, total):
         """One optimizer step from a GradientSum (one batch's, or the sum of shards'):
         its mean gradients, and its BatchNorm statistics installed."""
-        self.apply_gradients(total.mean_grads(), total.state)
+        self._step(total.grads, total.n_samples, total.state)
+
+    def _step(self, grads, n_samples, state):
+        # the optimizer reads grads / n_samples + the regularizer's gradient inside its
+        # update pass: no mean or penalty arrays (the same bits as making them)
+        self._require_compiled("apply_gradients")
+        self.optimizer.apply(self.params, grads, n_samples, self._regularizers())
+        if state:
+            own = self.state
+            for key, value in state.items():
+                own[key][...] = value
 
     def train_step(self, x, y, key=(0, 0, 0)):
         """The training step: gradient(x, y, key), then apply_gradient_sum.

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from cnnx import _kernels, ops
 import reference
 
+
 # (x shape NHWC, kernel shape HWIO, strides, padding)
 CASES = [
     ((1, 1, 1, 1), (1, 1, 1, 1), (1, 1), "valid"),
@@ -24,6 +25,7 @@ CASES = [
     ((1, 7, 9, 2), (2, 2, 2, 19), (1, 1), "valid"),        # virtual rows, 6 + 2 k rows
     ((2, 5, 8, 1), (3, 3, 1, 16), (1, 1), "valid"),
 ]
+ISAS_HERE = ["avx2", "generic"] if _kernels.cpu_has_avx2_fma() else ["generic"]
 IDS = [f"{'x'.join(map(str, c[0]))}-k{c[1][0]}x{c[1][1]}-s{c[2][0]}{c[2][1]}-{c[3]}" for c in CASES]
 
 
@@ -110,16 +112,58 @@ def test_conv2d_float32_agrees_with_float64_path(rng):
 def test_conv2d_kernel_rejects_wrong_dtype_and_channels(rng):
     x = f32(rng, (1, 5, 5, 3))
     y = np.empty((1, 3, 3, 4), np.float32)
+    geometry = ops.conv_geometry((5, 5, 3), 3, 4, 1, "valid")
     with pytest.raises(TypeError, match=r"conv2d_forward: kernel must be float32, got float64"):
-        _kernels.conv2d_forward(x, np.ones((3, 3, 3, 4)), None, y)
+        _kernels.conv2d_forward(geometry, x, np.ones((3, 3, 3, 4)), None, y)
     with pytest.raises(ValueError, match=r"conv2d_forward: kernel must have shape "
-                                         r"\(any, any, 3, any\), got \(3, 3, 2, 4\)"):
-        _kernels.conv2d_forward(x, f32(rng, (3, 3, 2, 4)), None, y)
+                                         r"\(3, 3, 3, 4\), got \(3, 3, 2, 4\)"):
+        _kernels.conv2d_forward(geometry, x, f32(rng, (3, 3, 2, 4)), None, y)
     with pytest.raises(ValueError, match=r"conv2d_forward: x must be C-contiguous"):
-        _kernels.conv2d_forward(x[:, :, ::-1], f32(rng, (3, 3, 3, 4)), None, y)
+        _kernels.conv2d_forward(geometry, x[:, :, ::-1], f32(rng, (3, 3, 3, 4)), None, y)
     with pytest.raises(ValueError, match=r"conv2d_forward: x is empty"):
-        _kernels.conv2d_forward(np.empty((0, 5, 5, 3), np.float32), f32(rng, (3, 3, 3, 4)),
-                                None, np.empty((0, 3, 3, 4), np.float32))
+        _kernels.conv2d_forward(geometry, np.empty((0, 5, 5, 3), np.float32),
+                                f32(rng, (3, 3, 3, 4)), None, np.empty((0, 3, 3, 4), np.float32))
+
+
+def test_the_kernels_check_arrays_against_the_geometry(rng):
+    """A layer's geometry is checked once, when made; each call checks its arrays against it
+    at the Cython boundary (and nowhere above)."""
+    geometry = ops.conv_geometry((7, 6, 3), (3, 2), 4, (2, 1), "same")
+    assert (geometry.output_size, geometry.pads) == ((4, 6), (1, 0))
+    kernel = f32(rng, (3, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"conv2d_forward: x must have shape "
+                                         r"\(any, 7, 6, 3\), got \(2, 7, 7, 3\)"):
+        _kernels.conv2d_forward(geometry, f32(rng, (2, 7, 7, 3)), kernel, None,
+                                np.empty((2, 4, 6, 4), np.float32))
+    with pytest.raises(ValueError, match=r"conv2d_grad_kernel: grad_output must have shape "
+                                         r"\(2, 4, 6, 4\), got \(2, 4, 5, 4\)"):
+        _kernels.conv2d_grad_kernel(geometry, f32(rng, (2, 7, 6, 3)), f32(rng, (2, 4, 5, 4)),
+                                    np.empty((3, 2, 3, 4), np.float32),
+                                    np.empty(4, np.float32))
+    with pytest.raises(ValueError, match=r"conv2d_grad_input: grad_input must have shape "
+                                         r"\(2, 7, 6, 3\), got \(2, 7, 6, 4\)"):
+        _kernels.conv2d_grad_input(geometry, f32(rng, (2, 4, 6, 4)), kernel,
+                                   np.empty((2, 7, 6, 4), np.float32))
+    with pytest.raises(ValueError, match=r"ConvGeometry: a window lies wholly in the padding"):
+        _kernels.ConvGeometry((7, 6, 3), (3, 2), 4, (2, 1), (3, 0), (4, 6))
+    with pytest.raises(ValueError, match="does not fit a 2x6 input"):
+        ops.conv_geometry((2, 6, 3), 3, 4, 1, "valid")
+
+
+def test_conv2d_geometry_is_made_at_build_and_travels_with_the_layer(rng):
+    import pickle
+
+    from cnnx import nn
+    layer = nn.Conv2D(4, (3, 2), strides=(2, 1), padding="same")
+    layer.build((7, 6, 3), rng)
+    assert layer.geometry == ops.conv_geometry((7, 6, 3), (3, 2), 4, (2, 1), "same")
+    copy = pickle.loads(pickle.dumps(layer))           # what Dask does with a model
+    assert copy.geometry == layer.geometry
+    x = f32(rng, (2, 7, 6, 3))
+    np.testing.assert_array_equal(copy.forward(x), layer.forward(x))
+    np.testing.assert_array_equal(
+        layer.forward(x), ops.conv2d_forward(x, layer.params["kernel"], layer.params["bias"],
+                                             (2, 1), "same"))
 
 
 def test_conv2d_backward_rejects_wrong_grad_output(rng):
@@ -164,3 +208,33 @@ def test_conv2d_forward_refuses_an_integer_kernel(rng):
     with pytest.raises(TypeError, match=r"conv2d_forward expects kernel of dtype float32 "
                                         r".*got int64"):
         ops.conv2d_forward(f32(rng, (1, 5, 5, 2)), np.ones((3, 3, 2, 4), np.int64), None)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 5), h=st.integers(1, 15), w=st.integers(1, 15), c=st.integers(1, 34),
+       f=st.integers(1, 40), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       padding=st.sampled_from(["valid", "same"]), seed=st.integers(0, 2**16))
+def test_small_images_match_reference_on_both_isas_and_any_thread_count(
+        n, h, w, c, f, kh, kw, padding, seed):
+    """Stride 1 on small images (the fashion net's 13x13 and 11x11): micro-tiles that cross
+    output rows and images, ragged filter panels; both micro-kernel sets, 1 and 2 threads."""
+    if padding == "valid" and (kh > h or kw > w):
+        return
+    rng = np.random.default_rng(seed)
+    x, kernel, bias = f32(rng, (n, h, w, c)), f32(rng, (kh, kw, c, f)), f32(rng, f)
+    grad_output = f32(rng, ops.conv2d_forward(x, kernel, None, 1, padding).shape)
+    expected_y = reference.conv2d(x, kernel, bias, (1, 1), padding, True)
+    expected_grads = reference.conv2d_backward(x, kernel, grad_output, (1, 1), padding)
+    try:
+        for isa in ISAS_HERE:
+            _kernels.set_isa(isa)
+            runs = [(ops.conv2d_forward(x, kernel, bias, 1, padding, relu=True, n_threads=t),
+                     *ops.conv2d_backward(x, kernel, grad_output, 1, padding, n_threads=t))
+                    for t in (1, 2)]
+            np.testing.assert_allclose(runs[0][0], expected_y, **tolerance(kernel.shape))
+            for got, expected in zip(runs[0][1:], expected_grads):
+                np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+            for one, two in zip(*runs):
+                assert np.array_equal(one, two)
+    finally:
+        _kernels.set_isa("auto")
