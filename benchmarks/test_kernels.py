@@ -351,9 +351,15 @@ def test_batchnorm_relu_fusion_in_a_step(benchmark, batch, n_threads):
     fuse = getattr(nn.normalization, "fuse_batchnorm_relu", None)
     if fuse is None:
         pytest.skip("this cnnx cannot fuse BatchNormalization with ReLU")
-    fused, x, y = bench.training_setup("comics_bn_dropout", batch)
+    fused, x, y = bench.training_setup("comics_bn_dropout", batch)   # Sequential fuses
     unfused, _, _ = bench.training_setup("comics_bn_dropout", batch)
-    assert fuse(fused.layers) == 2 and not fuse(fused.layers[1:2])
+    pairs = [(layer, following) for layer, following in zip(unfused.layers, unfused.layers[1:])
+             if isinstance(layer, nn.BatchNormalization)]
+    for batchnorm, relu in pairs:                       # the two layers apart again
+        assert batchnorm.fused_relu
+        batchnorm.fused_relu = False
+        relu.activation = nn.activations.ReLU()
+    assert len(pairs) == 2 and fuse(fused.layers) == 0   # fused once, when built
     fused_step, unfused_step = bench.step_function(fused, x, y), bench.step_function(unfused, x, y)
     with cnnx.num_threads(n_threads):
         unfused_step()
