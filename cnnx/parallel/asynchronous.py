@@ -21,11 +21,11 @@ Design (the driver stays the authority on the weights):
   the run is reproduced bit for bit.
 """
 import collections
+import dataclasses
 import json
 import time
 import uuid
 
-import numpy as np
 from distributed import as_completed
 
 from cnnx.parallel import cluster, transport, wire, worker
@@ -226,8 +226,7 @@ class AsyncDriver:
         staleness = self.version - version
         if self.mode.name in GRADIENT_MODES:
             total, stats = result
-            scale = 1.0 / (staleness + 1) if self.mode.name == "dynsgd" else 1.0
-            self._apply_gradient(total, scale)
+            self._apply_gradient(total, staleness + 1 if self.mode.name == "dynsgd" else 1)
             n, loss_sum, n_correct = total.n_samples, total.loss_sum, total.n_correct
             address, compute_s = next(iter(stats["worker"])), stats["compute_s"]
             bytes_in = wire.nbytes(total.grads)
@@ -258,13 +257,13 @@ class AsyncDriver:
                                                              "worker")}) + "\n")
         return record
 
-    def _apply_gradient(self, total, scale):
+    def _apply_gradient(self, total, weight):
+        """Downpour: the gradient sum's mean. DynSGD (weight = staleness + 1): the mean over
+        n·weight samples, i.e. the mean scaled by 1/(staleness+1), divided inside the
+        optimizer's own pass (no scaled copy of any gradient)."""
         total = wire.decoded(total)
-        if scale != 1.0:      # DynSGD: the same as a gradient sum scaled by 1/(staleness+1)
-            grads = {name: g * np.float32(scale) for name, g in total.mean_grads().items()}
-            self.model.apply_gradients(grads, total.state)
-        else:
-            self.model.apply_gradient_sum(total)
+        self.model.apply_gradient_sum(dataclasses.replace(
+            total, n_samples=total.n_samples * weight))
 
     def _apply_change(self, params, started_from, scale):
         """ADAG: centre += scale * (worker's weights after its window - weights it started

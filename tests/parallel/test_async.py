@@ -100,3 +100,34 @@ def test_mode_names_with_keywords_build_the_same_mode_objects(cluster):
         EASGD(alpha=2)
     with pytest.raises(ValueError, match="mode must be one of .* got 'hogwild'"):
         options("hogwild")
+
+
+def test_dynsgd_scales_by_staleness_inside_the_optimizer_pass(cluster, store):
+    """DynSGD applies a gradient sum over n samples of staleness s as the mean over n·(s+1):
+    the optimizer's fused pass divides, so no scaled copy of any gradient is made."""
+    import tracemalloc
+
+    from cnnx import nn, optim
+    model = nn.Sequential([nn.Conv2D(4, 3, padding="same", activation="relu"),
+                           nn.MaxPool2D(2), nn.Flatten(), nn.Dense(4096, activation="relu"),
+                           nn.Dense(2, activation="softmax")],
+                          input_shape=parallel_helpers.IMAGE, seed=0)
+    model.compile(optimizer=optim.SGD(0.1), loss="sparse_categorical_crossentropy")
+    total, stats = parallel_helpers.shard_gradient_for_test(model, store.store, range(16))
+    trainer = DaskTrainer(model, cluster, mode="dynsgd", shards=4, progress=False,
+                          echo=lambda *a: None)
+    trainer.async_driver.version = 2                          # two commits since it started
+    before = model.get_weights()
+    tracemalloc.start()
+    try:
+        record = trainer.async_driver.commit((0, 0, 0), 0, (total, stats))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert record["staleness"] == 2
+    for name, grad in total.grads.items():
+        expected = before[name] - 0.1 * grad.astype(np.float64) / (total.n_samples * 3)
+        np.testing.assert_allclose(model.get_weights()[name], expected, rtol=1e-5,
+                                   atol=1e-7, err_msg=name)
+    kernel_bytes = total.grads["dense/kernel"].nbytes            # 1 MB
+    assert peak < kernel_bytes / 4, f"the commit allocated {peak} bytes at its peak"
