@@ -137,3 +137,17 @@ def avg_pool2d_backward(grad_output, input_shape, pool, strides, padding):
 def dense_backward(x, kernel, grad_output):
     x, kernel, g = (a.astype(np.float64) for a in (x, kernel, grad_output))
     return g @ kernel.T, x.T @ g, g.sum(axis=0)
+
+
+def numerical_gradient(f, array, indices, epsilon=1e-6):
+    """Central differences of the scalar f() with respect to array.flat[i], i in indices."""
+    grads = []
+    for i in indices:
+        original = array.flat[i]
+        array.flat[i] = original + epsilon
+        plus = f()
+        array.flat[i] = original - epsilon
+        minus = f()
+        array.flat[i] = original
+        grads.append((plus - minus) / (2 * epsilon))
+    return np.array(grads)

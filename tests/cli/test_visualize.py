@@ -3,16 +3,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+import reference
 from skimage import io
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/reference.py
-import reference  # noqa: E402
-
-from cnnx import nn, visualize  # noqa: E402
+from cnnx import nn, visualize
 
 
 def tiny_model(seed=0, channels=1):

@@ -1,12 +1,6 @@
 """Fixtures for the kernel tests: run a test on each micro-kernel the CPU offers."""
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-# tests/reference.py is imported as `reference` (the test folders are not packages)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnnx import _kernels
 

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from reference import numerical_gradient
 
 from cnnx import nn
 from cnnx.nn.serialization import LAYER_CLASSES
@@ -55,20 +56,6 @@ def build_float64(factory, input_shape):
         if name in layer.params:
             layer.params[name] += rng.normal(0, 0.5, layer.params[name].shape)
     return layer
-
-
-def numerical_gradient(f, array, indices, epsilon=1e-6):
-    """Central differences of the scalar f() with respect to array.flat[i], i in indices."""
-    grads = []
-    for i in indices:
-        original = array.flat[i]
-        array.flat[i] = original + epsilon
-        plus = f()
-        array.flat[i] = original - epsilon
-        minus = f()
-        array.flat[i] = original
-        grads.append((plus - minus) / (2 * epsilon))
-    return np.array(grads)
 
 
 @pytest.mark.parametrize("case", LAYERS, ids=layer_id)
