@@ -210,3 +210,14 @@ def test_a_fused_pool_refuses_a_backward_without_its_training_forward(rng):
     pool._argmax = np.zeros((1, 2, 2, 2), np.uint8)
     with pytest.raises(ValueError, match=r"needs its training forward's output"):
         pool.backward(np.ones((1, 2, 2, 2), np.float32))
+
+
+def test_bench_counts_the_output_a_masking_pool_reads_back():
+    from cnnx import bench
+    fused, plain = paper_net("comics", fused=True), paper_net("comics", fused=False)
+    pool_fused, pool_plain = fused.layers[1], plain.layers[1]
+    assert pool_fused.masks_relu and not pool_plain.masks_relu
+    outputs_bytes = 8 * 4 * int(np.prod(pool_fused.output_shape))
+    forward, backward = bench.layer_bytes(pool_fused, 8)
+    assert (forward, backward - outputs_bytes) == bench.layer_bytes(pool_plain, 8)
+    assert bench.layer_bytes(fused.layers[0], 8) == (0, 0)      # a conv stays compute-bound
