@@ -12,7 +12,10 @@
  * which skip the read-for-ownership a normal store pays.
  * Max-pool backward: when windows tile the input (stride == pool) every input cell is
  * written once, gradient or zero, with the index only compared; otherwise it zeroes and
- * scatters, threads taking whole images. Average-pool backward is a gather.
+ * scatters, threads taking whole images. Over a ReLU output (relu_y) it also applies
+ * ReLU's backward, grad * (y > 0) with y the pooled value (the ReLU output at the max
+ * cell): the layer before skips its own pass over the whole gradient, three big arrays.
+ * Average-pool backward is a gather.
  */
 #include <float.h>
 #include <stdint.h>
@@ -115,6 +118,7 @@ static inline __attribute__((always_inline)) void max_pool_backward_row(
         for (int out_x = 0; out_x < g->out_w; ++out_x) {
             long out = (row * g->out_w + out_x) * channels;
             const float *restrict grad = grad_output + out;
+            /* unmasked, never read (grad only keeps the expression a valid pointer) */
             const float *restrict pooled = masked ? relu_y + out : grad;
             const int32_t *restrict cell_index = (const int32_t *)argmax + out;
             const uint8_t *restrict tap_index = (const uint8_t *)argmax + out;
