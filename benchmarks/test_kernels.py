@@ -372,3 +372,70 @@ def test_batchnorm_relu_fusion_in_a_step(benchmark, batch, n_threads):
     benchmark.extra_info.update(n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
                                 unfused_ms=round(unfused_time * 1e3, 2),
                                 speedup=round(unfused_time / fused_time, 3))
+
+
+@pytest.mark.benchmark(group="relu-max-pool-step")
+@pytest.mark.parametrize("batch", [32, 64], ids=lambda b: f"batch{b}")
+@pytest.mark.parametrize("net", ["comics", "glasses"])
+def test_relu_max_pool_fusion_in_a_step(benchmark, net, batch, n_threads):
+    """One train_step of a paper net with each MaxPool2D applying the ReLU backward of the
+    Conv2D before it (which skips its pass over the whole gradient), against the same net
+    unfused, in alternation: speedup = unfused / fused."""
+    from cnnx import bench
+    fuse = getattr(nn.pooling, "fuse_relu_into_max_pool", None)
+    if fuse is None:
+        pytest.skip("this cnnx cannot fold the ReLU backward into the max-pool backward")
+    fused, x, y = bench.training_setup(net, batch)                  # Sequential fuses
+    unfused, _, _ = bench.training_setup(net, batch)
+    pairs = [(conv, pool) for conv, pool in zip(unfused.layers, unfused.layers[1:])
+             if isinstance(pool, nn.MaxPool2D)]
+    for conv, pool in pairs:                                        # the pairs apart again
+        assert conv.relu_backward_by_next and pool.masks_relu
+        conv.relu_backward_by_next = pool.masks_relu = False
+    assert pairs and fuse(fused.layers) == len(pairs)               # idempotent re-fusion
+    fused_step, unfused_step = bench.step_function(fused, x, y), bench.step_function(unfused, x, y)
+    with cnnx.num_threads(n_threads):
+        unfused_step()
+        fused_step()
+        # the same step on the same batch: the fused net is the unfused net, bit for bit
+        for name, value in unfused.get_weights().items():
+            assert np.array_equal(fused.get_weights()[name], value), name
+        benchmark.pedantic(fused_step, rounds=5, warmup_rounds=0)
+        unfused_time, fused_time = interleaved_medians(unfused_step, fused_step, rounds=7)
+    benchmark.extra_info.update(net=net, n_threads=n_threads,
+                                fused_ms=round(fused_time * 1e3, 2),
+                                unfused_ms=round(unfused_time * 1e3, 2),
+                                speedup=round(unfused_time / fused_time, 3))
+
+
+@pytest.mark.benchmark(group="relu-max-pool-backward")
+@pytest.mark.parametrize("batch", [32, 64], ids=lambda b: f"batch{b}")
+def test_relu_mask_in_max_pool_backward(benchmark, batch, n_threads):
+    """The two passes the fusion replaces, on comics' first conv output (98x98x32): the
+    max-pool backward then ReLU's backward over the whole gradient, against one max-pool
+    backward applying the mask (relu_y): speedup = unfused / fused."""
+    if "relu_y" not in (ops.max_pool2d_backward.__doc__ or ""):
+        pytest.skip("this cnnx cannot fold the ReLU backward into the max-pool backward")
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal((batch, 98, 98, 32), dtype=np.float32), 0)
+    y, taps = ops.max_pool2d_forward(x, 2, 2, "valid")
+    grad_output = rng.standard_normal(y.shape, dtype=np.float32)
+    unfused_out, fused_out = np.empty_like(x), np.empty_like(x)
+
+    def unfused():
+        ops.max_pool2d_backward(grad_output, taps, x.shape, n_threads=n_threads, pool_size=2,
+                                out=unfused_out)
+        _kernels.relu_backward(x, unfused_out, n_threads=n_threads)
+
+    def fused():
+        ops.max_pool2d_backward(grad_output, taps, x.shape, n_threads=n_threads, pool_size=2,
+                                out=fused_out, relu_y=y)
+
+    unfused()
+    fused()
+    assert np.array_equal(fused_out.view(np.uint32), unfused_out.view(np.uint32))
+    benchmark.pedantic(fused, rounds=5, warmup_rounds=1)
+    unfused_time, fused_time = interleaved_medians(unfused, fused, rounds=11)
+    benchmark.extra_info.update(n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
+                                unfused_ms=round(unfused_time * 1e3, 2),
+                                speedup=round(unfused_time / fused_time, 3))

@@ -100,7 +100,8 @@ cdef extern from "cnnx_kernels.h" nogil:
                                  float *y, void *argmax, int argmax_kind, int n_threads)
     void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry,
                                   const float *grad_output, const void *argmax,
-                                  int argmax_kind, float *grad_input, int n_threads)
+                                  int argmax_kind, const float *relu_y, float *grad_input,
+                                  int n_threads)
     void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
                                  float *y, int n_threads)
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
@@ -500,14 +501,18 @@ def _check_taps(who, argmax, cnnx_pool_geometry g):
 
 
 def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides=None,
-                        pads=(0, 0), n_threads=1):
+                        pads=(0, 0), n_threads=1, relu_y=None):
     """grad_input[n, argmax, c] += grad_output (grad_input is overwritten).
 
     pool_size, strides and pads, when given, are those of the forward that made argmax
     (required for a uint8 argmax of window taps): windows that tile the input
-    (strides == pool_size) then take one write pass."""
+    (strides == pool_size) then take one write pass.
+    relu_y: the forward's output y when the pool's input is a ReLU's output; each routed
+    gradient is then multiplied by (y > 0), ReLU's backward folded in (relu_backward's bits)."""
     who = "max_pool2d_backward"
     _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
+    if relu_y is not None:
+        _check(who, "relu_y", relu_y, grad_output.shape)
     cdef int kind = _argmax_kind(who, argmax, grad_output.shape,
                                  None if pool_size is None else tuple(pool_size))
     _check_output(who, "grad_input", grad_input,
@@ -535,9 +540,14 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
     cdef const void *argmax_pointer = _pointer(argmax)
     cdef float[:, :, :, ::1] grad_input_view = grad_input
+    cdef const float[:, :, :, ::1] relu_y_view
+    cdef const float *relu_y_pointer = NULL
+    if relu_y is not None:
+        relu_y_view = relu_y
+        relu_y_pointer = &relu_y_view[0, 0, 0, 0]
     with nogil:
         cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], argmax_pointer, kind,
-                                 &grad_input_view[0, 0, 0, 0], threads)
+                                 relu_y_pointer, &grad_input_view[0, 0, 0, 0], threads)
     return grad_input
 
 

@@ -108,7 +108,9 @@ def layer_bytes(layer, batch_size):
     """(forward, backward) bytes a memory-bound layer must move at least: its input and
     output (forward); grad_output, grad_input and what backward reads from the forward
     (backward). 0 for Conv2D, Dense and Flatten (a view), and for a ReLU layer whose
-    BatchNormalization before it applies the ReLU (fused)."""
+    BatchNormalization before it applies the ReLU (fused). A MaxPool2D that applies the
+    ReLU backward of the layer before (masks_relu; that layer then skips its pass) also
+    reads its output y in backward."""
     if isinstance(layer, (nn.Conv2D, nn.Dense, nn.Flatten)):
         return 0, 0
     if isinstance(getattr(layer, "activation", None), nn.activations.FusedReLU):
@@ -123,6 +125,8 @@ def layer_bytes(layer, batch_size):
         saved = size_in
     if isinstance(layer, nn.MaxPool2D):   # the index: written forward, read backward
         saved = extra = size_out // 4 * layer.index_dtype().itemsize
+        if layer.masks_relu:              # y > 0, the ReLU's mask at each max cell
+            saved += size_out
     return size_in + size_out + extra, size_out + size_in + saved
 
 

@@ -182,17 +182,23 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
 
 
 def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_size=None,
-                        strides=None, padding="valid", out=None):
+                        strides=None, padding="valid", out=None, relu_y=None):
     """Route each output gradient to the input cell that held the max.
 
     pool_size, strides and padding, when given, must be the forward's: windows that tile the
     input (strides == pool_size) then take one write pass instead of zeroing and a scatter.
-    out: optional float32 array of input_shape to write grad_input into."""
+    out: optional float32 array of input_shape to write grad_input into.
+    relu_y: the forward's output, when the pool's input is a ReLU's output: ReLU's backward
+    is then folded in (each routed gradient times (y > 0), the bits of ReLU's backward after
+    this one)."""
     n, h, w, c = input_shape
     if argmax.shape != grad_output.shape:
         raise ValueError(f"max_pool2d_backward: argmax {argmax.shape} and grad_output "
                          f"{grad_output.shape} differ")
     n_threads = _threads.resolve(n_threads)
+    if relu_y is not None and relu_y.shape != grad_output.shape:
+        raise ValueError(f"max_pool2d_backward: relu_y {relu_y.shape} and grad_output "
+                         f"{grad_output.shape} differ")
     if grad_output.dtype == np.float32:
         grad_input = out if out is not None else np.empty((n, h, w, c), np.float32)
         geometry = {}
@@ -201,9 +207,18 @@ def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_s
             strides = _pair(strides if strides is not None else (ph, pw), "strides")
             _, _, top, left = _geometry(h, w, ph, pw, strides, padding)
             geometry = dict(pool_size=(ph, pw), strides=strides, pads=(top, left))
-        return _kernels.max_pool2d_backward(_c(grad_output), _c(argmax), grad_input,
-                                            n_threads=n_threads, **geometry)
-    return ops_float64.max_pool2d_backward(grad_output, argmax, input_shape)
+        return _kernels.max_pool2d_backward(
+            _c(grad_output), _c(argmax), grad_input, n_threads=n_threads,
+            relu_y=None if relu_y is None else _c(relu_y.astype(np.float32, copy=False)),
+            **geometry)
+    grad_input = ops_float64.max_pool2d_backward(grad_output, argmax, input_shape)
+    if relu_y is not None:
+        # ReLU's backward at the max cells (the others hold 0): a cell that is the max of
+        # several windows is multiplied by the same 1 or 0 for each, s * k * k == s * k
+        cells = grad_input.reshape(n, h * w, c)
+        batch, channel = np.arange(n)[:, None, None, None], np.arange(c)[None, None, None, :]
+        cells[batch, argmax, channel] *= relu_y > 0
+    return grad_input
 
 
 def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):

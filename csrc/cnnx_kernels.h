@@ -90,10 +90,13 @@ void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
  * geometry is known and windows tile the input (stride == pool), one write pass instead,
  * with argmax only compared to each cell (so it needs no range check); stride_h = 0 marks
  * the geometry unknown (CNNX_ARGMAX_CELL only; argmax must then lie inside the input
- * plane; CNNX_ARGMAX_WINDOW taps must lie inside their clipped window). */
+ * plane; CNNX_ARGMAX_WINDOW taps must lie inside their clipped window).
+ * relu_y, when not NULL, is this pool's forward output y over a ReLU output: each routed
+ * gradient is then multiplied by (y > 0 ? 1 : 0), ReLU's backward (cnnx_relu_backward)
+ * folded in, with its bits; NULL routes the gradient as it is. */
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
-                              const void *argmax, int argmax_kind, float *grad_input,
-                              int n_threads);
+                              const void *argmax, int argmax_kind, const float *relu_y,
+                              float *grad_input, int n_threads);
 /* y = mean over the window's cells inside the input. */
 void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
                              int n_threads);

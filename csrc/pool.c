@@ -12,7 +12,10 @@
  * which skip the read-for-ownership a normal store pays.
  * Max-pool backward: when windows tile the input (stride == pool) every input cell is
  * written once, gradient or zero, with the index only compared; otherwise it zeroes and
- * scatters, threads taking whole images. Average-pool backward is a gather.
+ * scatters, threads taking whole images. Over a ReLU output (relu_y) it also applies
+ * ReLU's backward, grad * (y > 0) with y the pooled value (the ReLU output at the max
+ * cell): the layer before skips its own pass over the whole gradient, three big arrays.
+ * Average-pool backward is a gather.
  */
 #include <float.h>
 #include <stdint.h>
@@ -89,12 +92,20 @@ static inline __attribute__((always_inline)) void max_pool_forward_row(
     }
 }
 
+/* ReLU's backward at the max cell, where the ReLU output is the pooled value y: the same
+ * multiply as cnnx_relu_backward (grad * 1 or grad * 0: a NaN gradient stays NaN, a
+ * negative one becomes -0), so the fused pass gives its bits. */
+static inline __attribute__((always_inline)) float masked_grad(float grad, float y, int masked)
+{
+    return masked ? grad * (y > 0.0f ? 1.0f : 0.0f) : grad;
+}
+
 /* One output row of max-pool backward when windows tile the input (stride == pool), portable
  * C: every input cell of the window rows gets its gradient or 0 in one write pass. */
 static inline __attribute__((always_inline)) void max_pool_backward_row(
     const cnnx_pool_geometry *g, const float *restrict grad_output,
-    const void *restrict argmax, const int window_index, float *restrict grad_input,
-    long row)
+    const void *restrict argmax, const int window_index, const float *restrict relu_y,
+    const int masked, float *restrict grad_input, long row)
 {
     int channels = g->channels;
     long image = row / g->out_h;
@@ -107,6 +118,8 @@ static inline __attribute__((always_inline)) void max_pool_backward_row(
         for (int out_x = 0; out_x < g->out_w; ++out_x) {
             long out = (row * g->out_w + out_x) * channels;
             const float *restrict grad = grad_output + out;
+            /* unmasked, never read (grad only keeps the expression a valid pointer) */
+            const float *restrict pooled = masked ? relu_y + out : grad;
             const int32_t *restrict cell_index = (const int32_t *)argmax + out;
             const uint8_t *restrict tap_index = (const uint8_t *)argmax + out;
             int start_x = out_x * g->stride_w - g->pad_left, first_j, end_j;
@@ -117,10 +130,12 @@ static inline __attribute__((always_inline)) void max_pool_backward_row(
                 if (window_index) {
                     uint8_t tap = (uint8_t)(i * g->pool_w + j);
                     for (int c = 0; c < channels; ++c)
-                        target[c] = tap_index[c] == tap ? grad[c] : 0.0f;
+                        target[c] = tap_index[c] == tap ? masked_grad(grad[c], pooled[c], masked)
+                                                        : 0.0f;
                 } else {
                     for (int c = 0; c < channels; ++c)
-                        target[c] = cell_index[c] == cell ? grad[c] : 0.0f;
+                        target[c] = cell_index[c] == cell ? masked_grad(grad[c], pooled[c], masked)
+                                                          : 0.0f;
                 }
             }
         }
@@ -256,8 +271,8 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_f
  * cache goes straight to memory without first being read for ownership. */
 static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_backward_row_avx2(
     const cnnx_pool_geometry *g, const float *restrict grad_output,
-    const void *restrict argmax, const int window_index, float *restrict grad_input,
-    const int stream, long row)
+    const void *restrict argmax, const int window_index, const float *restrict relu_y,
+    const int masked, float *restrict grad_input, const int stream, long row)
 {
     int channels = g->channels;
     long image = row / g->out_h;
@@ -283,8 +298,14 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_b
                         ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(
                               (const __m128i *)((const uint8_t *)argmax + out + c0)))
                         : _mm256_loadu_si256((const __m256i *)((const int32_t *)argmax + out + c0));
+                    __m256 gradient = _mm256_loadu_ps(grad + c0);
+                    if (masked)             /* grad * (y > 0 ? 1 : 0), as masked_grad */
+                        gradient = _mm256_mul_ps(gradient, _mm256_and_ps(
+                            _mm256_cmp_ps(_mm256_loadu_ps(relu_y + out + c0),
+                                          _mm256_setzero_ps(), _CMP_GT_OQ),
+                            _mm256_set1_ps(1.0f)));
                     /* the gradient's bits where the index matches, +0 elsewhere */
-                    __m256 value = _mm256_and_ps(_mm256_loadu_ps(grad + c0),
+                    __m256 value = _mm256_and_ps(gradient,
                                                  _mm256_castsi256_ps(_mm256_cmpeq_epi32(index, wanted)));
                     if (stream) {
                         _mm_stream_ps(target + c0, _mm256_castps256_ps128(value));
@@ -296,7 +317,9 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_b
                 for (int c = c0; c < channels; ++c) {
                     int index = window_index ? ((const uint8_t *)argmax)[out + c]
                                              : ((const int32_t *)argmax)[out + c];
-                    target[c] = index == code ? grad[c] : 0.0f;
+                    target[c] = index == code
+                                ? masked_grad(grad[c], masked ? relu_y[out + c] : 0.0f, masked)
+                                : 0.0f;
                 }
             }
         }
@@ -307,7 +330,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_b
 typedef void (*forward_row_fn)(const cnnx_pool_geometry *, const float *, float *, void *,
                                long);
 typedef void (*backward_row_fn)(const cnnx_pool_geometry *, const float *, const void *,
-                                float *, long);
+                                const float *, float *, long);
 
 static void forward_cell_generic(const cnnx_pool_geometry *g, const float *x, float *y,
                                  void *argmax, long row)
@@ -321,17 +344,17 @@ static void forward_window_generic(const cnnx_pool_geometry *g, const float *x, 
     max_pool_forward_row(g, x, y, argmax, 1, row);
 }
 
-static void backward_cell_generic(const cnnx_pool_geometry *g, const float *grad_output,
-                                  const void *argmax, float *grad_input, long row)
-{
-    max_pool_backward_row(g, grad_output, argmax, 0, grad_input, row);
-}
-
-static void backward_window_generic(const cnnx_pool_geometry *g, const float *grad_output,
-                                    const void *argmax, float *grad_input, long row)
-{
-    max_pool_backward_row(g, grad_output, argmax, 1, grad_input, row);
-}
+#define BACKWARD_GENERIC(name, window_index, masked)                                        \
+    static void name(const cnnx_pool_geometry *g, const float *grad_output,                  \
+                     const void *argmax, const float *relu_y, float *grad_input, long row)   \
+    {                                                                                       \
+        max_pool_backward_row(g, grad_output, argmax, window_index, relu_y, masked,         \
+                              grad_input, row);                                             \
+    }
+BACKWARD_GENERIC(backward_cell_generic, 0, 0)
+BACKWARD_GENERIC(backward_window_generic, 1, 0)
+BACKWARD_GENERIC(backward_cell_generic_masked, 0, 1)
+BACKWARD_GENERIC(backward_window_generic_masked, 1, 1)
 
 #if defined(__x86_64__) || defined(__i386__)
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -347,17 +370,22 @@ static AVX2 void forward_window_avx2(const cnnx_pool_geometry *g, const float *x
     max_pool_forward_row_avx2(g, x, y, argmax, 1, row);
 }
 
-#define BACKWARD_AVX2(name, window_index, stream)                                           \
+#define BACKWARD_AVX2(name, window_index, masked, stream)                                   \
     static AVX2 void name(const cnnx_pool_geometry *g, const float *grad_output,            \
-                          const void *argmax, float *grad_input, long row)                  \
+                          const void *argmax, const float *relu_y, float *grad_input,        \
+                          long row)                                                         \
     {                                                                                       \
-        max_pool_backward_row_avx2(g, grad_output, argmax, window_index, grad_input,        \
-                                   stream, row);                                            \
+        max_pool_backward_row_avx2(g, grad_output, argmax, window_index, relu_y, masked,    \
+                                   grad_input, stream, row);                                \
     }
-BACKWARD_AVX2(backward_cell_avx2, 0, 0)
-BACKWARD_AVX2(backward_window_avx2, 1, 0)
-BACKWARD_AVX2(backward_cell_avx2_stream, 0, 1)
-BACKWARD_AVX2(backward_window_avx2_stream, 1, 1)
+BACKWARD_AVX2(backward_cell_avx2, 0, 0, 0)
+BACKWARD_AVX2(backward_window_avx2, 1, 0, 0)
+BACKWARD_AVX2(backward_cell_avx2_stream, 0, 0, 1)
+BACKWARD_AVX2(backward_window_avx2_stream, 1, 0, 1)
+BACKWARD_AVX2(backward_cell_avx2_masked, 0, 1, 0)
+BACKWARD_AVX2(backward_window_avx2_masked, 1, 1, 0)
+BACKWARD_AVX2(backward_cell_avx2_masked_stream, 0, 1, 1)
+BACKWARD_AVX2(backward_window_avx2_masked_stream, 1, 1, 1)
 #endif
 
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float *y,
@@ -394,31 +422,38 @@ static void zero_uncovered(const cnnx_pool_geometry *g, float *grad_image)
     }
 }
 
-/* The backward row function for this index kind, ISA and output. */
+/* The backward row function for this index kind, mask, ISA and output. */
 static backward_row_fn backward_row_for(const cnnx_pool_geometry *g, int window_index,
-                                        const float *grad_input)
+                                        int masked, const float *grad_input)
 {
 #if defined(__x86_64__) || defined(__i386__)
     if (cnnx_get_isa() == CNNX_ISA_AVX2) {
+        static const backward_row_fn avx2[2][2][2] = {     /* [masked][stream][window_index] */
+            {{backward_cell_avx2, backward_window_avx2},
+             {backward_cell_avx2_stream, backward_window_avx2_stream}},
+            {{backward_cell_avx2_masked, backward_window_avx2_masked},
+             {backward_cell_avx2_masked_stream, backward_window_avx2_masked_stream}}};
         long bytes = (long)g->batch * g->in_h * g->in_w * g->channels * (long)sizeof(float);
         int stream = bytes >= STREAM_MIN_BYTES && g->channels % CHANNEL_BLOCK == 0
                      && (uintptr_t)grad_input % 16 == 0;
-        if (stream)
-            return window_index ? backward_window_avx2_stream : backward_cell_avx2_stream;
-        return window_index ? backward_window_avx2 : backward_cell_avx2;
+        return avx2[masked][stream][window_index];
     }
 #endif
+    static const backward_row_fn generic[2][2] = {
+        {backward_cell_generic, backward_window_generic},
+        {backward_cell_generic_masked, backward_window_generic_masked}};
     (void)g;
     (void)grad_input;
-    return window_index ? backward_window_generic : backward_cell_generic;
+    return generic[masked][window_index];
 }
 
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_output,
-                              const void *argmax, int argmax_kind, float *grad_input,
-                              int n_threads)
+                              const void *argmax, int argmax_kind, const float *relu_y,
+                              float *grad_input, int n_threads)
 {
     int channels = g->channels;
     int window_index = argmax_kind == CNNX_ARGMAX_WINDOW;
+    int masked = relu_y != NULL;
     long plane_in = (long)g->in_h * g->in_w * channels;
     long plane_out = (long)g->out_h * g->out_w * channels;
     (void)n_threads;
@@ -426,7 +461,7 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
         /* windows tile the input: every cell lies in at most one window and is written
          * once, gradient or zero; argmax is only compared, never used as an address */
         long rows = (long)g->batch * g->out_h;
-        backward_row_fn backward_row = backward_row_for(g, window_index, grad_input);
+        backward_row_fn backward_row = backward_row_for(g, window_index, masked, grad_input);
         #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
         {
             #pragma omp for schedule(static) nowait
@@ -434,7 +469,7 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
                 zero_uncovered(g, grad_input + image * plane_in);
             #pragma omp for schedule(static) nowait
             for (long row = 0; row < rows; ++row)
-                backward_row(g, grad_output, argmax, grad_input, row);
+                backward_row(g, grad_output, argmax, relu_y, grad_input, row);
 #if defined(__x86_64__) || defined(__i386__)
             _mm_sfence();           /* each thread's non-temporal stores, before the barrier */
 #endif
@@ -446,11 +481,21 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
         float *grad_image = grad_input + image * plane_in;
         memset(grad_image, 0, sizeof(float) * plane_in);
         const float *grad_out = grad_output + image * plane_out;
+        const float *pooled = masked ? relu_y + image * plane_out : NULL;
         if (!window_index) {
             const int32_t *index = (const int32_t *)argmax + image * plane_out;
             for (long out = 0; out < plane_out; out += channels)
                 for (int c = 0; c < channels; ++c)
                     grad_image[(long)index[out + c] * channels + c] += grad_out[out + c];
+            /* ReLU's mask after the sums, as ReLU's backward applies it: a cell that is
+             * the max of several windows is multiplied once per window, by the same 1 or
+             * 0 (its own value), and s * k * k == s * k bit for bit for k in {0, 1} */
+            if (masked)
+                for (long out = 0; out < plane_out; out += channels)
+                    for (int c = 0; c < channels; ++c) {
+                        float *cell = grad_image + (long)index[out + c] * channels + c;
+                        *cell = masked_grad(*cell, pooled[out + c], 1);
+                    }
             continue;
         }
         const uint8_t *index = (const uint8_t *)argmax + image * plane_out;
@@ -466,6 +511,20 @@ void cnnx_max_pool2d_backward(const cnnx_pool_geometry *g, const float *grad_out
                     grad_image[cell * channels + c] += grad_out[out + c];
                 }
             }
+        if (masked)                                  /* the mask after the sums, as above */
+            for (int out_y = 0; out_y < g->out_h; ++out_y)
+                for (int out_x = 0; out_x < g->out_w; ++out_x) {
+                    long out = ((long)out_y * g->out_w + out_x) * channels;
+                    int start_y = out_y * g->stride_h - g->pad_top;
+                    int start_x = out_x * g->stride_w - g->pad_left;
+                    for (int c = 0; c < channels; ++c) {
+                        int tap = index[out + c];
+                        long cell = (long)(start_y + tap / g->pool_w) * g->in_w
+                                    + start_x + tap % g->pool_w;
+                        float *value = grad_image + cell * channels + c;
+                        *value = masked_grad(*value, pooled[out + c], 1);
+                    }
+                }
     }
 }
 

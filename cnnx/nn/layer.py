@@ -80,6 +80,11 @@ class ActivatedLayer(Layer):
     (softmax + cross-entropy) takes the logits z and calls backward_logits(grad_z).
     """
 
+    # True when the layer right after applies this layer's ReLU backward in its own pass (a
+    # MaxPool2D: pooling.fuse_relu_into_max_pool); this backward then skips it.  A class
+    # default, so that layers pickled before the fusion existed load unfused.
+    relu_backward_by_next = False
+
     def __init__(self, activation=None, name=None):
         super().__init__(name)
         self.activation = activations.get(activation)
@@ -104,7 +109,7 @@ class ActivatedLayer(Layer):
         return self._z
 
     def _activation_backward(self, grad_output):
-        if self.activation is None:
+        if self.activation is None or self.relu_backward_by_next:
             return grad_output
         return self.activation.backward(self._y, grad_output)
 

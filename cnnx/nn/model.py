@@ -17,6 +17,7 @@ from cnnx.nn.gradient_sum import GradientSum
 from cnnx.nn.layer import ActivatedLayer, Layer
 from cnnx.nn.lazy_rng import LazyRng
 from cnnx.nn.normalization import fuse_batchnorm_relu
+from cnnx.nn.pooling import fuse_relu_into_max_pool
 from cnnx.nn.summary import summary_table
 
 # Keras' default layer names (Keras numbers repeats: conv2d, conv2d_1, ...)
@@ -79,6 +80,7 @@ class Sequential:
             raise ValueError(f"Sequential: layer names must be unique, got {duplicates} twice")
         self.layers[0].need_input_grad = False      # nobody needs the image gradient
         fuse_batchnorm_relu(self.layers)            # same bits, two passes fewer per pair
+        fuse_relu_into_max_pool(self.layers)        # same bits, one pass fewer per pair
         self.output_shape = shape
 
     def _check_sample_size(self, shape, who):

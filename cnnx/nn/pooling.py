@@ -2,7 +2,8 @@
 import numpy as np
 
 from cnnx import _kernels, _threads, ops
-from cnnx.nn.layer import Layer
+from cnnx.nn import activations
+from cnnx.nn.layer import ActivatedLayer, Layer
 
 # Windows that tile the input (strides == pool_size) of at most this many cells keep their
 # max's position as one byte (the tap inside the window) instead of an int32 cell index:
@@ -53,7 +54,27 @@ class _Pool2D(Layer):
 
 class MaxPool2D(_Pool2D):
     """y = max over each pool_size window.  (N, H, W, C) -> (N, OH, OW, C).
-    In training, the output and grad_input live in buffers the next training step overwrites."""
+    In training, the output and grad_input live in buffers the next training step overwrites.
+
+    Right after a layer with activation="relu" (a Conv2D, or a ReLU layer), it can take
+    that layer's ReLU backward over (take_relu_backward_of): its own backward then routes
+    each gradient times (y > 0), y its output (the ReLU's output at the max cell), and the
+    layer before skips its pass over the whole gradient: the same bits, one pass fewer.
+    """
+
+    masks_relu = False       # True: this backward applies the ReLU backward of the layer before
+
+    def take_relu_backward_of(self, previous_layer):
+        """Apply previous_layer's ReLU backward in this backward when previous_layer is an
+        ActivatedLayer with activation "relu" (not one fused into a BatchNormalization).
+        Returns True when fused.  A Sequential calls it on each MaxPool2D and the layer
+        before (fuse_relu_into_max_pool)."""
+        if not (isinstance(previous_layer, ActivatedLayer)
+                and isinstance(previous_layer.activation, activations.ReLU)):
+            return False
+        previous_layer.relu_backward_by_next = True
+        self.masks_relu = True
+        return True
 
     def index_dtype(self):
         """What training keeps per output for the backward: a uint8 tap inside the window
@@ -73,6 +94,9 @@ class MaxPool2D(_Pool2D):
                                            out=out)
         # where each max came from: a uint8 tap inside the window, or an int32 cell index
         self._argmax = argmax if training else None
+        # the ReLU's output at each max cell, for the backward's mask: the output buffer,
+        # which only the next training forward overwrites
+        self._relu_y = y if training and self.masks_relu else None
         self._input_shape = x.shape
         return y
 
@@ -80,9 +104,16 @@ class MaxPool2D(_Pool2D):
         out = None
         if grad_output.dtype == np.float32:
             out = self._workspace("grad_input", self._input_shape, np.float32)
+        relu_y = None
+        if self.masks_relu:
+            relu_y = self._relu_y
+            if relu_y is None:
+                raise ValueError(f"layer {self.name!r} (MaxPool2D) applies the ReLU backward "
+                                 f"of the layer before and needs its training forward's "
+                                 f"output; call forward(x, training=True) before backward")
         return ops.max_pool2d_backward(grad_output, self._argmax, self._input_shape,
                                        pool_size=self.pool_size, strides=self.strides,
-                                       padding=self.padding, out=out)
+                                       padding=self.padding, out=out, relu_y=relu_y)
 
 
 class AvgPool2D(_Pool2D):
@@ -108,6 +139,16 @@ class AvgPool2D(_Pool2D):
         return _kernels.avg_pool2d_backward(grad_output, grad_input, self.pool_size,
                                             self.strides, self._pads(self._input_shape),
                                             n_threads=_threads.get_num_threads())
+
+
+def fuse_relu_into_max_pool(layers):
+    """Let each MaxPool2D in `layers` (a model's layers, in order) apply the ReLU backward of
+    the layer right before it (MaxPool2D.take_relu_backward_of); returns how many pairs
+    were fused.  The same bits, one pass over the ReLU output's gradient fewer per pair and
+    step."""
+    return sum(layer.take_relu_backward_of(previous)
+               for previous, layer in zip(layers, layers[1:])
+               if isinstance(layer, MaxPool2D))
 
 
 def _fast(array):

@@ -375,3 +375,100 @@ def test_avg_pool2d_tiling_backward_is_each_share_over_its_count(x_shape, pool, 
         got = ops.avg_pool2d_backward(grad_output, x_shape, pool, pool, padding,
                                       n_threads=n_threads)
         np.testing.assert_array_equal(got, expected)
+
+
+MASKED_POOLS = [  # (x shape, pool, strides, padding, index dtype)
+    ((2, 7, 9, 8), 2, 2, "valid", np.uint8),       # tiling, one AVX2 vector, odd width
+    ((3, 9, 7, 35), 2, 2, "same", np.uint8),       # tiling, vectors and a tail, clipped
+    ((2, 7, 9, 8), 2, 2, "valid", np.int32),       # tiling, cell index
+    ((1, 11, 10, 17), (2, 3), (2, 3), "valid", np.int32),
+    ((2, 8, 8, 41), 3, 2, "same", np.int32),       # overlapping windows: the scatter
+    ((2, 8, 8, 13), 3, 2, "same", np.uint8),       # overlapping windows, window taps
+    ((2, 6, 7, 9), 3, 1, "valid", np.int32),       # a cell the max of up to nine windows
+]
+
+
+def relu_output_with_edge_maxima(rng, shape):
+    """A pool input with windows whose max is negative, +0, -0 or NaN, and many ties (the
+    ReLU output itself is >= 0 or NaN; the kernel must not rely on it)."""
+    x = np.maximum(f32(rng, shape), 0).astype(np.float32)
+    x[0, :, :, 4:] = -np.abs(x[0, :, :, 4:]) - 1               # negative maxima
+    x[-1, :, :, 1] = 0.0                                       # +0 maxima (all tied)
+    x[-1, :, :, 2] = -0.0
+    x[-1, 1:3, 1:3, 3] = np.nan                                # NaN maxima
+    return x
+
+
+def gradient_with_edge_values(rng, shape):
+    """Negative values (grad * 0 is -0), NaN and infinities (inf * 0 is NaN)."""
+    grad = f32(rng, shape)
+    flat = grad.reshape(-1)
+    flat[::7], flat[3::11], flat[5::13] = np.nan, np.inf, -np.inf
+    return grad
+
+
+@pytest.mark.parametrize("x_shape, pool, strides, padding, index_dtype", MASKED_POOLS,
+                         ids=[f"{'x'.join(map(str, p[0]))}-p{p[1]}-s{p[2]}-{p[3]}-"
+                              f"{np.dtype(p[4]).name}" for p in MASKED_POOLS])
+def test_max_pool2d_backward_with_relu_mask_gives_relu_backwards_bits(
+        x_shape, pool, strides, padding, index_dtype, isa, rng):
+    """relu_y folds ReLU's backward into the pool's: the bits of the pool backward and then
+    ReLU's backward (the C kernel and NumPy's grad * (x > 0)), NaN, -0 and inf included."""
+    x = relu_output_with_edge_maxima(rng, x_shape)
+    ph, pw = ops._pair(pool, "pool")
+    sh, sw = ops._pair(strides, "strides")
+    oh, ow, top, left = ops._geometry(x_shape[1], x_shape[2], ph, pw, (sh, sw), padding)
+    y = np.empty((x_shape[0], oh, ow, x_shape[3]), np.float32)
+    argmax = np.empty(y.shape, index_dtype)
+    _kernels.max_pool2d_forward(x, y, argmax, (ph, pw), (sh, sw), (top, left))
+    assert (y <= 0).any() and np.isnan(y).any() and (y > 0).any()
+    grad_output = gradient_with_edge_values(rng, y.shape)
+    geometry = ((ph, pw), (sh, sw), (top, left))
+    unmasked = _kernels.max_pool2d_backward(grad_output, argmax, np.empty(x_shape, np.float32),
+                                            *geometry)
+    with np.errstate(invalid="ignore"):                        # inf * 0
+        expected = np.multiply(unmasked, x > 0)                # ReLU's backward in NumPy
+    relu_kernel = _kernels.relu_backward(x, unmasked.copy())
+    assert np.array_equal(expected.view(np.uint32), relu_kernel.view(np.uint32))
+    assert np.signbit(expected[expected == 0]).any() and np.isnan(expected).any()
+    for n_threads in (1, 2, 3):
+        got = _kernels.max_pool2d_backward(grad_output, argmax, np.full(x_shape, 7, np.float32),
+                                           *geometry, n_threads=n_threads, relu_y=y)
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), n_threads
+        assert np.array_equal(np.isnan(got), np.isnan(expected))
+
+
+def test_max_pool2d_streamed_backward_with_relu_mask(isa, rng):
+    """Over 16 MB (AVX2: non-temporal stores): the masked pass has ReLU backward's bits."""
+    x = np.maximum(f32(rng, (2, 130, 128, 64)), 0)
+    y, taps = ops.max_pool2d_forward(x, 2, 2, "valid")
+    grad_output = gradient_with_edge_values(rng, y.shape)
+    unmasked = ops.max_pool2d_backward(grad_output, taps, x.shape, pool_size=2)
+    with np.errstate(invalid="ignore"):
+        expected = np.multiply(unmasked, x > 0)
+    got = ops.max_pool2d_backward(grad_output, taps, x.shape, pool_size=2, relu_y=y,
+                                  out=np.full(x.shape, 7, np.float32))
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("pool, strides, padding", [(2, 2, "same"), (3, 2, "same"), (3, 1, "valid")])
+def test_max_pool2d_float64_backward_with_relu_mask(pool, strides, padding, rng):
+    """The float64 path (gradient checks) folds the mask in with NumPy's bits."""
+    x = relu_output_with_edge_maxima(rng, (2, 7, 8, 5)).astype(np.float64)
+    y, argmax = ops.max_pool2d_forward(x, pool, strides, padding)
+    grad_output = gradient_with_edge_values(rng, y.shape).astype(np.float64)
+    kwargs = dict(pool_size=pool, strides=strides, padding=padding)
+    with np.errstate(invalid="ignore"):                        # inf - inf, inf * 0
+        unmasked = ops.max_pool2d_backward(grad_output, argmax, x.shape, **kwargs)
+        expected = np.multiply(unmasked, x > 0)
+        got = ops.max_pool2d_backward(grad_output, argmax, x.shape, relu_y=y, **kwargs)
+    assert got.dtype == np.float64
+    assert np.array_equal(got.view(np.uint64), expected.view(np.uint64))
+
+
+def test_max_pool2d_backward_rejects_a_relu_y_of_another_shape(rng):
+    grad_output = f32(rng, (1, 2, 2, 3))
+    with pytest.raises(ValueError, match=r"max_pool2d_backward: relu_y must have shape"):
+        _kernels.max_pool2d_backward(grad_output, np.zeros((1, 2, 2, 3), np.uint8),
+                                     np.empty((1, 4, 4, 3), np.float32), 2, 2,
+                                     relu_y=np.zeros((1, 2, 2, 2), np.float32))
