@@ -360,16 +360,22 @@ def test_batchnorm_relu_fusion_in_a_step(benchmark, batch, n_threads):
         batchnorm.fused_relu = False
         relu.activation = nn.activations.ReLU()
     assert len(pairs) == 2 and fuse(fused.layers) == 0   # fused once, when built
+    fused_against_unfused(benchmark, fused, unfused, x, y, n_threads)
+
+
+def fused_against_unfused(benchmark, fused, unfused, x, y, n_threads, **info):
+    """Time one train_step of `fused` against the same net `unfused`, in alternation, after
+    checking that one step of each gives the same weights bit for bit."""
+    from cnnx import bench
     fused_step, unfused_step = bench.step_function(fused, x, y), bench.step_function(unfused, x, y)
     with cnnx.num_threads(n_threads):
         unfused_step()
         fused_step()
-        # the same step on the same batch: the fused net is the unfused net, bit for bit
         for name, value in unfused.get_weights().items():
             assert np.array_equal(fused.get_weights()[name], value), name
         benchmark.pedantic(fused_step, rounds=5, warmup_rounds=0)
         unfused_time, fused_time = interleaved_medians(unfused_step, fused_step, rounds=7)
-    benchmark.extra_info.update(n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
+    benchmark.extra_info.update(info, n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
                                 unfused_ms=round(unfused_time * 1e3, 2),
                                 speedup=round(unfused_time / fused_time, 3))
 
@@ -393,19 +399,7 @@ def test_relu_max_pool_fusion_in_a_step(benchmark, net, batch, n_threads):
         assert conv.relu_backward_by_next and pool.masks_relu
         conv.relu_backward_by_next = pool.masks_relu = False
     assert pairs and fuse(fused.layers) == len(pairs)               # idempotent re-fusion
-    fused_step, unfused_step = bench.step_function(fused, x, y), bench.step_function(unfused, x, y)
-    with cnnx.num_threads(n_threads):
-        unfused_step()
-        fused_step()
-        # the same step on the same batch: the fused net is the unfused net, bit for bit
-        for name, value in unfused.get_weights().items():
-            assert np.array_equal(fused.get_weights()[name], value), name
-        benchmark.pedantic(fused_step, rounds=5, warmup_rounds=0)
-        unfused_time, fused_time = interleaved_medians(unfused_step, fused_step, rounds=7)
-    benchmark.extra_info.update(net=net, n_threads=n_threads,
-                                fused_ms=round(fused_time * 1e3, 2),
-                                unfused_ms=round(unfused_time * 1e3, 2),
-                                speedup=round(unfused_time / fused_time, 3))
+    fused_against_unfused(benchmark, fused, unfused, x, y, n_threads, net=net)
 
 
 @pytest.mark.benchmark(group="relu-max-pool-backward")

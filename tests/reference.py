@@ -151,3 +151,13 @@ def numerical_gradient(f, array, indices, epsilon=1e-6):
         array.flat[i] = original
         grads.append((plus - minus) / (2 * epsilon))
     return np.array(grads)
+
+
+def step_results(model, x, y):
+    """Everything one training step and a prediction produce, copied: what a fused model
+    must reproduce bit for bit from the same layers taken apart."""
+    total = model.gradient(x, y, key=(0, 3, 0))
+    outputs = model.forward(x, training=True, rng=np.random.default_rng(1)).copy()
+    model.apply_gradient_sum(total)
+    return ({**total.grads, **total.state}, total.loss_sum, outputs, model.predict(x),
+            model.get_weights())

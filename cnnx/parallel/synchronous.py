@@ -158,10 +158,14 @@ class ReplicatedSync:
         """Futures of (loss_sum, n_correct, n) of each spec on the replicas, as they are
         now; between two steps (no step queued: the replicas are at most at version)."""
         copies = self.last_copies or {}
-        return [self.client.submit(replica.evaluate_replica, self.run, self.version,
-                                   copies.get(address, self.last_root), spec, workers=[address],
-                                   allow_other_workers=True, pure=False)
-                for spec, address in zip(specs, workers)]
+        futures = [self.client.submit(replica.evaluate_replica, self.run, self.version,
+                                      copies.get(address, self.last_root), spec,
+                                      workers=[address], allow_other_workers=True, pure=False)
+                   for spec, address in zip(specs, workers)]
+        # close() lets them finish before it drops the replicas (an evaluation cut short by
+        # Ctrl-C would find its replica gone, and its worker would log a traceback)
+        self.released = [future for future in self.released if not future.done()] + futures
+        return futures
 
     def _welcome_new_workers(self, queued):
         """Give workers that joined a replica at the driver's version; the next step's tasks

@@ -5,7 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
-from reference import numerical_gradient
+from reference import numerical_gradient, step_results
 
 import cnnx
 from cnnx import _kernels, architectures, nn
@@ -28,15 +28,6 @@ def comics_bn(fused, input_shape=(22, 21, 1)):
             batchnorm.fused_relu = False
             relu.activation = nn.activations.ReLU()
     return model
-
-
-def step_results(model, x, y):
-    """Everything one training step and a prediction produce, copied."""
-    total = model.gradient(x, y, key=(0, 3, 0))
-    outputs = model.forward(x, training=True, rng=np.random.default_rng(1)).copy()
-    model.apply_gradient_sum(total)
-    return ({**total.grads, **total.state}, total.loss_sum, outputs, model.predict(x),
-            model.get_weights())
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+from reference import numerical_gradient, step_results
 
 import cnnx
 from cnnx import _kernels, architectures, nn
@@ -35,15 +36,6 @@ def paper_net(name, fused):
         for conv, pool in pairs:
             conv.relu_backward_by_next = pool.masks_relu = False
     return model
-
-
-def step_results(model, x, y):
-    """Everything one training step and a prediction produce, copied."""
-    total = model.gradient(x, y, key=(0, 3, 0))
-    outputs = model.forward(x, training=True, rng=np.random.default_rng(1)).copy()
-    model.apply_gradient_sum(total)
-    return ({**total.grads, **total.state}, total.loss_sum, outputs, model.predict(x),
-            model.get_weights())
 
 
 def bits(array):
@@ -141,17 +133,9 @@ def test_fused_pair_gradients_match_finite_differences_in_float64(rng):
     assert pooled.dtype == np.float64 and (pooled == 0).mean() > 0.1     # the mask matters
     conv.backward(pool.backward(weights.copy()))
     for name, param in conv.params.items():
-        numeric = []
-        for i in range(param.size):
-            original = param.flat[i]
-            param.flat[i] = original + 1e-6
-            plus = loss()
-            param.flat[i] = original - 1e-6
-            minus = loss()
-            param.flat[i] = original
-            numeric.append((plus - minus) / 2e-6)
-        np.testing.assert_allclose(conv.grads[name].reshape(-1), numeric, rtol=1e-5,
-                                   atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(conv.grads[name].reshape(-1),
+                                   numerical_gradient(loss, param, range(param.size)),
+                                   rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.parametrize("layers", [
@@ -167,7 +151,7 @@ def test_only_a_relu_right_before_a_max_pool_is_fused(layers):
     assert not any(getattr(layer, "relu_backward_by_next", False) for layer in model.layers)
     assert not any(getattr(layer, "masks_relu", False) for layer in model.layers)
     assert fuse_relu_into_max_pool(model.layers) == 0
-    conv, pool = model.layers[0], nn.MaxPool2D(2)
+    pool = nn.MaxPool2D(2)
     assert not pool.take_relu_backward_of(None) and not pool.masks_relu
 
 

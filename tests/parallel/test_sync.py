@@ -239,6 +239,27 @@ def test_resume_checks_the_checkpoint_s_weights_before_reading_them(cluster, sto
     assert_same_weights(model.get_weights(), before)         # nothing was loaded
 
 
+def test_an_evaluation_cut_short_finishes_before_the_replicas_go(cluster, store):
+    """Ctrl-C while the epoch's validation runs on the replicas: fit stops, and closing the
+    driver must let the evaluation tasks finish before it drops the replicas (they failed
+    with ReplicaMissing, and their workers logged tracebacks over the one-line message)."""
+    from cnnx.parallel import cluster as cluster_module
+    started = []
+
+    def evaluate_then_stop(trainer, record):
+        if (record["epoch"], record["step"]) != (EPOCHS - 1, 256 // BATCH - 1):
+            return                                    # the last step: no step queued behind
+        workers = cluster_module.worker_addresses(trainer.client)
+        specs = [trainer.shard_spec(np.arange(i * 64, i * 64 + 64)) for i in range(4)]
+        started.extend(trainer._sync_driver.evaluate_tasks(specs, workers * 2))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cluster, store, callbacks=[evaluate_then_stop])
+    assert len(started) == 4
+    assert [future.status for future in started] == ["finished"] * 4
+
+
 DRIVER = """
 import sys, time
 sys.path.insert(0, {helpers!r})
