@@ -91,14 +91,13 @@ def _at_version(run, version, previous):
     return replica
 
 
-def replica_gradient(run, version, previous, spec, key, wire_dtype="float32", following=None):
+def replica_gradient(run, version, previous, spec, key, wire_dtype="float32"):
     """(GradientSum of one virtual shard, stats) on this worker's replica at `version`.
 
     previous: the (GradientSum, stats) of step version - 1, or None when the replica is
-    already there (fresh install). spec: the batch spec of the shard's samples (prefetched
-    by the task before when it could). key = (epoch, step, shard). following: (spec, key)
-    of this shard's next step, whose batch this worker then prepares while it waits."""
-    x, y, read_s = worker.take_batch(run, spec, key)
+    already there (fresh install). spec: the batch spec of the shard's samples.
+    key = (epoch, step, shard)."""
+    x, y, read_s = worker.timed_batch(spec, key)
     with worker._lock:
         start, start_cpu = time.perf_counter(), time.thread_time()
         replica = _at_version(run, version, previous)
@@ -108,8 +107,6 @@ def replica_gradient(run, version, previous, spec, key, wire_dtype="float32", fo
     worker.check_finite(result, key)
     # encode copies: a layer's backward overwrites its grads, and this result outlives the task
     result.grads = wire.encode(result.grads, wire_dtype)
-    if following is not None:
-        worker.prefetch_batch(run, *following)
     return result, worker.leaf_stats(computed - applied, read_s, apply_s=applied - start,
                                      cpu_s=(computed_cpu - applied_cpu, applied_cpu - start_cpu))
 

@@ -16,10 +16,10 @@ Design (all-reduce style, the driver stays the authority):
   root sums of the steps since (held on the workers), so anything lost can be rebuilt.
 - Pipelined: step v + 1's tasks are queued behind step v's root before the driver waits for
   it, so Dask's round trips to the driver overlap the workers' work instead of adding to it.
-  A shard's task starts its next step's batch on a worker thread when it is done
-  (worker.prefetch_batch): the batch is read while the worker waits for the sum, and a step
-  costs Dask one task per shard, the sums and the summary (each task costs the scheduler,
-  the driver and the worker a few ms of the same cores).
+  A shard's task reads its own batch: a step costs Dask one task per shard, the sums and
+  the summary (each task costs the scheduler, the driver and the worker a few ms of the
+  same cores). Prefetching the next batch on a worker thread was tried and taken out: it
+  made a worker SIGKILLed mid-epoch lose sums the driver could not rebuild (2 runs in 4).
 - Weights never travel per step. Anything lost (a worker killed, a worker that joined
   without a replica) fails the step; the driver then brings its model up to date, re-installs
   it where replicas are missing or behind, and runs the step again from its inputs: the
@@ -191,9 +191,8 @@ class ReplicatedSync:
         try:
             while following < len(epoch_plan) or queue:
                 while following < len(epoch_plan) and len(queue) < PIPELINE_DEPTH:
-                    after = epoch_plan[following + 1] if following + 1 < len(epoch_plan) else None
                     queue.append(self._submit(epoch, following, epoch_plan[following],
-                                              self.version + len(queue), after))
+                                              self.version + len(queue)))
                     following += 1
                 head = queue[0]
                 try:
@@ -237,9 +236,9 @@ class ReplicatedSync:
         queue.clear()
         self.previous = self.last_copies
 
-    def _submit(self, epoch, step, step_plan, version, next_plan=None):
-        """Submit step `step`'s tasks: one per shard (its batch read in the task, or
-        prefetched by the shard's task of the step before), the sum tree, the summary."""
+    def _submit(self, epoch, step, step_plan, version):
+        """Submit step `step`'s tasks: one per shard (its batch read in the task), the sum
+        tree, the summary."""
         started = time.perf_counter()
         prefix = f"{self.run}-a{self.attempt}-v{version}"
         sources = self._broadcast(self.previous, prefix)
@@ -248,11 +247,9 @@ class ReplicatedSync:
             where = self.workers[transport.preferred_worker(shard, len(step_plan),
                                                             len(self.workers))]
             key = (epoch, step, shard)
-            following = (None if next_plan is None else
-                         (self.spec(next_plan[shard]), (epoch, step + 1, shard)))
             leaves.append(self.client.submit(
                 replica.replica_gradient, self.run, version, sources.get(where),
-                self.spec(step_plan[shard]), key, self.wire_dtype, following,
+                self.spec(step_plan[shard]), key, self.wire_dtype,
                 key=f"{prefix}-grad-{shard}", workers=[where], allow_other_workers=True,
                 pure=False))
         root, copies = self._reduce(leaves, prefix, step_plan)

@@ -7,7 +7,6 @@ generators keyed by (seed, epoch, step, shard): a shard computes the same bits o
 which is what makes a synchronous run independent of the worker count.
 """
 import collections
-import concurrent.futures
 import threading
 import time
 
@@ -17,11 +16,6 @@ from cnnx.parallel import wire
 from cnnx.parallel.factors import KernelFactors
 
 _lock = threading.Lock()                  # one model per worker process: one task uses it at a time
-_read_lock = threading.Lock()             # the chunk cache: a prefetch thread reads beside tasks
-_prefetcher = None                        # one thread per worker process, started when first used
-_prefetched = collections.OrderedDict()   # (tag, key) -> a concurrent Future of timed_batch
-PREFETCH_KEEP = 32                        # bounds the batches no task took (after a retry or a
-                                          # worker change); two steps' worth are live otherwise
 _datasets = {}                            # store -> opened dataset
 _chunks = collections.OrderedDict()       # (store, chunk id) -> (images uint8, labels int64)
 _cache = {"bytes": 0, "hits": 0, "misses": 0, "bytes_read": 0}
@@ -91,11 +85,6 @@ def clear_cache():
 
 def load_batch(spec):
     """uint8 images and int64 labels of the samples `spec["indices"]`, in that order."""
-    with _read_lock:
-        return _load_batch(spec)
-
-
-def _load_batch(spec):
     dataset = open_store(spec["store"], spec["opener"])
     indices = np.asarray(spec["indices"], np.int64)
     chunk_size = int(dataset.chunk_size)
@@ -133,31 +122,6 @@ def timed_batch(spec, key):
     start = time.perf_counter()
     x, y = prepare_batch(spec, key)
     return x, y, time.perf_counter() - start
-
-
-def prefetch_batch(tag, spec, key):
-    """Start timed_batch(spec, key) on this worker's prefetch thread: a shard task starts its
-    next step's batch when it is done, so the worker reads, normalises and augments it while
-    it waits for the step's sum, without a Dask task of its own (each costs the scheduler,
-    the driver and the worker a few ms). tag: the run's name."""
-    global _prefetcher
-    if _prefetcher is None:
-        _prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cnnx-prefetch")
-    _prefetched[(tag, tuple(key))] = _prefetcher.submit(timed_batch, spec, key)
-    while len(_prefetched) > PREFETCH_KEEP:
-        _prefetched.popitem(last=False)
-
-
-def take_batch(tag, spec, key):
-    """timed_batch(spec, key): the prefetched one when this worker started it, else read now
-    (the first step of an epoch, a retried step, a worker that just joined)."""
-    started = _prefetched.pop((tag, tuple(key)), None)
-    if started is not None:
-        try:
-            return started.result()
-        except Exception:                     # read again here: the error then names this task
-            pass
-    return timed_batch(spec, key)
 
 
 def _load_weights(model, weights):

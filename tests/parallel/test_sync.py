@@ -368,8 +368,8 @@ def test_two_workers_exchange_halves_instead_of_sending_the_sum_back(cluster, st
 
 def test_a_step_costs_dask_one_task_per_shard_the_sums_and_the_summary(cluster, store):
     # each task costs the scheduler, the driver and a worker a few ms of the same cores: a
-    # step on two workers is 2 shard tasks + the root summed on both + the summary; the
-    # batches are prefetched by the shard tasks themselves (no task of their own)
+    # step on two workers is 2 shard tasks + the root summed on both + the summary; each
+    # shard task reads its own batch (no task of its own)
     from distributed import get_task_stream
 
     with get_task_stream(cluster) as stream:

@@ -212,32 +212,6 @@ def test_replica_sends_factors_only_where_they_are_smaller(rng):
     assert isinstance(bfloat16.grads["dense/kernel"], np.ndarray)
 
 
-def test_a_prefetched_batch_is_the_batch_and_is_taken_once(store):
-    # a shard task prepares its next step's batch on a worker thread; the next task takes
-    # exactly that batch (same bits as reading it itself), once; untaken ones stay bounded
-    def augment(x, rng):
-        return x + rng.standard_normal(x.shape).astype(np.float32)
-
-    worker.clear_cache()
-    batch_spec, key = spec(store, range(8, 40), augment), (1, 2, 3)
-    expected_x, expected_y = worker.prepare_batch(batch_spec, key)
-    worker.prefetch_batch("run", batch_spec, key)
-    x, y, seconds = worker.take_batch("run", batch_spec, key)
-    np.testing.assert_array_equal(x, expected_x)
-    np.testing.assert_array_equal(y, expected_y)
-    assert seconds > 0 and ("run", key) not in worker._prefetched
-    misses = worker.cache_info()["misses"]
-    worker.take_batch("run", batch_spec, key)        # not prefetched: read (cache hits)
-    assert worker.cache_info()["misses"] == misses
-    for step in range(worker.PREFETCH_KEEP + 5):
-        worker.prefetch_batch("run", spec(store, range(8)), (9, step, 0))
-    assert len(worker._prefetched) == worker.PREFETCH_KEEP
-    assert ("run", (9, 0, 0)) not in worker._prefetched        # the oldest went first
-    for future in worker._prefetched.values():
-        future.result()
-    worker._prefetched.clear()
-
-
 def test_the_pulled_replica_state_is_sized_exactly(rng):
     # Dask samples 10 entries of a plain dict: Adam's 13-entry state was weighed anywhere in
     # 12.8-18.3 KB, and the bytes counted between workers jumped with it
