@@ -51,6 +51,47 @@ static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long
 
 /* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
 /* Callers pass taps = 1 (the direct convolution's tap loop lives in gathered_avx2_body). */
+/* The epilogue of both AVX2 kernels: one 6x16 tile of accumulators (+ C when accumulating,
+ * + bias, then ReLU) stored to c. Inlined: the accumulators stay in registers. */
+static inline __attribute__((always_inline)) AVX2 void
+store_row_avx2(float *row, __m256 v0, __m256 v1, int accumulate, int has_bias, __m256 bias0,
+               __m256 bias1, int relu)
+{
+    if (accumulate) {
+        v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);
+        v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);
+    }
+    if (has_bias) {
+        v0 = _mm256_add_ps(v0, bias0);
+        v1 = _mm256_add_ps(v1, bias1);
+    }
+    if (relu) {                 /* max_ps returns its second operand on NaN: NaN propagates */
+        const __m256 zero = _mm256_setzero_ps();
+        v0 = _mm256_max_ps(zero, v0);
+        v1 = _mm256_max_ps(zero, v1);
+    }
+    _mm256_storeu_ps(row, v0);
+    _mm256_storeu_ps(row + 8, v1);
+}
+
+static inline __attribute__((always_inline)) AVX2 void
+store_tile_avx2(float *c, long ldc, int accumulate, const float *bias, int relu,
+                __m256 c00, __m256 c01, __m256 c10, __m256 c11, __m256 c20, __m256 c21,
+                __m256 c30, __m256 c31, __m256 c40, __m256 c41, __m256 c50, __m256 c51)
+{
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    if (bias) {
+        bias0 = _mm256_loadu_ps(bias);
+        bias1 = _mm256_loadu_ps(bias + 8);
+    }
+    store_row_avx2(c + 0 * ldc, c00, c01, accumulate, bias != NULL, bias0, bias1, relu);
+    store_row_avx2(c + 1 * ldc, c10, c11, accumulate, bias != NULL, bias0, bias1, relu);
+    store_row_avx2(c + 2 * ldc, c20, c21, accumulate, bias != NULL, bias0, bias1, relu);
+    store_row_avx2(c + 3 * ldc, c30, c31, accumulate, bias != NULL, bias0, bias1, relu);
+    store_row_avx2(c + 4 * ldc, c40, c41, accumulate, bias != NULL, bias0, bias1, relu);
+    store_row_avx2(c + 5 * ldc, c50, c51, accumulate, bias != NULL, bias0, bias1, relu);
+}
+
 static inline __attribute__((always_inline)) AVX2 void
 micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
                        long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
@@ -89,39 +130,8 @@ micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
         b += b_k_stride;
       }
     }
-    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-    if (bias) {
-        bias0 = _mm256_loadu_ps(bias);
-        bias1 = _mm256_loadu_ps(bias + 8);
-    }
-    const __m256 zero = _mm256_setzero_ps();
-#define STORE_ROW(r, x0, x1)                                                      \
-    do {                                                                          \
-        float *row = c + (r) * ldc;                                               \
-        __m256 v0 = (x0), v1 = (x1);                                              \
-        if (accumulate) {                                                         \
-            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
-            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
-        }                                                                         \
-        if (bias) {                                                               \
-            v0 = _mm256_add_ps(v0, bias0);                                        \
-            v1 = _mm256_add_ps(v1, bias1);                                        \
-        }                                                                         \
-        /* max_ps returns its second operand when either is NaN: NaN propagates */ \
-        if (relu) {                                                               \
-            v0 = _mm256_max_ps(zero, v0);                                         \
-            v1 = _mm256_max_ps(zero, v1);                                         \
-        }                                                                         \
-        _mm256_storeu_ps(row, v0);                                                \
-        _mm256_storeu_ps(row + 8, v1);                                            \
-    } while (0)
-    STORE_ROW(0, c00, c01);
-    STORE_ROW(1, c10, c11);
-    STORE_ROW(2, c20, c21);
-    STORE_ROW(3, c30, c31);
-    STORE_ROW(4, c40, c41);
-    STORE_ROW(5, c50, c51);
-#undef STORE_ROW
+    store_tile_avx2(c, ldc, accumulate, bias, relu, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51);
 }
 
 /* Packed panels: constant strides let gcc use fixed addressing. */
@@ -251,38 +261,8 @@ gathered_avx2_body(int taps, const int *tap_offsets, const int *b_tap_offsets, i
         b += b_k_stride;
       }
     }
-    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-    if (bias) {
-        bias0 = _mm256_loadu_ps(bias);
-        bias1 = _mm256_loadu_ps(bias + 8);
-    }
-    const __m256 zero = _mm256_setzero_ps();
-#define STORE_ROW(r, x0, x1)                                                      \
-    do {                                                                          \
-        float *row = c + (r) * ldc;                                               \
-        __m256 v0 = (x0), v1 = (x1);                                              \
-        if (accumulate) {                                                         \
-            v0 = _mm256_add_ps(_mm256_loadu_ps(row), v0);                         \
-            v1 = _mm256_add_ps(_mm256_loadu_ps(row + 8), v1);                     \
-        }                                                                         \
-        if (bias) {                                                               \
-            v0 = _mm256_add_ps(v0, bias0);                                        \
-            v1 = _mm256_add_ps(v1, bias1);                                        \
-        }                                                                         \
-        if (relu) {               /* max_ps returns its second operand on NaN */  \
-            v0 = _mm256_max_ps(zero, v0);                                         \
-            v1 = _mm256_max_ps(zero, v1);                                         \
-        }                                                                         \
-        _mm256_storeu_ps(row, v0);                                                \
-        _mm256_storeu_ps(row + 8, v1);                                            \
-    } while (0)
-    STORE_ROW(0, c00, c01);
-    STORE_ROW(1, c10, c11);
-    STORE_ROW(2, c20, c21);
-    STORE_ROW(3, c30, c31);
-    STORE_ROW(4, c40, c41);
-    STORE_ROW(5, c50, c51);
-#undef STORE_ROW
+    store_tile_avx2(c, ldc, accumulate, bias, relu, c00, c01, c10, c11, c20, c21, c30, c31,
+                    c40, c41, c50, c51);
 }
 
 static AVX2 void gathered_kernel_avx2(int kc, const float *a, const long *row_offsets,
