@@ -6,6 +6,13 @@ code as the driver (Sequential.apply_gradient_sum), so all replicas and the driv
 hold the same bits at the same version: weights never travel per step. A replica is found
 by its run id and must be at the version a task expects; a worker that lost it (killed,
 restarted, or new) raises ReplicaMissing, and the driver re-installs it from its own model.
+
+A replica keeps the root sums it summed or applied since the driver's model last caught up
+(`kept`), so that a worker killed costs no sum: the driver rebuilds its model from a
+survivor's. Dask's own copies cannot serve: a copy lost with its worker is recomputed from
+its lineage, which needs replicas at versions the survivors may have passed (one may already
+have applied a step whose summary died), and a failed recompute marks every result that
+depends on it erred, even results still held in memory on a survivor.
 """
 import dataclasses
 import time
@@ -29,6 +36,7 @@ class _Replica:
         self.factored = [layer for layer in model.layers if isinstance(layer, Dense)
                          and factors.smaller_as_factors(8, *layer.params["kernel"].shape)]
         self._products = {}               # "layer/kernel" -> the buffer factors multiply into
+        self.kept = {}                    # step v -> its root sum (it takes v to v + 1)
 
     def product_buffer(self, name, shape):
         buffer = self._products.get(name)
@@ -43,7 +51,12 @@ class _Replica:
                         if isinstance(g, factors.KernelFactors) else g)
                  for name, g in wire.decode(total.grads).items()}
         self.model.apply_gradient_sum(dataclasses.replace(total, grads=grads))
+        self.kept[self.version] = total
         self.version += 1
+
+    def forget_sums_before(self, version):
+        for old in [v for v in self.kept if v < version]:
+            del self.kept[old]
 
     def gradient(self, x, y, key, wire_dtype):
         """model.gradient(x, y, key), each large Dense kernel's gradient as its factors
@@ -91,16 +104,18 @@ def _at_version(run, version, previous):
     return replica
 
 
-def replica_gradient(run, version, previous, spec, key, wire_dtype="float32"):
+def replica_gradient(run, version, previous, spec, key, wire_dtype="float32", keep_from=0):
     """(GradientSum of one virtual shard, stats) on this worker's replica at `version`.
 
     previous: the (GradientSum, stats) of step version - 1, or None when the replica is
     already there (fresh install). spec: the batch spec of the shard's samples.
-    key = (epoch, step, shard)."""
+    key = (epoch, step, shard). keep_from: the driver's model is at least at this version,
+    so the replica may drop the sums it applied before."""
     x, y, read_s = worker.timed_batch(spec, key)
     with worker._lock:
         start, start_cpu = time.perf_counter(), time.thread_time()
         replica = _at_version(run, version, previous)
+        replica.forget_sums_before(keep_from)
         applied, applied_cpu = time.perf_counter(), time.thread_time()
         result = replica.gradient(x, y, tuple(key), wire_dtype)
         computed, computed_cpu = time.perf_counter(), time.thread_time()
@@ -142,6 +157,28 @@ def state_if_at(run, version):
         if replica is None or replica.version != version:
             return None
         return _state(replica.model)
+
+
+def root_sum(run, step, left, right):
+    """worker.sum_pair at the top of a step's tree, the sum kept by this worker's replica."""
+    root = worker.sum_pair(left, right)
+    with worker._lock:
+        replica = _replicas.get(run)
+        if replica is not None and replica.version <= step:
+            replica.kept[step] = root[0]
+    return root
+
+
+def holds_sums(run, first, stop):
+    """Whether this worker's replica of `run` kept the root sums of steps first..stop - 1."""
+    replica = _replicas.get(run)
+    return replica is not None and all(v in replica.kept for v in range(first, stop))
+
+
+def sums_between(run, first, stop):
+    """The root sums of steps first..stop - 1 this worker's replica kept, in order."""
+    with worker._lock:
+        return [_replicas[run].kept[v] for v in range(first, stop)]
 
 
 def relay(value):

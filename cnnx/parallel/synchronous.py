@@ -12,8 +12,9 @@ Design (all-reduce style, the driver stays the authority):
   driver receives only the step's counts and loss.
 - The driver's model is brought to the replicas' version (`pull`: weights and optimizer
   state from one replica, 3·P once) every `pull_every` steps, for checkpoints, at epoch
-  ends and at the end of fit: checkpoints are written from it. Until then it keeps the
-  root sums of the steps since (held on the workers), so anything lost can be rebuilt.
+  ends and at the end of fit: checkpoints are written from it. Until then the sums of the
+  steps since stay on the workers: each replica keeps the root sums it summed or applied
+  (beyond Dask's reach: see replica.py), so a killed worker costs no sum.
 - Pipelined: step v + 1's tasks are queued behind step v's root before the driver waits for
   it, so Dask's round trips to the driver overlap the workers' work instead of adding to it.
   A shard's task reads its own batch: a step costs Dask one task per shard, the sums and
@@ -142,17 +143,33 @@ class ReplicatedSync:
         return self.model
 
     def _apply_kept_sums(self):
-        """No replica is at the version: take the kept sums in order, as the replicas did."""
-        try:
-            sums = self.client.gather(self.roots)
-        except Exception as error:
-            raise RuntimeError(
-                f"DaskTrainer: the gradient sums of steps {self.model_version}..{self.version - 1} "
-                f"of this fit were lost with the workers that held them ({error}); resume from "
-                f"the last checkpoint") from error
-        for total, _ in sums:
+        """No replica is at the version: take the sums of the steps since in order, as the
+        replicas did: from a replica that kept them all (it may be past the version: it
+        applied a step whose summary was lost with another worker), else from the roots the
+        driver holds (Dask recomputes what it lost of them, where replicas allow)."""
+        first, stop = self.model_version, self.version
+        sums = self._sums_kept_by_a_replica(first, stop)
+        if sums is None:
+            try:
+                sums = [total for total, _ in self.client.gather(self.roots)]
+            except Exception as error:
+                raise RuntimeError(
+                    f"DaskTrainer: the gradient sums of steps {first}..{stop - 1} of this fit "
+                    f"were lost with the workers that held them ({error}); resume from the "
+                    f"last checkpoint") from error
+        for total in sums:
             self.pulled_bytes += wire.nbytes(total.grads)
             self.model.apply_gradient_sum(wire.materialised(total))
+
+    def _sums_kept_by_a_replica(self, first, stop):
+        holding = self.client.run(replica.holds_sums, self.run, first, stop, on_error="return")
+        for address, holds in holding.items():
+            if holds is True:
+                found = self.client.run(replica.sums_between, self.run, first, stop,
+                                        workers=[address], on_error="return")
+                if isinstance(found.get(address), list):
+                    return found[address]
+        return None
 
     def evaluate_tasks(self, specs, workers):
         """Futures of (loss_sum, n_correct, n) of each spec on the replicas, as they are
@@ -249,10 +266,10 @@ class ReplicatedSync:
             key = (epoch, step, shard)
             leaves.append(self.client.submit(
                 replica.replica_gradient, self.run, version, sources.get(where),
-                self.spec(step_plan[shard]), key, self.wire_dtype,
+                self.spec(step_plan[shard]), key, self.wire_dtype, self.model_version,
                 key=f"{prefix}-grad-{shard}", workers=[where], allow_other_workers=True,
                 pure=False))
-        root, copies = self._reduce(leaves, prefix, step_plan)
+        root, copies = self._reduce(leaves, prefix, step_plan, version)
         summary = self.client.submit(replica.summary, root, key=f"{prefix}-summary",
                                      workers=self.workers[:1], allow_other_workers=True,
                                      pure=False)
@@ -280,7 +297,7 @@ class ReplicatedSync:
                                                  allow_other_workers=True, pure=False)
         return held
 
-    def _reduce(self, leaves, prefix, step_plan):
+    def _reduce(self, leaves, prefix, step_plan, version):
         """Pair-sum tasks in a fixed tree: the order of every addition depends on G only.
         Each sum runs where its left input is, so the root ends on the first worker; the
         root's own sum runs twice, where each of its two inputs is (the same inputs in the
@@ -297,18 +314,25 @@ class ReplicatedSync:
                                                          homes[level[0][1]], parents):
                 left, right = nodes[level[0][0]], nodes[level[0][1]]
                 where = self.workers[homes[level[0][1]]]
-                copies[where] = self.client.submit(
-                    worker.sum_pair, left, right, key=f"{prefix}-sum-{depth}-copy",
-                    workers=[where], allow_other_workers=True, pure=False)
+                copies[where] = self._sum(left, right, f"{prefix}-sum-{depth}-copy", where,
+                                          root_of=version)
+            root_of = version if len(level) == 1 else None
             nodes = [nodes[pair[0]] if len(pair) == 1 else
-                     self.client.submit(worker.sum_pair, nodes[pair[0]], nodes[pair[1]],
-                                        key=f"{prefix}-sum-{depth}-{i}",
-                                        workers=[self.workers[homes[pair[0]]]],
-                                        allow_other_workers=True, pure=False)
+                     self._sum(nodes[pair[0]], nodes[pair[1]], f"{prefix}-sum-{depth}-{i}",
+                               self.workers[homes[pair[0]]], root_of)
                      for i, pair in enumerate(level)]
             homes = [homes[pair[0]] for pair in level]
         copies[self.workers[homes[0]]] = nodes[0]
         return nodes[0], copies
+
+    def _sum(self, left, right, key, where, root_of=None):
+        """A pair-sum task on `where`; at the root (root_of: the step) the replica there
+        keeps the sum it made."""
+        if root_of is None:
+            return self.client.submit(worker.sum_pair, left, right, key=key, workers=[where],
+                                      allow_other_workers=True, pure=False)
+        return self.client.submit(replica.root_sum, self.run, root_of, left, right, key=key,
+                                  workers=[where], allow_other_workers=True, pure=False)
 
     @staticmethod
     def _sums_root_twice(left_home, right_home, parents):

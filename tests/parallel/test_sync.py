@@ -4,6 +4,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +100,64 @@ def test_a_worker_killed_mid_epoch_changes_no_bit(reference, store):
                                scatter_timeout=5, echo=said.append)
         assert victim not in client.run(os.getpid).values()
     assert_same_weights(model.get_weights(), reference[0])
+
+
+def test_a_survivor_one_step_ahead_of_the_driver_changes_no_bit(reference, store):
+    """The race behind test_a_worker_killed_mid_epoch_changes_no_bit's rare failures, made
+    certain: the surviving replica has already applied the step whose summary dies with the
+    killed worker, so no replica is at the driver's version and the driver must rebuild its
+    model from the sums it kept; the copies of those sums on the survivor must serve (the
+    copies on the dead worker would be recomputed from a version no replica holds)."""
+    from cnnx.parallel import replica
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as local, Client(local) as client:
+        def survivor_ahead_then_kill(trainer, record):
+            if (record["epoch"], record["step"]) != (0, 2):
+                return
+            driver = trainer._sync_driver
+            head = driver.queue[0]                      # step 3, not yet seen by the driver
+            head.summary.result()                       # its root sum exists on both workers
+            victim = driver.workers[0]                  # holds the root and the summary
+            survivor = next(address for address in head.copies if address != victim)
+            # the survivor applies step 3's sum, as its next step's task would
+            client.submit(replica.state_at, driver.run, head.version + 1,
+                          head.copies[survivor], workers=[survivor], allow_other_workers=False,
+                          pure=False).result()
+            assert client.run(replica.version_of, driver.run,
+                              workers=[survivor])[survivor] == driver.version + 1
+            os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+            while victim in client.scheduler_info()["workers"]:
+                time.sleep(0.05)
+
+        said = []
+        model, _ = train(client, store, callbacks=[survivor_ahead_then_kill],
+                         scatter_timeout=5, echo=said.append)
+    assert any("lost data or a model replica" in line for line in said)
+    assert_same_weights(model.get_weights(), reference[0])
+
+
+def test_every_replica_keeps_each_root_sum_from_when_it_is_summed(cluster, store):
+    """A survivor still behind (it has not applied the last root yet) must hold that root
+    outside Dask too: Dask marks its copy erred when a lost copy's recompute fails."""
+    from cnnx.parallel import replica
+
+    seen = []
+
+    def check_after_the_queued_step(trainer, record):
+        if (record["epoch"], record["step"]) != (0, 2):
+            return
+        driver = trainer._sync_driver
+        head = driver.queue[0]
+        head.summary.result()                          # step 3 summed, applied nowhere yet
+        seen.append(cluster.run(replica.holds_sums, driver.run, driver.model_version,
+                                head.version + 1))
+        seen.append(cluster.run(replica.version_of, driver.run))
+
+    train(cluster, store, callbacks=[check_after_the_queued_step])
+    kept, versions = seen
+    assert len(kept) == 2 and all(kept.values())
+    assert set(versions.values()) == {3}               # step 3's root is not applied yet
 
 
 @pytest.mark.parametrize("lost_on", ["one worker", "every worker"])
