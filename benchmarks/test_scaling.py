@@ -28,6 +28,7 @@ import sys
 import time
 
 import cloudpickle
+import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster, wait
@@ -36,6 +37,7 @@ import cnnx
 from cnnx import architectures, data, optim
 from cnnx.nn import callbacks as callbacks_module
 from cnnx.parallel import DaskTrainer, Sync, wiretap
+from cnnx.parallel import cluster as cluster_module
 
 # net: (input shape, classes)
 NETS = {"glasses": ((80, 80, 3), 2), "fashion": ((28, 28, 1), 10)}
@@ -70,10 +72,13 @@ def build(net, dataset):
     return model
 
 
-def local_cluster(n_workers, threads_per_worker=1):
+def local_cluster(n_workers, threads_per_worker=1,
+                  worker_config=cluster_module.LOCAL_CLUSTER_CONFIG):
+    """A LocalCluster as cnnx starts one (cluster.start_local_cluster's worker settings)."""
     saved = dict(os.environ)
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                           processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    with dask.config.set(worker_config):
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
     os.environ.clear()
     os.environ.update(saved)           # the nanny writes OMP_NUM_THREADS=1 into ours
     return cluster
@@ -239,6 +244,32 @@ def test_per_node_cost(benchmark, tmp_path_factory, net):
               f"{r['max_worker_sent'] / 1e6:8.1f}/{r['max_worker_received'] / 1e6:<8.1f} "
               f"{r['max_sent_per_P']:10.2f} {r['max_received_per_P']:14.2f}")
     assert all(r["max_received_per_P"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("net,batch", [("fashion", 256), ("glasses", 64)],
+                         ids=["fashion-256", "glasses-64"])
+def test_worker_profiler_cost(benchmark, tmp_path_factory, net, batch):
+    """Sync DaskTrainer (2 x 1) with Dask's statistical profiler on (Dask's default) and off
+    (what cluster.start_local_cluster sets), clusters alternated, median of the rounds."""
+    dataset = make_store(tmp_path_factory.getbasetemp(), net, batch * STEPS, batch // 2)
+    configs = {"profiler on": {"distributed.worker.profile.enabled": True},
+               "profiler off": cluster_module.LOCAL_CLUSTER_CONFIG}
+    times = {name: [] for name in configs}
+
+    def rounds():
+        for _ in range(3):
+            for name, config in configs.items():
+                with local_cluster(2, worker_config=config) as cluster, \
+                        Client(cluster) as client:
+                    phases = time_dask(client, net, dataset, batch, "replicated")
+                times[name].append(phases["time_s"])
+    benchmark.pedantic(rounds, rounds=1, iterations=1)
+    on, off = (statistics.median(times[name]) for name in configs)
+    benchmark.extra_info.update({"step_ms_profiler_on": on * 1e3,
+                                 "step_ms_profiler_off": off * 1e3, "speedup": on / off,
+                                 "load_average": os.getloadavg()[0]})
+    print(f"\n{net} {batch}, 2 x 1 workers: step {on * 1e3:.1f} ms with Dask's profiler, "
+          f"{off * 1e3:.1f} ms without: {on / off:.3f}x; load {os.getloadavg()[0]:.2f}")
 
 
 # ---------------------------------------------------------------- PyTorch DDP, bfloat16
