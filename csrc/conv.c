@@ -379,6 +379,59 @@ static void grad_kernel_rows(const cnnx_conv_geometry *g, const float *band, lon
     }
 }
 
+/* The direct kernel gradient of few-channel layers (the first layer: C = 1 or 3): depth
+ * KH*KW*C is only 9 or 27, so k tiles cut from the im2col GEMM's 6-row shape ran part empty
+ * (27 = 6+3 per kernel row). Here a tile holds up to 6 k rows x 16 filters in registers,
+ * reads the band and grad_output in place (no im2col), and the bias sums ride on one tile's
+ * loads of grad_output. */
+#define DIRECT_GRAD_MAX_CHANNELS 4
+#define DIRECT_GRAD_L1_FLOATS 4096   /* grad_output rows one call sweeps, to stay in L1 */
+
+static int use_direct_grad_kernel(const cnnx_conv_geometry *g, int filters)
+{
+    return g->channels <= DIRECT_GRAD_MAX_CHANNELS && filters % GEMM_NR == 0;
+}
+
+/* partial (=, or += when accumulate) the band's im2col^T @ grad_band, and its bias sums.
+ * The depth is cut into equal tiles with room for the bias on the first smallest one
+ * (27 -> 5, 5, 6, 5, 6 k rows; 9 -> 4, 5). Rows are swept a few at a time, so that their
+ * grad_output stays in L1 while every tile reads it; the bias tile prefetches the next
+ * rows' (from memory when grad_output is larger than the caches). */
+static void grad_kernel_direct_band(const cnnx_conv_geometry *g, const float *band, int rows,
+                                    const float *grad_band, int filters, float *partial,
+                                    int accumulate, float *bias_partial)
+{
+    int depth = g->kernel_h * g->kernel_w * g->channels;
+    long row_span = (long)g->kernel_w * g->channels;
+    long band_row = (long)padded_width(g) * g->channels;
+    int tiles = (depth + GRAD_TILE_MAX_ROWS) / GRAD_TILE_MAX_ROWS;   /* depth + 1 rows */
+    int bias_tile = 0;
+    while ((bias_tile + 1) * depth / tiles - bias_tile * depth / tiles > depth / tiles)
+        ++bias_tile;
+    int chunk_rows = DIRECT_GRAD_L1_FLOATS / (g->out_w * filters);
+    if (chunk_rows < 1)
+        chunk_rows = 1;
+    grad_tile_fn grad_tile = micro_kernels()->grad_tile;
+    for (int y0 = 0; y0 < rows; y0 += chunk_rows) {
+        int chunk = rows - y0 < chunk_rows ? rows - y0 : chunk_rows;
+        const float *grad_chunk = grad_band + (long)y0 * g->out_w * filters;
+        const float *band_chunk = band + y0 * band_row;
+        long ahead = (long)chunk * g->out_w * filters;
+        for (int f0 = 0; f0 < filters; f0 += GEMM_NR)
+            for (int tile = 0; tile < tiles; ++tile) {
+                int k0 = tile * depth / tiles, k1 = (tile + 1) * depth / tiles;
+                long offsets[GRAD_TILE_MAX_ROWS];   /* k = (i, j, c): band row i, cell j*C + c */
+                for (int k = k0; k < k1; ++k)
+                    offsets[k - k0] = (k / row_span) * band_row + k % row_span;
+                int with_bias = tile == bias_tile;
+                grad_tile(k1 - k0, band_chunk, offsets, g->channels, band_row, chunk, g->out_w,
+                          grad_chunk + f0, filters, with_bias ? ahead : 0,
+                          partial + (long)k0 * filters + f0, filters,
+                          with_bias ? bias_partial + f0 : NULL, accumulate || y0 > 0);
+            }
+    }
+}
+
 /* grad_output's band in virtual-row layout, rows `width` wide (Wp: zeros in the junk
  * columns; OW: none), bias sums added in pixel order. panel_major: 16-column panels panel_floats apart (zeros past the last
  * filter: one panel stays in L1 while the depth/6 k tiles
@@ -430,6 +483,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
     long panel_floats = ((long)BAND_ROWS * width + GEMM_MR) * GEMM_NR;
     float *partials = workspace + (long)n_threads * thread_floats;
     int panel_major = filters % GEMM_NR != 0 || depth >= PANEL_MAJOR_MIN_DEPTH;
+    int direct = use_direct_grad_kernel(g, filters);
     (void)n_threads;
     cnnx_get_isa();
 
@@ -454,6 +508,11 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                 const float *grad_band =
                     grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
                 copy_band(g, x, image, y0, rows, band);
+                if (direct) {
+                    grad_kernel_direct_band(g, band, rows, grad_band, filters, partial,
+                                            accumulate, bias_partial);
+                    continue;
+                }
                 if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
                     /* grad_output read in place, one output row at a time (no junk
                      * columns); rows are added into the partial in order */
