@@ -392,41 +392,68 @@ static int use_direct_grad_kernel(const cnnx_conv_geometry *g, int filters)
     return g->channels <= DIRECT_GRAD_MAX_CHANNELS && filters % GEMM_NR == 0;
 }
 
-/* partial (=, or += when accumulate) the band's im2col^T @ grad_band, and its bias sums.
- * The depth is cut into equal tiles with room for the bias on the first smallest one
- * (27 -> 5, 5, 6, 5, 6 k rows; 9 -> 4, 5). Rows are swept a few at a time, so that their
- * grad_output stays in L1 while every tile reads it; the bias tile prefetches the next
- * rows' (from memory when grad_output is larger than the caches). */
-static void grad_kernel_direct_band(const cnnx_conv_geometry *g, const float *band, int rows,
-                                    const float *grad_band, int filters, float *partial,
-                                    int accumulate, float *bias_partial)
+#define DIRECT_GRAD_MAX_DEPTH (MAX_TAPS * DIRECT_GRAD_MAX_CHANNELS)
+#define DIRECT_GRAD_MAX_TILES (DIRECT_GRAD_MAX_DEPTH / GRAD_TILE_MAX_ROWS + 1)
+
+/* How the direct path cuts the work, worked out once per call (the geometry alone). The
+ * depth is cut into equal tiles with room for the bias on the first smallest one (27 ->
+ * 5, 5, 6, 5, 6 k rows; 9 -> 4, 5); rows are swept chunk_rows at a time, so that a chunk's
+ * grad_output panel stays in L1 while every tile reads it. */
+typedef struct {
+    int tiles, bias_tile, chunk_rows;
+    int first_k[DIRECT_GRAD_MAX_TILES + 1];        /* tile t holds k rows first_k[t].. */
+    long offsets[DIRECT_GRAD_MAX_DEPTH];           /* k = (i, j, c): band row i, cell j*C + c */
+} direct_grad_plan;
+
+static void plan_direct_grad(const cnnx_conv_geometry *g, direct_grad_plan *plan)
 {
-    int depth = g->kernel_h * g->kernel_w * g->channels;
-    long row_span = (long)g->kernel_w * g->channels;
-    long band_row = (long)padded_width(g) * g->channels;
+    int depth = g->kernel_h * g->kernel_w * g->channels, row_span = g->kernel_w * g->channels;
     int tiles = (depth + GRAD_TILE_MAX_ROWS) / GRAD_TILE_MAX_ROWS;   /* depth + 1 rows */
-    int bias_tile = 0;
-    while ((bias_tile + 1) * depth / tiles - bias_tile * depth / tiles > depth / tiles)
-        ++bias_tile;
-    int chunk_rows = DIRECT_GRAD_L1_FLOATS / (g->out_w * filters);
-    if (chunk_rows < 1)
-        chunk_rows = 1;
+    plan->tiles = tiles;
+    for (int tile = 0; tile <= tiles; ++tile)
+        plan->first_k[tile] = tile * depth / tiles;
+    plan->bias_tile = 0;
+    while (plan->first_k[plan->bias_tile + 1] - plan->first_k[plan->bias_tile] > depth / tiles)
+        ++plan->bias_tile;
+    for (int k = 0; k < depth; ++k)
+        plan->offsets[k] = (long)(k / row_span) * padded_width(g) * g->channels + k % row_span;
+    plan->chunk_rows = DIRECT_GRAD_L1_FLOATS / (g->out_w * GEMM_NR);
+    if (plan->chunk_rows < 1)
+        plan->chunk_rows = 1;
+}
+
+/* The band's rows read straight from x when they need no padding ('valid'): the band
+ * buffer would be a copy of them. NULL when the band needs its padded copy. */
+static const float *band_in_place(const cnnx_conv_geometry *g, const float *x, long image,
+                                  int y0, int rows)
+{
+    if (g->pad_top != 0 || g->pad_left != 0 || padded_width(g) != g->in_w
+        || y0 + rows + g->kernel_h - 1 > g->in_h)
+        return NULL;
+    return x + ((image * g->in_h + y0) * (long)g->in_w) * g->channels;
+}
+
+/* partial (=, or += when accumulate) the band's im2col^T @ grad_band, and its bias sums,
+ * chunk by chunk; the bias tile prefetches the next chunk's grad_output (from memory when
+ * grad_output is larger than the caches) into L2. */
+static void grad_kernel_direct_band(const cnnx_conv_geometry *g, const direct_grad_plan *plan,
+                                    const float *band, int rows, const float *grad_band,
+                                    int filters, float *partial, int accumulate,
+                                    float *bias_partial)
+{
+    long band_row = (long)padded_width(g) * g->channels;
     grad_tile_fn grad_tile = micro_kernels()->grad_tile;
-    for (int y0 = 0; y0 < rows; y0 += chunk_rows) {
-        int chunk = rows - y0 < chunk_rows ? rows - y0 : chunk_rows;
+    for (int y0 = 0; y0 < rows; y0 += plan->chunk_rows) {
+        int chunk = rows - y0 < plan->chunk_rows ? rows - y0 : plan->chunk_rows;
         const float *grad_chunk = grad_band + (long)y0 * g->out_w * filters;
         const float *band_chunk = band + y0 * band_row;
         long ahead = (long)chunk * g->out_w * filters;
         for (int f0 = 0; f0 < filters; f0 += GEMM_NR)
-            for (int tile = 0; tile < tiles; ++tile) {
-                int k0 = tile * depth / tiles, k1 = (tile + 1) * depth / tiles;
-                long offsets[GRAD_TILE_MAX_ROWS];   /* k = (i, j, c): band row i, cell j*C + c */
-                for (int k = k0; k < k1; ++k)
-                    offsets[k - k0] = (k / row_span) * band_row + k % row_span;
-                int with_bias = tile == bias_tile;
-                grad_tile(k1 - k0, band_chunk, offsets, g->channels, band_row, chunk, g->out_w,
-                          grad_chunk + f0, filters, with_bias ? ahead : 0,
-                          partial + (long)k0 * filters + f0, filters,
+            for (int tile = 0; tile < plan->tiles; ++tile) {
+                int k0 = plan->first_k[tile], with_bias = tile == plan->bias_tile;
+                grad_tile(plan->first_k[tile + 1] - k0, band_chunk, plan->offsets + k0,
+                          g->channels, band_row, chunk, g->out_w, grad_chunk + f0, filters,
+                          with_bias ? ahead : 0, partial + (long)k0 * filters + f0, filters,
                           with_bias ? bias_partial + f0 : NULL, accumulate || y0 > 0);
             }
     }
@@ -484,6 +511,9 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
     float *partials = workspace + (long)n_threads * thread_floats;
     int panel_major = filters % GEMM_NR != 0 || depth >= PANEL_MAJOR_MIN_DEPTH;
     int direct = use_direct_grad_kernel(g, filters);
+    direct_grad_plan plan;
+    if (direct)
+        plan_direct_grad(g, &plan);
     (void)n_threads;
     cnnx_get_isa();
 
@@ -507,12 +537,17 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                 int accumulate = band_index > first;
                 const float *grad_band =
                     grad_output + ((image * g->out_h + y0) * (long)g->out_w) * filters;
-                copy_band(g, x, image, y0, rows, band);
                 if (direct) {
-                    grad_kernel_direct_band(g, band, rows, grad_band, filters, partial,
-                                            accumulate, bias_partial);
+                    const float *rows_in = band_in_place(g, x, image, y0, rows);
+                    if (!rows_in) {
+                        copy_band(g, x, image, y0, rows, band);
+                        rows_in = band;
+                    }
+                    grad_kernel_direct_band(g, &plan, rows_in, rows, grad_band, filters,
+                                            partial, accumulate, bias_partial);
                     continue;
                 }
+                copy_band(g, x, image, y0, rows, band);
                 if (filters % GEMM_NR == 0 && g->out_w >= IN_PLACE_MIN_WIDTH) {
                     /* grad_output read in place, one output row at a time (no junk
                      * columns); rows are added into the partial in order */

@@ -344,7 +344,7 @@ grad_tile_avx2_body(const int k_rows, const int with_bias, const float *a,
         long pixel = y * a_row_stride;
         for (int x = 0; x < cols; ++x, pixel += a_pixel_stride, g += g_pixel_stride) {
             if (g_prefetch_ahead)
-                _mm_prefetch((const char *)(g + g_prefetch_ahead), _MM_HINT_T0);
+                _mm_prefetch((const char *)(g + g_prefetch_ahead), _MM_HINT_T1);
             __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
             if (with_bias) {
                 bias0 = _mm256_add_ps(bias0, g0);
