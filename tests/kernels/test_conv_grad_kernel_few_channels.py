@@ -52,6 +52,7 @@ CASES = [
     ((2, 21, 18, 3), (5, 5, 3, 16), "same"),       # 75 k rows, padding 2
     ((4, 7, 6, 1), (1, 1, 1, 16), "valid"),        # one k row: the bias shares its tile
     ((1, 40, 3, 3), (2, 3, 3, 32), "valid"),       # one output column, many rows
+    ((2, 19, 17, 4), (8, 8, 4, 16), "same"),       # the deepest: 64 taps x 4 = 256 k rows
 ]
 IDS = [f"{'x'.join(map(str, x))}-k{k[0]}x{k[1]}-f{k[3]}-{p}" for x, k, p in CASES]
 
