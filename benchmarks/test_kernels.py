@@ -433,3 +433,46 @@ def test_relu_mask_in_max_pool_backward(benchmark, batch, n_threads):
     benchmark.extra_info.update(n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
                                 unfused_ms=round(unfused_time * 1e3, 2),
                                 speedup=round(unfused_time / fused_time, 3))
+
+
+# ---------------------------------------------------------------------------- first layers
+# The papers' first convolutions (C = 1 or 3): their backward is the kernel and bias
+# gradients only (the input gradient is never needed). Issue 12 asks >= 50% of the FMA peak.
+FIRST_LAYER_CONVS = [  # (N, H, W, C, F), padding
+    ((32, 80, 80, 3, 16), "same"), ((64, 80, 80, 3, 16), "same"),        # glasses
+    ((32, 100, 100, 1, 32), "valid"), ((64, 100, 100, 1, 32), "valid"),  # comics
+    ((32, 28, 28, 1, 32), "valid"), ((64, 28, 28, 1, 32), "valid"),      # fashion
+]
+
+
+@pytest.mark.benchmark(group="first-layer-grad-kernel")
+@pytest.mark.parametrize("case", FIRST_LAYER_CONVS, ids=padded_id)
+def test_first_layer_grad_kernel(benchmark, case, n_threads, medians, peak):
+    shape, padding = case
+    x, kernel, _, _ = conv_operands(shape)
+    rng = np.random.default_rng(1)
+    grad_output = rng.standard_normal(
+        ops.conv2d_forward(x, kernel, None, 1, padding).shape).astype(np.float32)
+    _, grad_kernel, grad_bias = benchmark(ops.conv2d_backward, x, kernel, grad_output, 1,
+                                          padding, False, n_threads)
+    flops = conv_flops(shape, 1, padding)
+    record(benchmark, medians, ("first-layer-grad-kernel", padded_id(case), n_threads), flops,
+           n_threads, peak[n_threads])
+    # best against best: the rounds no other process took a core from (a shared machine)
+    benchmark.extra_info["fraction_of_peak_best"] = round(
+        flops / benchmark.stats.stats.min / 1e9 / peak[n_threads], 3)
+    expected = np.einsum("nhwk,nhwf->kf", _im2col3x3(x, padding).astype(np.float64),
+                         grad_output.astype(np.float64))          # fast and wrong is not fast
+    np.testing.assert_allclose(grad_kernel.reshape(expected.shape), expected, rtol=1e-3,
+                               atol=1e-3 * np.sqrt(grad_output[..., 0].size))
+    np.testing.assert_allclose(grad_bias, grad_output.sum(axis=(0, 1, 2), dtype=np.float64),
+                               rtol=1e-3, atol=1e-3 * np.sqrt(grad_output[..., 0].size))
+
+
+def _im2col3x3(x, padding):
+    """(N, OH, OW, 9*C): the 3x3 windows of x, stride 1, taps in (i, j, c) order."""
+    if padding == "same":
+        x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    oh, ow = x.shape[1] - 2, x.shape[2] - 2
+    return np.concatenate([x[:, i:i + oh, j:j + ow] for i in range(3) for j in range(3)],
+                          axis=3)

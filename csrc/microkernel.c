@@ -283,6 +283,137 @@ static AVX2 void conv_kernel_avx2(int taps, const int *tap_offsets, const int *b
 }
 #endif
 
+static void grad_tile_generic(int k_rows, const float *a, const long *a_offsets,
+                              long a_pixel_stride, long a_row_stride, int rows, int cols,
+                              const float *g, long g_pixel_stride, long g_prefetch_ahead,
+                              float *c, long ldc, float *bias, int accumulate)
+{
+    float acc[GRAD_TILE_MAX_ROWS][GEMM_NR], bias_acc[GEMM_NR];
+    (void)g_prefetch_ahead;
+    memset(acc, 0, sizeof(acc));
+    memset(bias_acc, 0, sizeof(bias_acc));
+    for (int y = 0; y < rows; ++y)
+        for (int x = 0; x < cols; ++x, g += g_pixel_stride) {
+            long pixel = y * a_row_stride + x * a_pixel_stride;
+            for (int j = 0; bias && j < GEMM_NR; ++j)
+                bias_acc[j] += g[j];
+            for (int r = 0; r < k_rows; ++r) {
+                float a_value = a[a_offsets[r] + pixel];
+                for (int j = 0; j < GEMM_NR; ++j)
+                    acc[r][j] += a_value * g[j];
+            }
+        }
+    for (int r = 0; r < k_rows; ++r)
+        for (int j = 0; j < GEMM_NR; ++j)
+            c[r * ldc + j] = accumulate ? c[r * ldc + j] + acc[r][j] : acc[r][j];
+    for (int j = 0; bias && j < GEMM_NR; ++j)
+        bias[j] = accumulate ? bias[j] + bias_acc[j] : bias_acc[j];
+}
+
+#if CNNX_X86
+static inline __attribute__((always_inline)) AVX2 void
+grad_tile_store_avx2(float *target, __m256 value, int accumulate)
+{
+    if (accumulate)
+        value = _mm256_add_ps(_mm256_loadu_ps(target), value);
+    _mm256_storeu_ps(target, value);
+}
+
+/* The two g vectors of a pixel stay in registers while each k row's value is broadcast:
+ * 12 accumulators + 2 + 1 registers (10 + 2 for the bias + 2 + 1). Named accumulators
+ * (gcc stores arrays of them to the stack every pixel); k_rows and with_bias are constants
+ * after inlining, so the unused ones and their FMAs drop out. */
+static inline __attribute__((always_inline)) AVX2 void
+grad_tile_avx2_body(const int k_rows, const int with_bias, const float *a,
+                    const long *a_offsets, long a_pixel_stride, long a_row_stride, int rows,
+                    int cols, const float *g, long g_pixel_stride, long g_prefetch_ahead,
+                    float *c, long ldc, float *bias, int accumulate)
+{
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+    const float *a0 = a + a_offsets[0];
+    const float *a1 = a + a_offsets[k_rows > 1 ? 1 : 0], *a2 = a + a_offsets[k_rows > 2 ? 2 : 0];
+    const float *a3 = a + a_offsets[k_rows > 3 ? 3 : 0], *a4 = a + a_offsets[k_rows > 4 ? 4 : 0];
+    const float *a5 = a + a_offsets[k_rows > 5 ? 5 : 0];
+    for (int y = 0; y < rows; ++y) {
+        long pixel = y * a_row_stride;
+        for (int x = 0; x < cols; ++x, pixel += a_pixel_stride, g += g_pixel_stride) {
+            if (g_prefetch_ahead)
+                _mm_prefetch((const char *)(g + g_prefetch_ahead), _MM_HINT_T1);
+            __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+            if (with_bias) {
+                bias0 = _mm256_add_ps(bias0, g0);
+                bias1 = _mm256_add_ps(bias1, g1);
+            }
+            __m256 a_value = _mm256_broadcast_ss(a0 + pixel);
+            c00 = _mm256_fmadd_ps(a_value, g0, c00);
+            c01 = _mm256_fmadd_ps(a_value, g1, c01);
+            if (k_rows > 1) {
+                a_value = _mm256_broadcast_ss(a1 + pixel);
+                c10 = _mm256_fmadd_ps(a_value, g0, c10);
+                c11 = _mm256_fmadd_ps(a_value, g1, c11);
+            }
+            if (k_rows > 2) {
+                a_value = _mm256_broadcast_ss(a2 + pixel);
+                c20 = _mm256_fmadd_ps(a_value, g0, c20);
+                c21 = _mm256_fmadd_ps(a_value, g1, c21);
+            }
+            if (k_rows > 3) {
+                a_value = _mm256_broadcast_ss(a3 + pixel);
+                c30 = _mm256_fmadd_ps(a_value, g0, c30);
+                c31 = _mm256_fmadd_ps(a_value, g1, c31);
+            }
+            if (k_rows > 4) {
+                a_value = _mm256_broadcast_ss(a4 + pixel);
+                c40 = _mm256_fmadd_ps(a_value, g0, c40);
+                c41 = _mm256_fmadd_ps(a_value, g1, c41);
+            }
+            if (k_rows > 5) {
+                a_value = _mm256_broadcast_ss(a5 + pixel);
+                c50 = _mm256_fmadd_ps(a_value, g0, c50);
+                c51 = _mm256_fmadd_ps(a_value, g1, c51);
+            }
+        }
+    }
+    __m256 tile[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41},
+                         {c50, c51}};
+    for (int r = 0; r < k_rows; ++r) {
+        grad_tile_store_avx2(c + r * ldc, tile[r][0], accumulate);
+        grad_tile_store_avx2(c + r * ldc + 8, tile[r][1], accumulate);
+    }
+    if (with_bias) {
+        grad_tile_store_avx2(bias, bias0, accumulate);
+        grad_tile_store_avx2(bias + 8, bias1, accumulate);
+    }
+}
+
+/* One instance per tile shape (k rows, with or without the bias). */
+static AVX2 void grad_tile_avx2(int k_rows, const float *a, const long *a_offsets,
+                                long a_pixel_stride, long a_row_stride, int rows, int cols,
+                                const float *g, long g_pixel_stride, long g_prefetch_ahead,
+                                float *c, long ldc, float *bias, int accumulate)
+{
+#define GRAD_TILE_CASE(k_rows, with_bias)                                                     \
+    case 2 * k_rows + with_bias:                                                              \
+        grad_tile_avx2_body(k_rows, with_bias, a, a_offsets, a_pixel_stride, a_row_stride,   \
+                            rows, cols, g, g_pixel_stride, g_prefetch_ahead, c, ldc, bias,    \
+                            accumulate);                                                      \
+        return;
+    switch (2 * k_rows + (bias != NULL)) {
+        GRAD_TILE_CASE(1, 0) GRAD_TILE_CASE(2, 0) GRAD_TILE_CASE(3, 0)
+        GRAD_TILE_CASE(4, 0) GRAD_TILE_CASE(5, 0) GRAD_TILE_CASE(6, 0)
+        GRAD_TILE_CASE(1, 1) GRAD_TILE_CASE(2, 1) GRAD_TILE_CASE(3, 1)
+        GRAD_TILE_CASE(4, 1) GRAD_TILE_CASE(5, 1)
+    }
+#undef GRAD_TILE_CASE
+}
+#endif
+
 /* ------------------------------------------------------------------ run-time choice */
 
 static int current_isa = CNNX_ISA_AUTO;    /* resolved on first use */
@@ -314,11 +445,11 @@ int cnnx_get_isa(void)
 
 static const micro_kernel_table generic_table = {
     micro_kernel_generic, micro_kernel_generic, micro_kernel_generic, conv_kernel_generic,
-    gathered_kernel_generic};
+    gathered_kernel_generic, grad_tile_generic};
 #if CNNX_X86
 static const micro_kernel_table avx2_table = {
     micro_kernel_avx2_packed, micro_kernel_avx2_strided, micro_kernel_avx2_adjacent_rows,
-    conv_kernel_avx2, gathered_kernel_avx2};
+    conv_kernel_avx2, gathered_kernel_avx2, grad_tile_avx2};
 #endif
 
 const micro_kernel_table *micro_kernels(void)

@@ -30,12 +30,27 @@ typedef void (*gathered_kernel_fn)(int kc, const float *a, const long *row_offse
                                    long a_k_stride, const float *b, long b_k_stride, float *c,
                                    long ldc, int accumulate);
 
+/* The kernel gradient of a stride-1 convolution with few channels, read in place (no im2col):
+ * c[r, 0:16] (=, or += when accumulate) the sum over pixels (y, x) < (rows, cols), in pixel
+ * order, of a[a_offsets[r] + y*a_row_stride + x*a_pixel_stride] * g[(y*cols + x) *
+ * g_pixel_stride + j], for r < k_rows <= 6; bias[0:16] (unless NULL; then k_rows <= 5) the
+ * same sum with a = 1, the bias gradient (its adds ride on the g loads the products make
+ * anyway). a is the zero-padded input band (its offsets the taps), g the grad_output rows.
+ * g_prefetch_ahead > 0: each pixel's g row that many floats ahead is prefetched (the next
+ * rows, streamed from memory while these are computed). */
+#define GRAD_TILE_MAX_ROWS 6
+typedef void (*grad_tile_fn)(int k_rows, const float *a, const long *a_offsets,
+                             long a_pixel_stride, long a_row_stride, int rows, int cols,
+                             const float *g, long g_pixel_stride, long g_prefetch_ahead,
+                             float *c, long ldc, float *bias, int accumulate);
+
 typedef struct {
     micro_kernel_fn packed;          /* a packed (row stride 1, k stride 6), b packed (16) */
     micro_kernel_fn strided;         /* any strides */
     micro_kernel_fn adjacent_rows;   /* a row stride 1, any k stride (grad-kernel GEMM) */
     conv_kernel_fn conv;
     gathered_kernel_fn gathered_rows;
+    grad_tile_fn grad_tile;          /* few-channel kernel gradient (conv.c) */
 } micro_kernel_table;
 
 /* The kernels of the instruction set in use (cnnx_set_isa); resolve it before threads start. */
