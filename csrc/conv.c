@@ -25,6 +25,9 @@
  *     KW - 1 junk columns per row (zero grad_output rows there) or grad_output rows in
  *     place. Bands are fixed by the geometry and cut into at most GRAD_PARTS fixed runs;
  *     a run's bands add into one partial, the partials are added in run order.
+ *   - Grad kernel, few channels (C <= 4, F % 16 == 0): direct, no im2col: grad_tile tiles of
+ *     up to 6 k rows x 16 filters read the band (or x, 'valid') and grad_output in place;
+ *     the bias sums ride on one tile.
  *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
  *     neither calls back into it. The im2col rows it packs from live in packing.c.
  */
