@@ -104,6 +104,15 @@ cdef extern from "cnnx_kernels.h" nogil:
                                   int n_threads)
     void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
                                  float *y, int n_threads)
+    int cnnx_conv2d_max_pool_fusable(const cnnx_conv_geometry *geometry,
+                                     const cnnx_pool_geometry *pool)
+    long cnnx_conv2d_max_pool_workspace_floats(const cnnx_conv_geometry *geometry,
+                                               int filters, int n_threads)
+    void cnnx_conv2d_max_pool_forward(const cnnx_conv_geometry *geometry, const float *x,
+                                      const float *kernel, int filters, const float *bias,
+                                      int relu, const cnnx_pool_geometry *pool,
+                                      float *pooled, unsigned char *taps, int n_threads,
+                                      float *workspace)
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
                                   const float *grad_output, float *grad_input, int n_threads)
     ctypedef struct cnnx_relu_mask:
@@ -549,6 +558,65 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
         cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], argmax_pointer, kind,
                                  relu_y_pointer, &grad_input_view[0, 0, 0, 0], threads)
     return grad_input
+
+
+# ------------------------------------------------------------- convolution + max-pool
+
+cdef cnnx_pool_geometry _conv_pool_struct(ConvGeometry geometry, int batch, tuple pool_size,
+                                          tuple pool_out) except *:
+    """The pool over the convolution's output: windows pool_size, strides pool_size (they
+    tile it), no padding before."""
+    return _pool_geometry((batch, *geometry.output_size, geometry.filters), pool_out,
+                          pool_size, pool_size, (0, 0))
+
+
+def can_fuse_max_pool(ConvGeometry geometry, pool_size, pool_out):
+    """True when conv2d_max_pool_forward takes this convolution and a max-pool of pool_size
+    windows (strides = pool_size, no padding before) with output size pool_out (POH, POW)."""
+    pool_size, pool_out = tuple(pool_size), tuple(pool_out)
+    cdef cnnx_conv_geometry g = geometry.forward
+    cdef cnnx_pool_geometry p = _conv_pool_struct(geometry, 1, pool_size, pool_out)
+    g.batch = 1
+    return bool(cnnx_conv2d_max_pool_fusable(&g, &p))
+
+
+def conv2d_max_pool_forward(ConvGeometry geometry, x, kernel, bias, pooled, taps, pool_size,
+                            bint relu=False, n_threads=1):
+    """pooled = max-pool(conv(x, kernel) + bias (relu)), taps = each max's uint8 tap inside
+    its window (max_pool2d_forward's bits for a uint8 argmax), without the convolution's
+    output in memory.  x (N,H,W,C) -> pooled, taps (N,POH,POW,F); windows pool_size, strides
+    pool_size, no padding before (can_fuse_max_pool says which)."""
+    who = "conv2d_max_pool_forward"
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "x", x, (-1, h, w, c))
+    _check(who, "kernel", kernel, (kh, kw, c, f))
+    _check_output(who, "pooled", pooled, (x.shape[0], -1, -1, f))
+    _check_output(who, "taps", taps, pooled.shape, np.uint8)
+    if bias is not None:
+        _check(who, "bias", bias, (f,))
+    cdef int threads = _threads(who, n_threads)
+    cdef cnnx_conv_geometry g = geometry.forward
+    _batch_rows(who, &g, x.shape[0])
+    pool_size = tuple(pool_size)
+    cdef cnnx_pool_geometry p = _conv_pool_struct(geometry, x.shape[0], pool_size,
+                                                  tuple(pooled.shape[1:3]))
+    if not cnnx_conv2d_max_pool_fusable(&g, &p):
+        raise ValueError(f"{who}: a max-pool of {pool_size} windows (strides {pool_size}, "
+                         f"output {pooled.shape[1:3]}) cannot be fused into {geometry!r}; "
+                         f"it takes stride-1 convolutions and windows that tile the output "
+                         f"from its top left, pool height dividing 16 (can_fuse_max_pool)")
+    cdef const float *x_data = _data(x)
+    cdef const float *kernel_data = _data(kernel)
+    cdef float *pooled_data = _data(pooled)
+    cdef unsigned char *taps_data = <unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>taps)
+    cdef const float *bias_pointer = NULL if bias is None else _data(bias)
+    cdef float *workspace = _data(_workspace(cnnx_conv2d_max_pool_workspace_floats(&g, f,
+                                                                                   threads)))
+    cdef int use_relu = relu, filters = f
+    with nogil:
+        cnnx_conv2d_max_pool_forward(&g, x_data, kernel_data, filters, bias_pointer, use_relu,
+                                     &p, pooled_data, taps_data, threads, workspace)
+    return pooled, taps
 
 
 def avg_pool2d_forward(x, y, pool_size, strides, pads=(0, 0), n_threads=1):

@@ -25,8 +25,13 @@
  *     KW - 1 junk columns per row (zero grad_output rows there) or grad_output rows in
  *     place. Bands are fixed by the geometry and cut into at most GRAD_PARTS fixed runs;
  *     a run's bands add into one partial, the partials are added in run order.
- *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
- *     neither calls back into it. The im2col rows it packs from live in packing.c.
+ *   - Forward with a max-pool epilogue (stride 1, pool windows that tile the output and fit
+ *     a band): the band's output rows land in a per-thread L2-sized buffer instead of y and
+ *     are pooled from there (pool.c's row code): a Conv2D(relu) + MaxPool2D(2) pair writes a
+ *     quarter of the output plus a byte of taps per pooled value; the full output, which a
+ *     1-channel first layer spends most of its time writing, never reaches memory.
+ *   - This file calls the GEMM frame (gemm.c), the micro-kernel table (microkernel.c) and
+ *     max-pool's rows (pool.c); none calls back into it. The im2col rows it packs from live in packing.c.
  */
 #include <string.h>
 
@@ -135,21 +140,58 @@ static int tile_taps(const cnnx_conv_geometry *g, int first_y, int first_x, int 
     return used;
 }
 
-static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
+/* Per thread: the zero-padded band, an edge tile and, with a pool epilogue, the band's
+ * output rows [BAND_ROWS][OW][F] (L2-sized: 200 KB on comics' 98x98x32 layer), rounded up
+ * to whole cache lines. */
+static long forward_thread_floats(const cnnx_conv_geometry *g, int filters, int pooling)
+{
+    long floats = band_floats(g) + EDGE_FLOATS
+                  + (pooling ? (long)BAND_ROWS * g->out_w * filters : 0);
+    return (floats + 15) / 16 * 16;
+}
+
+static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads,
+                                   int pooling)
 {
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
     long panels = (filters + GEMM_NR - 1) / GEMM_NR;
-    return depth * GEMM_NR * panels + (long)n_threads * (band_floats(g) + EDGE_FLOATS);
+    return depth * GEMM_NR * panels + (long)n_threads * forward_thread_floats(g, filters, pooling);
 }
 
+/* The pool epilogue of one band: the windows that start in the band's output rows
+ * y0 .. y0 + rows - 1 (all of each lies in the band: pool_h divides BAND_ROWS, and the
+ * last band ends where the output does, where windows are clipped either way), pooled by
+ * max-pool's own row code over a geometry of this band alone. */
+static void pool_band(const cnnx_pool_geometry *pool, const float *band_output, long image,
+                      int y0, int rows, float *pooled, uint8_t *taps)
+{
+    int first = y0 / pool->pool_h, end = (y0 + rows + pool->pool_h - 1) / pool->pool_h;
+    if (end > pool->out_h)
+        end = pool->out_h;                /* 'valid': rows past the last window */
+    if (end <= first)
+        return;
+    cnnx_pool_geometry band = *pool;
+    band.batch = 1;
+    band.in_h = rows;
+    band.out_h = end - first;
+    long offset = (image * pool->out_h + first) * (long)pool->out_w * pool->channels;
+    cnnx_max_pool2d_forward_rows(&band, band_output, pooled + offset, taps + offset,
+                                 CNNX_ARGMAX_WINDOW, 0, band.out_h);
+}
+
+/* pool NULL: y = the convolution. Otherwise the band's output rows land in a per-thread
+ * buffer (y unused) and pool_band writes pooled and taps from it: the same tiles, the same
+ * bits, and the output never goes to memory. */
 static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const float *kernel,
                               int filters, const float *bias, int relu, float *y,
+                              const cnnx_pool_geometry *pool, float *pooled, uint8_t *taps,
                               int n_threads, float *workspace)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels;
     int panels = (filters + GEMM_NR - 1) / GEMM_NR, width = padded_width(g);
     int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
     long bands = band_count(g);
+    long thread_floats = forward_thread_floats(g, filters, pool != NULL);
     float *packed_kernel = workspace;                     /* [panel][depth][16], zero-padded */
     float *thread_space = workspace + (long)depth * GEMM_NR * panels;
     int tap_offsets[MAX_TAPS];
@@ -167,14 +209,16 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
 
     #pragma omp parallel for schedule(dynamic) num_threads(n_threads) if (n_threads > 1 && bands > 1)
     for (long band_index = 0; band_index < bands; ++band_index) {
-        float *band = thread_space + THREAD_ID() * (band_floats(g) + EDGE_FLOATS);
+        float *band = thread_space + THREAD_ID() * thread_floats;
         float *edge_tile = band + band_floats(g), *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
+        float *band_output = edge_tile + EDGE_FLOATS;
         int a_taps[MAX_TAPS], b_taps[MAX_TAPS];
         long image = band_index / bands_per_image;
         int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
         int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
         int pixels = rows * g->out_w;
-        float *y_band = y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
+        float *y_band = pool ? band_output
+                             : y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
         copy_band(g, x, image, y0, rows, band);
         int tile_y = 0, tile_x = 0;                       /* pixel q0, in the band */
         for (int q0 = 0; q0 < pixels; q0 += GEMM_MR) {
@@ -226,6 +270,8 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                            sizeof(float) * cols);
             }
         }
+        if (pool)
+            pool_band(pool, band_output, image, y0, rows, pooled, taps);
     }
 }
 
@@ -234,7 +280,8 @@ void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
                          float *y, int n_threads, float *workspace)
 {
     if (use_fast_path(geometry)) {
-        conv_forward_fast(geometry, x, kernel, filters, bias, relu, y, n_threads, workspace);
+        conv_forward_fast(geometry, x, kernel, filters, bias, relu, y, NULL, NULL, NULL,
+                          n_threads, workspace);
         return;
     }
     int rows = geometry->batch * geometry->out_h * geometry->out_w;
@@ -250,8 +297,32 @@ long cnnx_conv2d_forward_workspace_floats(const cnnx_conv_geometry *geometry, in
     long generic = cnnx_gemm_workspace_floats(n_threads);
     if (!use_fast_path(geometry))
         return generic;
-    long fast = forward_fast_workspace(geometry, filters, n_threads);
+    long fast = forward_fast_workspace(geometry, filters, n_threads, 0);
     return fast > generic ? fast : generic;
+}
+
+int cnnx_conv2d_max_pool_fusable(const cnnx_conv_geometry *geometry,
+                                 const cnnx_pool_geometry *pool)
+{
+    return use_fast_path(geometry) && pool->in_h == geometry->out_h
+           && pool->in_w == geometry->out_w && pool->stride_h == pool->pool_h
+           && pool->stride_w == pool->pool_w && pool->pad_top == 0 && pool->pad_left == 0
+           && BAND_ROWS % pool->pool_h == 0 && pool->pool_h * pool->pool_w <= 256;
+}
+
+long cnnx_conv2d_max_pool_workspace_floats(const cnnx_conv_geometry *geometry, int filters,
+                                           int n_threads)
+{
+    return forward_fast_workspace(geometry, filters, n_threads, 1);
+}
+
+void cnnx_conv2d_max_pool_forward(const cnnx_conv_geometry *geometry, const float *x,
+                                  const float *kernel, int filters, const float *bias,
+                                  int relu, const cnnx_pool_geometry *pool, float *pooled,
+                                  uint8_t *taps, int n_threads, float *workspace)
+{
+    conv_forward_fast(geometry, x, kernel, filters, bias, relu, NULL, pool, pooled, taps,
+                      n_threads, workspace);
 }
 
 static long chunk_count(const cnnx_conv_geometry *g)

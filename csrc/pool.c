@@ -388,16 +388,29 @@ BACKWARD_AVX2(backward_cell_avx2_masked_stream, 0, 1, 1)
 BACKWARD_AVX2(backward_window_avx2_masked_stream, 1, 1, 1)
 #endif
 
+static forward_row_fn forward_row_for(int argmax_kind)
+{
+    int window_index = argmax_kind == CNNX_ARGMAX_WINDOW;
+#if defined(__x86_64__) || defined(__i386__)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+        return window_index ? forward_window_avx2 : forward_cell_avx2;
+#endif
+    return window_index ? forward_window_generic : forward_cell_generic;
+}
+
+void cnnx_max_pool2d_forward_rows(const cnnx_pool_geometry *g, const float *x, float *y,
+                                  void *argmax, int argmax_kind, long first_row, long end_row)
+{
+    forward_row_fn forward_row = forward_row_for(argmax_kind);
+    for (long row = first_row; row < end_row; ++row)
+        forward_row(g, x, y, argmax, row);
+}
+
 void cnnx_max_pool2d_forward(const cnnx_pool_geometry *g, const float *x, float *y,
                              void *argmax, int argmax_kind, int n_threads)
 {
     long rows = (long)g->batch * g->out_h;
-    int window_index = argmax_kind == CNNX_ARGMAX_WINDOW;
-    forward_row_fn forward_row = window_index ? forward_window_generic : forward_cell_generic;
-#if defined(__x86_64__) || defined(__i386__)
-    if (cnnx_get_isa() == CNNX_ISA_AVX2)
-        forward_row = window_index ? forward_window_avx2 : forward_cell_avx2;
-#endif
+    forward_row_fn forward_row = forward_row_for(argmax_kind);
     (void)n_threads;
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (long row = 0; row < rows; ++row)
