@@ -160,6 +160,54 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
                                        need_input_grad, *geometry.output_size, *geometry.pads)
 
 
+def _fused_pool(geometry, pool_size, strides, padding):
+    """(pool_size, pool output size) of a max-pool over the convolution's output, or None
+    when conv2d_max_pool_forward cannot take it."""
+    pool_size = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else pool_size, "strides")
+    oh, ow = geometry.output_size
+    if strides != pool_size or output_size(oh, pool_size[0], strides[0], padding) < 1 \
+            or output_size(ow, pool_size[1], strides[1], padding) < 1:
+        return None
+    pool_h, pool_w, top, left = _geometry(oh, ow, *pool_size, strides, padding)
+    if (top, left) != (0, 0) or not _kernels.can_fuse_max_pool(geometry, pool_size,
+                                                               (pool_h, pool_w)):
+        return None
+    return pool_size, (pool_h, pool_w)
+
+
+def can_fuse_max_pool(geometry, pool_size, strides=None, padding="valid"):
+    """True when conv2d_max_pool_forward takes the convolution of `geometry` followed by
+    this max-pool: a stride-1 convolution (up to 8x8), windows that tile its output
+    (strides == pool_size) from the top left, pool height dividing 16."""
+    return _fused_pool(geometry, pool_size, strides, padding) is not None
+
+
+def conv2d_max_pool_forward(x, kernel, bias, pool_size, pool_padding="valid", relu=False,
+                            n_threads=None, out=None, geometry=None):
+    """The convolution (its geometry: a layer's conv_geometry) then a max-pool of pool_size
+    windows, strides pool_size -> (pooled (N,POH,POW,F), taps uint8): the bits of
+    conv2d_forward then max_pool2d_forward with a uint8 argmax, without the convolution's
+    output ever in memory (each band of it is pooled where it is made).  float32 only.
+    out: optional (pooled, taps) arrays to write into."""
+    what = "conv2d_max_pool_forward"
+    fused = _fused_pool(geometry, pool_size, None, pool_padding)
+    if fused is None:
+        raise ValueError(f"{what}: a max-pool of {pool_size} ({pool_padding!r}) cannot be "
+                         f"fused into {geometry!r} (see can_fuse_max_pool); run "
+                         f"conv2d_forward then max_pool2d_forward")
+    if x.dtype != np.float32:
+        raise TypeError(f"{what} runs on float32 arrays, got x of {x.dtype}; the float64 "
+                        f"path is conv2d_forward then max_pool2d_forward")
+    pool_size, pool_out = fused
+    shape = (len(x), *pool_out, geometry.filters)
+    pooled, taps = out if out is not None else (np.empty(shape, np.float32),
+                                                np.empty(shape, np.uint8))
+    return _kernels.conv2d_max_pool_forward(geometry, _c(x), kernel, bias, pooled, taps,
+                                            pool_size, relu,
+                                            n_threads=_threads.resolve(n_threads))
+
+
 # -------------------------------------------------------------------------------- pooling
 
 def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None, out=None):

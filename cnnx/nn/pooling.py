@@ -3,6 +3,7 @@ import numpy as np
 
 from cnnx import _kernels, _threads, ops
 from cnnx.nn import activations
+from cnnx.nn.convolution import Conv2D
 from cnnx.nn.layer import ActivatedLayer, Layer
 
 # Windows that tile the input (strides == pool_size) of at most this many cells keep their
@@ -63,6 +64,7 @@ class MaxPool2D(_Pool2D):
     """
 
     masks_relu = False       # True: this backward applies the ReLU backward of the layer before
+    _pooled = None           # the output the Conv2D before pooled for this layer (take_pooled)
 
     def take_relu_backward_of(self, previous_layer):
         """Apply previous_layer's ReLU backward in this backward when previous_layer is an
@@ -76,6 +78,28 @@ class MaxPool2D(_Pool2D):
         self.masks_relu = True
         return True
 
+    def pool_in_forward_of(self, previous_layer):
+        """Let previous_layer, a Conv2D whose ReLU backward this layer applies, do this
+        layer's training forward in its own (Conv2D.max_pool): its output is then pooled
+        band by band where it is made and never written whole.  Returns True when fused:
+        stride-1 convolutions, windows that tile the output from its top left
+        (ops.can_fuse_max_pool).  The same bits; the backward needs only this layer's output
+        (the ReLU mask) and taps."""
+        if not (isinstance(previous_layer, Conv2D) and previous_layer.relu_backward_by_next
+                and self.masks_relu
+                and ops.can_fuse_max_pool(previous_layer.geometry, self.pool_size,
+                                          self.strides, self.padding)):
+            return False
+        previous_layer.max_pool = self
+        return True
+
+    def take_pooled(self, y, argmax, input_shape):
+        """The Conv2D before has pooled its training output (input_shape) into y and argmax
+        (uint8 taps) for this layer; the next forward(y, training=True) returns y as it is."""
+        self._pooled = self._relu_y = y
+        self._argmax = argmax
+        self._input_shape = input_shape
+
     def index_dtype(self):
         """What training keeps per output for the backward: a uint8 tap inside the window
         when windows tile the input (a quarter of the bytes), else an int32 cell index."""
@@ -84,6 +108,9 @@ class MaxPool2D(_Pool2D):
         return np.dtype(np.uint8 if tiling else np.int32)
 
     def forward(self, x, training=False, rng=None):
+        pooled, self._pooled = self._pooled, None
+        if training and x is pooled:               # the Conv2D before did this forward
+            return x
         out = None
         if training and x.dtype == np.float32 and x.ndim == 4:
             # reused from step to step: a fresh 80 MB output page-faults on every step
@@ -143,12 +170,16 @@ class AvgPool2D(_Pool2D):
 
 def fuse_relu_into_max_pool(layers):
     """Let each MaxPool2D in `layers` (a model's layers, in order) apply the ReLU backward of
-    the layer right before it (MaxPool2D.take_relu_backward_of); returns how many pairs
-    were fused.  The same bits, one pass over the ReLU output's gradient fewer per pair and
-    step."""
-    return sum(layer.take_relu_backward_of(previous)
-               for previous, layer in zip(layers, layers[1:])
-               if isinstance(layer, MaxPool2D))
+    the layer right before it (MaxPool2D.take_relu_backward_of), and, where that layer is a
+    Conv2D that can (MaxPool2D.pool_in_forward_of), let it pool its own training output;
+    returns how many ReLU pairs were fused.  The same bits, one pass over the ReLU output's
+    gradient fewer per pair and step, and the pooled convolutions' output never written."""
+    fused = 0
+    for previous, layer in zip(layers, layers[1:]):
+        if isinstance(layer, MaxPool2D) and layer.take_relu_backward_of(previous):
+            layer.pool_in_forward_of(previous)
+            fused += 1
+    return fused
 
 
 def _fast(array):
