@@ -125,3 +125,27 @@ def test_fused_forward_refuses_float64_and_wrong_outputs(rng):
         ops.conv2d_max_pool_forward(x, kernel, None, 2, geometry=geometry,
                                     out=(np.empty((1, 3, 3, 5), np.float32),
                                          np.empty((1, 3, 3, 5), np.uint8)))
+
+
+@pytest.mark.parametrize("shape, padding", [((3, 9, 7, 32), "same"), ((3, 10, 11, 41), "valid"),
+                                            ((4, 5, 6, 3), "same"), ((3, 4, 4, 8), "valid")],
+                         ids=["9x7x32-same", "10x11x41-valid", "5x6x3-same", "4x4x8-valid"])
+def test_2x2_window_taps_give_the_bits_of_the_cell_index_path(shape, padding, isa, rng):
+    """The 2x2 stride-2 rows (the fused epilogue's pooling) against the general rows of the
+    int32 cell index: the same maxima, bit for bit, and the same cells, on ties (0, -0, a
+    repeated value), NaN (the first wins) and infinities, clipped 'same' windows included."""
+    x = edge_values(f32(rng, shape), rng)
+    x[-1, :, :, ::2] = np.where(rng.random(x[-1, :, :, ::2].shape) < 0.5, -0.0, 0.0)
+    n, h, w, c = shape
+    oh, ow = (ops.output_size(s, 2, 2, padding) for s in (h, w))
+    cells = np.empty((n, oh, ow, c), np.int32)
+    expected, cells = ops.max_pool2d_forward(x, 2, 2, padding,
+                                             out=(np.empty((n, oh, ow, c), np.float32), cells))
+    for n_threads in (1, 3):
+        y, taps = ops.max_pool2d_forward(x, 2, 2, padding, n_threads=n_threads,
+                                         out=(np.empty_like(expected), np.empty(cells.shape,
+                                                                               np.uint8)))
+        assert np.array_equal(bits(y), bits(expected))
+        rows = np.arange(oh)[:, None, None] * 2 + taps // 2
+        columns = np.arange(ow)[:, None] * 2 + taps % 2
+        np.testing.assert_array_equal(rows * w + columns, cells)
