@@ -1,7 +1,7 @@
 """MaxPool2D and AvgPool2D over NHWC inputs (Keras rules for strides and 'same' padding)."""
 import numpy as np
 
-from cnnx import _kernels, _threads, ops
+from cnnx import ops
 from cnnx.nn import activations
 from cnnx.nn.convolution import Conv2D
 from cnnx.nn.layer import ActivatedLayer, Layer
@@ -15,6 +15,10 @@ _MAX_TAPS_PER_BYTE = 256
 
 
 class _Pool2D(Layer):
+    # worked out at build (ops.pool_geometry) and handed to the kernels; a class default, so
+    # that layers pickled before it existed, or used unbuilt, pass their arguments instead
+    geometry = None
+
     def __init__(self, pool_size=2, strides=None, padding="valid", name=None):
         super().__init__(name)
         kind = type(self).__name__
@@ -35,18 +39,19 @@ class _Pool2D(Layer):
         if oh < 1 or ow < 1:
             raise ValueError(f"{kind}({self.pool_size}) needs H and W of at least "
                              f"{self.pool_size}, got H={h}, W={w}")
+        self.geometry = ops.pool_geometry(input_shape, self.pool_size, self.strides,
+                                          self.padding)
         return (oh, ow, c)
+
+    def _geometry_for(self, shape):
+        """The built geometry when it describes an input of this shape (N, H, W, C)."""
+        geometry = self.geometry
+        return geometry if geometry is not None and geometry.input_size == shape[1:] else None
 
     def _output_shape(self, input_shape):
         h, w, c = input_shape
         return (ops.output_size(h, self.pool_size[0], self.strides[0], self.padding),
                 ops.output_size(w, self.pool_size[1], self.strides[1], self.padding), c)
-
-    def _pads(self, input_shape):
-        """(top, left) zeros before the input, for the kernels."""
-        h, w = input_shape[1:3]
-        return (ops.padding_before(h, self.pool_size[0], self.strides[0], self.padding),
-                ops.padding_before(w, self.pool_size[1], self.strides[1], self.padding))
 
     def get_config(self):
         return {**super().get_config(), "pool_size": list(self.pool_size),
@@ -118,7 +123,7 @@ class MaxPool2D(_Pool2D):
             out = (self._workspace("output", shape, np.float32),
                    self._workspace("argmax", shape, self.index_dtype()))
         y, argmax = ops.max_pool2d_forward(x, self.pool_size, self.strides, self.padding,
-                                           out=out)
+                                           out=out, geometry=self._geometry_for(x.shape))
         # where each max came from: a uint8 tap inside the window, or an int32 cell index
         self._argmax = argmax if training else None
         # the ReLU's output at each max cell, for the backward's mask: the output buffer,
@@ -140,7 +145,8 @@ class MaxPool2D(_Pool2D):
                                  f"output; call forward(x, training=True) before backward")
         return ops.max_pool2d_backward(grad_output, self._argmax, self._input_shape,
                                        pool_size=self.pool_size, strides=self.strides,
-                                       padding=self.padding, out=out, relu_y=relu_y)
+                                       padding=self.padding, out=out, relu_y=relu_y,
+                                       geometry=self._geometry_for(self._input_shape))
 
 
 class AvgPool2D(_Pool2D):
@@ -154,18 +160,17 @@ class AvgPool2D(_Pool2D):
         if not self._reuse:
             return ops.avg_pool2d_forward(x, self.pool_size, self.strides, self.padding)
         y = self._workspace("output", (len(x), *self._output_shape(x.shape[1:])), np.float32)
-        return _kernels.avg_pool2d_forward(x, y, self.pool_size, self.strides,
-                                           self._pads(x.shape),
-                                           n_threads=_threads.get_num_threads())
+        return ops.avg_pool2d_forward(x, self.pool_size, self.strides, self.padding, out=y,
+                                      geometry=self._geometry_for(x.shape))
 
     def backward(self, grad_output):
         if not (self._reuse and _fast(grad_output)):
             return ops.avg_pool2d_backward(grad_output, self._input_shape, self.pool_size,
                                            self.strides, self.padding)
         grad_input = self._workspace("grad_input", self._input_shape, np.float32)
-        return _kernels.avg_pool2d_backward(grad_output, grad_input, self.pool_size,
-                                            self.strides, self._pads(self._input_shape),
-                                            n_threads=_threads.get_num_threads())
+        return ops.avg_pool2d_backward(grad_output, self._input_shape, self.pool_size,
+                                       self.strides, self.padding, out=grad_input,
+                                       geometry=self._geometry_for(self._input_shape))
 
 
 def fuse_relu_into_max_pool(layers):
