@@ -445,9 +445,9 @@ CONV_POOLS = [(32, 100, 100, 1, 32), (64, 100, 100, 1, 32), (32, 28, 28, 1, 32),
 
 
 def conv_pool_pair(shape, n_threads):
-    """(unfused, fused) forwards of a 3x3 'valid' conv (ReLU) + 2x2 max-pool, each writing
-    into its own buffers reused from call to call (as a training step does), after checking
-    that both give the same bits."""
+    """(unfused, fused, convolution alone) forwards of a 3x3 'valid' conv (ReLU) + 2x2
+    max-pool, each writing into its own buffers reused from call to call (as a training step
+    does), after checking that the first two give the same bits."""
     n, h, w, c, f = shape
     x, kernel, bias, _ = conv_operands(shape)
     geometry = ops.conv_geometry((h, w, c), 3, f, 1, "valid")
@@ -466,11 +466,15 @@ def conv_pool_pair(shape, n_threads):
         ops.conv2d_max_pool_forward(x, kernel, bias, 2, relu=True, n_threads=n_threads,
                                     out=fused_out, geometry=geometry)
 
+    def convolution():
+        ops.conv2d_forward(x, kernel, bias, relu=True, n_threads=n_threads, out=conv_out,
+                           geometry=geometry)
+
     unfused()
     fused()
     for expected, got in zip(unfused_out, fused_out):
         assert np.array_equal(expected.view(np.uint8), got.view(np.uint8))
-    return unfused, fused
+    return unfused, fused, convolution
 
 
 @pytest.mark.benchmark(group="conv-max-pool-forward")
@@ -482,10 +486,12 @@ def test_conv_max_pool_forward(benchmark, shape, n_threads, peak):
     measured just before (the first layers' goal: >= 50%)."""
     if not hasattr(ops, "conv2d_max_pool_forward"):
         pytest.skip("this cnnx cannot pool in the convolution's epilogue")
-    unfused, fused = conv_pool_pair(shape, n_threads)
+    unfused, fused, convolution = conv_pool_pair(shape, n_threads)
     benchmark.pedantic(fused, rounds=5, warmup_rounds=1)
     unfused_times, fused_times = interleaved_times(unfused, fused, rounds=21)
     unfused_time, fused_time = statistics.median(unfused_times), statistics.median(fused_times)
+    # the convolution alone (no pooling at all), the fused pass's floor
+    convolution_times, _ = interleaved_times(convolution, fused, rounds=11)
     flops, top = conv_flops(shape, 1, "valid"), peak[n_threads]
     benchmark.extra_info.update(
         n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
@@ -496,6 +502,7 @@ def test_conv_max_pool_forward(benchmark, shape, n_threads, peak):
         fused_fraction_of_peak=round(flops / fused_time / 1e9 / top, 3),
         unfused_fraction_of_peak=round(flops / unfused_time / 1e9 / top, 3),
         fused_fraction_of_peak_best=round(flops / min(fused_times) / 1e9 / top, 3),
+        convolution_fraction_of_peak_best=round(flops / min(convolution_times) / 1e9 / top, 3),
         omp_max_threads=cnnx.get_num_threads())
 
 
