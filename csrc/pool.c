@@ -394,6 +394,27 @@ static void max_window_scalar(const cnnx_pool_geometry *g, const float *x_image,
     }
 }
 
+/* The max of 8 channels' 2x2 windows (cells a b / d e at top + c and bottom + c) and its
+ * tap (0..3) as int32 lanes. A tree: each row's pair, then the bottom row's winner taken only
+ * when it beats the top row's (or is the first NaN): the cell the row-major scan keeps, in
+ * two dependent steps instead of three. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 max_2x2_avx2(
+    const float *top, const float *bottom, int channels, int c, __m256i *tap)
+{
+    __m256 a = _mm256_loadu_ps(top + c), b = _mm256_loadu_ps(top + channels + c);
+    __m256 d = _mm256_loadu_ps(bottom + c), e = _mm256_loadu_ps(bottom + channels + c);
+    __m256 take_b = _mm256_and_ps(_mm256_cmp_ps(b, a, _CMP_NLE_UQ), _mm256_cmp_ps(a, a, _CMP_ORD_Q));
+    __m256 take_e = _mm256_and_ps(_mm256_cmp_ps(e, d, _CMP_NLE_UQ), _mm256_cmp_ps(d, d, _CMP_ORD_Q));
+    __m256 upper = _mm256_blendv_ps(a, b, take_b), lower = _mm256_blendv_ps(d, e, take_e);
+    __m256 take_lower = _mm256_and_ps(_mm256_cmp_ps(lower, upper, _CMP_NLE_UQ),
+                                      _mm256_cmp_ps(upper, upper, _CMP_ORD_Q));
+    /* masks are -1 or 0: the top tap is 0 - take_b, the bottom one 2 - take_e */
+    __m256i upper_tap = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_castps_si256(take_b));
+    __m256i lower_tap = _mm256_sub_epi32(_mm256_set1_epi32(2), _mm256_castps_si256(take_e));
+    *tap = _mm256_blendv_epi8(upper_tap, lower_tap, _mm256_castps_si256(take_lower));
+    return _mm256_blendv_ps(upper, lower, take_lower);
+}
+
 /* 2x2 windows, stride 2, window taps, AVX2: the four cells of a window read straight from
  * the two input rows, max and tap in registers, stored once (the general row above passes
  * them through y and argmax between window rows: 3x slower on 98x98x32, where a
@@ -407,9 +428,6 @@ static AVX2 void forward_window_2x2_avx2(const cnnx_pool_geometry *g, const floa
     int out_y = (int)(row % g->out_h);
     const float *x_image = x + image * g->in_h * g->in_w * channels;
     int start_y = out_y * 2 - g->pad_top;
-    const __m256 one = _mm256_castsi256_ps(_mm256_set1_epi32(1));
-    const __m256 two = _mm256_castsi256_ps(_mm256_set1_epi32(2));
-    const __m256 three = _mm256_castsi256_ps(_mm256_set1_epi32(3));
     for (int out_x = 0; out_x < g->out_w; ++out_x) {
         long out = (row * g->out_w + out_x) * channels;
         int start_x = out_x * 2 - g->pad_left;
@@ -421,19 +439,23 @@ static AVX2 void forward_window_2x2_avx2(const cnnx_pool_geometry *g, const floa
         const float *top = x_image + ((long)start_y * g->in_w + start_x) * channels;
         const float *bottom = top + (long)g->in_w * channels;
         int c = 0;
+        for (; c + 4 * CHANNEL_BLOCK <= channels; c += 4 * CHANNEL_BLOCK) {
+            /* four vectors' taps packed to 32 bytes at once (packs work within 128-bit
+             * lanes: the permute puts the 4-byte groups back in order) */
+            __m256i taps32[4];
+            for (int k = 0; k < 4; ++k)
+                _mm256_storeu_ps(y + out + c + k * CHANNEL_BLOCK,
+                                 max_2x2_avx2(top, bottom, channels, c + k * CHANNEL_BLOCK,
+                                              &taps32[k]));
+            __m256i words = _mm256_packs_epi32(taps32[0], taps32[1]);
+            __m256i bytes = _mm256_packus_epi16(words, _mm256_packs_epi32(taps32[2], taps32[3]));
+            _mm256_storeu_si256((__m256i *)(taps + c), _mm256_permutevar8x32_epi32(
+                bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        }
         for (; c + CHANNEL_BLOCK <= channels; c += CHANNEL_BLOCK) {
-            __m256 best = _mm256_loadu_ps(top + c), where = _mm256_setzero_ps();
-            __m256 cells[3] = {_mm256_loadu_ps(top + channels + c), _mm256_loadu_ps(bottom + c),
-                               _mm256_loadu_ps(bottom + channels + c)};
-            __m256 codes[3] = {one, two, three};
-            for (int k = 0; k < 3; ++k) {
-                __m256 take = _mm256_and_ps(_mm256_cmp_ps(cells[k], best, _CMP_NLE_UQ),
-                                            _mm256_cmp_ps(best, best, _CMP_ORD_Q));
-                best = _mm256_blendv_ps(best, cells[k], take);
-                where = _mm256_blendv_ps(where, codes[k], take);
-            }
-            _mm256_storeu_ps(y + out + c, best);
-            store_indices(argmax, 1, out + c, _mm256_castps_si256(where));
+            __m256i tap;
+            _mm256_storeu_ps(y + out + c, max_2x2_avx2(top, bottom, channels, c, &tap));
+            store_indices(argmax, 1, out + c, tap);
         }
         for (; c < channels; ++c) {               /* the channels past the last vector */
             const float values[4] = {top[c], top[channels + c], bottom[c],
