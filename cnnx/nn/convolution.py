@@ -73,7 +73,7 @@ class Conv2D(WeightedLayer):
         output, taps and input shape for its backward (MaxPool2D.take_pooled)."""
         pool = self.max_pool
         output_shape = (len(x), *self.geometry.output_size, self.filters)
-        pooled_shape = (len(x), *pool._output_shape(output_shape[1:]))
+        pooled_shape = (len(x), *pool.output_shape)
         out = (self._workspace("pooled", pooled_shape, np.float32),
                self._workspace("taps", pooled_shape, np.uint8))
         pooled, taps = ops.conv2d_max_pool_forward(
