@@ -1,7 +1,9 @@
 """The convolution with a max-pool epilogue (conv2d_max_pool_forward): the bits of
 conv2d_forward then max_pool2d_forward with uint8 taps, for any thread count and both ISAs,
 on odd sizes (a last band shorter than the others, a last row or column no window takes,
-clipped 'same' windows), ties and NaN / -0 / inf; and only the geometries it can take."""
+clipped 'same' windows), ties and NaN / -0 / inf; and only the geometries it can take. The
+fused epilogue pools 2x2 windows with their own rows (pool.c's in-cache 2x2 rows), the
+unfused reference with the general ones: two codes checked against each other."""
 import numpy as np
 import pytest
 
@@ -131,9 +133,10 @@ def test_fused_forward_refuses_float64_and_wrong_outputs(rng):
                                             ((4, 5, 6, 3), "same"), ((3, 4, 4, 8), "valid")],
                          ids=["9x7x32-same", "10x11x41-valid", "5x6x3-same", "4x4x8-valid"])
 def test_2x2_window_taps_give_the_bits_of_the_cell_index_path(shape, padding, isa, rng):
-    """The 2x2 stride-2 rows (the fused epilogue's pooling) against the general rows of the
-    int32 cell index: the same maxima, bit for bit, and the same cells, on ties (0, -0, a
-    repeated value), NaN (the first wins) and infinities, clipped 'same' windows included."""
+    """uint8 window taps against the int32 cell index of 2x2 windows (the unfused reference
+    the fused epilogue is checked against above): the same maxima, bit for bit, and the same
+    cells, on ties (0, -0, a repeated value), NaN (the first wins) and infinities, clipped
+    'same' windows included."""
     x = edge_values(f32(rng, shape), rng)
     x[-1, :, :, ::2] = np.where(rng.random(x[-1, :, :, ::2].shape) < 0.5, -0.0, 0.0)
     n, h, w, c = shape
