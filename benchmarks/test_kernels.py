@@ -476,3 +476,94 @@ def _im2col3x3(x, padding):
     oh, ow = x.shape[1] - 2, x.shape[2] - 2
     return np.concatenate([x[:, i:i + oh, j:j + ow] for i in range(3) for j in range(3)],
                           axis=3)
+
+
+# ------------------------------------------------ max-pool in the convolution's epilogue
+# (the convpool block: fused vs unfused Conv2D(relu) + MaxPool2D(2), alone and in a step)
+
+# N, H, W, C, F of 3x3 'valid' convolutions followed by a 2x2 max-pool: the comics and
+# fashion first layers (bound by writing their output) and comics' second layer
+CONV_POOLS = [(32, 100, 100, 1, 32), (64, 100, 100, 1, 32), (32, 28, 28, 1, 32),
+              (64, 28, 28, 1, 32), (32, 49, 49, 32, 32)]
+
+
+def conv_pool_pair(shape, n_threads):
+    """(unfused, fused, convolution alone) forwards of a 3x3 'valid' conv (ReLU) + 2x2
+    max-pool, each writing into its own buffers reused from call to call (as a training step
+    does), after checking that the first two give the same bits."""
+    n, h, w, c, f = shape
+    x, kernel, bias, _ = conv_operands(shape)
+    geometry = ops.conv_geometry((h, w, c), 3, f, 1, "valid")
+    oh, ow = geometry.output_size
+    conv_out = np.empty((n, oh, ow, f), np.float32)
+    pooled_shape = (n, oh // 2, ow // 2, f)
+    unfused_out = (np.empty(pooled_shape, np.float32), np.empty(pooled_shape, np.uint8))
+    fused_out = (np.empty(pooled_shape, np.float32), np.empty(pooled_shape, np.uint8))
+
+    def unfused():
+        ops.conv2d_forward(x, kernel, bias, relu=True, n_threads=n_threads, out=conv_out,
+                           geometry=geometry)
+        ops.max_pool2d_forward(conv_out, 2, n_threads=n_threads, out=unfused_out)
+
+    def fused():
+        ops.conv2d_max_pool_forward(x, kernel, bias, 2, relu=True, n_threads=n_threads,
+                                    out=fused_out, geometry=geometry)
+
+    def convolution():
+        ops.conv2d_forward(x, kernel, bias, relu=True, n_threads=n_threads, out=conv_out,
+                           geometry=geometry)
+
+    unfused()
+    fused()
+    for expected, got in zip(unfused_out, fused_out):
+        assert np.array_equal(expected.view(np.uint8), got.view(np.uint8))
+    return unfused, fused, convolution
+
+
+@pytest.mark.benchmark(group="conv-max-pool-forward")
+@pytest.mark.parametrize("shape", CONV_POOLS, ids=conv_id)
+def test_conv_max_pool_forward(benchmark, shape, n_threads, peak):
+    """Conv2D(relu) + MaxPool2D(2) forward, the pool in the convolution's epilogue (the
+    output never written) against the two kernels apart, in alternation: speedup =
+    unfused / fused; fraction_of_peak: the fused forward's conv flops over the FMA peak
+    measured just before (the first layers' goal: >= 50%)."""
+    if not hasattr(ops, "conv2d_max_pool_forward"):
+        pytest.skip("this cnnx cannot pool in the convolution's epilogue")
+    unfused, fused, convolution = conv_pool_pair(shape, n_threads)
+    benchmark.pedantic(fused, rounds=5, warmup_rounds=1)
+    unfused_times, fused_times = interleaved_times(unfused, fused, rounds=21)
+    unfused_time, fused_time = statistics.median(unfused_times), statistics.median(fused_times)
+    # the convolution alone (no pooling at all), the fused pass's floor
+    convolution_times, _ = interleaved_times(convolution, fused, rounds=11)
+    flops, top = conv_flops(shape, 1, "valid"), peak[n_threads]
+    benchmark.extra_info.update(
+        n_threads=n_threads, fused_ms=round(fused_time * 1e3, 2),
+        unfused_ms=round(unfused_time * 1e3, 2), speedup=round(unfused_time / fused_time, 3),
+        # best against best: the rounds no other process took the core from (shared machine)
+        speedup_best=round(min(unfused_times) / min(fused_times), 3),
+        peak_gflops=round(top, 1),
+        fused_fraction_of_peak=round(flops / fused_time / 1e9 / top, 3),
+        unfused_fraction_of_peak=round(flops / unfused_time / 1e9 / top, 3),
+        fused_fraction_of_peak_best=round(flops / min(fused_times) / 1e9 / top, 3),
+        convolution_fraction_of_peak_best=round(flops / min(convolution_times) / 1e9 / top, 3),
+        omp_max_threads=cnnx.get_num_threads())
+
+
+@pytest.mark.benchmark(group="conv-max-pool-step")
+@pytest.mark.parametrize("batch", [32, 64], ids=lambda b: f"batch{b}")
+@pytest.mark.parametrize("net", ["comics", "fashion"])
+def test_conv_max_pool_fusion_in_a_step(benchmark, net, batch, n_threads):
+    """One train_step of a paper net with each Conv2D(relu) pooling its own output (its
+    MaxPool2D in the epilogue), against the same net with the pairs apart in the forward
+    (the ReLU backward still in the pool's backward), in alternation: speedup =
+    unfused / fused."""
+    from cnnx import bench
+    fused, x, y = bench.training_setup(net, batch)                  # Sequential fuses
+    unfused, _, _ = bench.training_setup(net, batch)
+    pairs = [conv for conv in unfused.layers if getattr(conv, "max_pool", None) is not None]
+    if not pairs:
+        pytest.skip("this cnnx cannot pool in the convolution's epilogue")
+    for conv in pairs:                                              # the forwards apart
+        conv.max_pool = None
+    fused_against_unfused(benchmark, fused, unfused, x, y, n_threads, net=net,
+                          pairs=len(pairs))

@@ -104,6 +104,15 @@ cdef extern from "cnnx_kernels.h" nogil:
                                   int n_threads)
     void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
                                  float *y, int n_threads)
+    int cnnx_conv2d_max_pool_fusable(const cnnx_conv_geometry *geometry,
+                                     const cnnx_pool_geometry *pool)
+    long cnnx_conv2d_max_pool_workspace_floats(const cnnx_conv_geometry *geometry,
+                                               int filters, int n_threads)
+    void cnnx_conv2d_max_pool_forward(const cnnx_conv_geometry *geometry, const float *x,
+                                      const float *kernel, int filters, const float *bias,
+                                      int relu, const cnnx_pool_geometry *pool,
+                                      float *pooled, unsigned char *taps, int n_threads,
+                                      float *workspace)
     void cnnx_avg_pool2d_backward(const cnnx_pool_geometry *geometry,
                                   const float *grad_output, float *grad_input, int n_threads)
     ctypedef struct cnnx_relu_mask:
@@ -439,6 +448,58 @@ cdef cnnx_pool_geometry _pool_geometry(tuple input_shape, tuple out_size, tuple 
     return g
 
 
+cdef class PoolGeometry:
+    """One pooling layer's geometry, worked out and checked once (MaxPool2D / AvgPool2D
+    .build, through ops.pool_geometry) and handed to every call, which then checks only its
+    arrays against it: input_size (H, W, C), pool_size, strides, pads (top, left) and
+    output_size (OH, OW)."""
+    cdef cnnx_pool_geometry geometry
+    cdef readonly tuple input_size, pool_size, strides, pads, output_size
+
+    def __init__(self, input_size, pool_size, strides, pads, output_size):
+        self.input_size = tuple(int(v) for v in input_size)
+        self.pool_size = tuple(int(v) for v in pool_size)
+        self.strides = tuple(int(v) for v in strides)
+        self.pads = tuple(int(v) for v in pads)
+        self.output_size = tuple(int(v) for v in output_size)
+        if (len(self.input_size) != 3 or len(self.pool_size) != 2 or len(self.strides) != 2
+                or len(self.pads) != 2 or len(self.output_size) != 2
+                or min(*self.input_size, *self.output_size) < 1):
+            raise ValueError(f"PoolGeometry: expected a positive input_size (H, W, C) and "
+                             f"pairs for pool_size, strides, pads and output_size, got {self!r}")
+        self.geometry = _pool_geometry((0, *self.input_size), self.output_size, self.pool_size,
+                                       self.strides, self.pads)
+
+    def __repr__(self):
+        return (f"PoolGeometry(input_size={self.input_size}, pool_size={self.pool_size}, "
+                f"strides={self.strides}, pads={self.pads}, output_size={self.output_size})")
+
+    def __reduce__(self):                    # pickled with its layer (Dask ships models)
+        return PoolGeometry, (self.input_size, self.pool_size, self.strides, self.pads,
+                              self.output_size)
+
+    def __eq__(self, other):
+        return isinstance(other, PoolGeometry) and self.__reduce__() == other.__reduce__()
+
+    def __hash__(self):
+        return hash(self.__reduce__()[1])
+
+
+cdef cnnx_pool_geometry _pool_call(who, PoolGeometry geometry, input_name, input_array,
+                                   output_name, output_array, bint input_is_pooled) except *:
+    """The geometry of one call: the arrays checked against it, its batch set. The pooled
+    side is (N, OH, OW, C), the other (N, H, W, C); input_array is read, output_array
+    written."""
+    cdef cnnx_pool_geometry g = geometry.geometry
+    (h, w, c), (oh, ow) = geometry.input_size, geometry.output_size
+    plane, pooled = (h, w, c), (oh, ow, c)
+    _check(who, input_name, input_array, (-1, *(pooled if input_is_pooled else plane)))
+    _check_output(who, output_name, output_array,
+                  (input_array.shape[0], *(plane if input_is_pooled else pooled)))
+    g.batch = input_array.shape[0]
+    return g
+
+
 cdef int _argmax_kind(who, argmax, shape, tuple pool) except -1:
     """CNNX_ARGMAX_CELL for int32 argmax, CNNX_ARGMAX_WINDOW for uint8 (window taps)."""
     if isinstance(argmax, np.ndarray) and argmax.dtype == np.uint8:
@@ -457,18 +518,25 @@ cdef int _argmax_kind(who, argmax, shape, tuple pool) except -1:
     return CNNX_ARGMAX_CELL
 
 
-def max_pool2d_forward(x, y, argmax, pool_size, strides, pads=(0, 0), n_threads=1):
+def max_pool2d_forward(x, y, argmax, pool_size=None, strides=None, pads=(0, 0), n_threads=1,
+                       PoolGeometry geometry=None):
     """y = window max of x; argmax = where the first max was: int32 h*W + w in the input
     plane, or, for a uint8 argmax, the tap i*pool_w + j inside its window (a quarter of the
-    bytes).  x (N,H,W,C) -> (N,OH,OW,C)."""
+    bytes).  x (N,H,W,C) -> (N,OH,OW,C).  geometry: the layer's PoolGeometry (then
+    pool_size, strides and pads are not read)."""
     who = "max_pool2d_forward"
-    _check(who, "x", x, (-1, -1, -1, -1))
-    _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
+    cdef cnnx_pool_geometry g
+    if geometry is not None:
+        g = _pool_call(who, geometry, "x", x, "y", y, False)
+        pool_size = geometry.pool_size
+    else:
+        _check(who, "x", x, (-1, -1, -1, -1))
+        _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
     cdef int kind = _argmax_kind(who, argmax, y.shape, tuple(pool_size))
     _check_output(who, "argmax", argmax, y.shape, argmax.dtype)
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_pool_geometry g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size),
-                                               tuple(strides), tuple(pads))
+    if geometry is None:
+        g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size), tuple(strides), tuple(pads))
     cdef const float[:, :, :, ::1] x_view = x
     cdef float[:, :, :, ::1] y_view = y
     cdef void *argmax_pointer = _pointer(argmax)
@@ -501,16 +569,23 @@ def _check_taps(who, argmax, cnnx_pool_geometry g):
 
 
 def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides=None,
-                        pads=(0, 0), n_threads=1, relu_y=None):
+                        pads=(0, 0), n_threads=1, relu_y=None, PoolGeometry geometry=None):
     """grad_input[n, argmax, c] += grad_output (grad_input is overwritten).
 
     pool_size, strides and pads, when given, are those of the forward that made argmax
     (required for a uint8 argmax of window taps): windows that tile the input
     (strides == pool_size) then take one write pass.
     relu_y: the forward's output y when the pool's input is a ReLU's output; each routed
-    gradient is then multiplied by (y > 0), ReLU's backward folded in (relu_backward's bits)."""
+    gradient is then multiplied by (y > 0), ReLU's backward folded in (relu_backward's bits).
+    geometry: the layer's PoolGeometry (then pool_size, strides and pads are not read)."""
     who = "max_pool2d_backward"
-    _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
+    cdef cnnx_pool_geometry g
+    if geometry is not None:
+        g = _pool_call(who, geometry, "grad_output", grad_output, "grad_input", grad_input,
+                       True)
+        pool_size = geometry.pool_size
+    else:
+        _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
     if relu_y is not None:
         _check(who, "relu_y", relu_y, grad_output.shape)
     cdef int kind = _argmax_kind(who, argmax, grad_output.shape,
@@ -518,11 +593,10 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
     _check_output(who, "grad_input", grad_input,
                   (grad_output.shape[0], -1, -1, grad_output.shape[3]))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_pool_geometry g
-    if pool_size is not None:
+    if geometry is None and pool_size is not None:
         g = _pool_geometry(grad_input.shape, grad_output.shape[1:3], tuple(pool_size),
                            tuple(strides if strides is not None else pool_size), tuple(pads))
-    else:
+    elif geometry is None:
         g.batch, g.in_h, g.in_w, g.channels = grad_input.shape
         g.out_h, g.out_w = grad_output.shape[1:3]
         g.pool_h = g.pool_w = 1
@@ -551,14 +625,79 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
     return grad_input
 
 
-def avg_pool2d_forward(x, y, pool_size, strides, pads=(0, 0), n_threads=1):
-    """y = mean of each window's cells inside x.  x (N,H,W,C) -> y (N,OH,OW,C)."""
-    who = "avg_pool2d_forward"
-    _check(who, "x", x, (-1, -1, -1, -1))
-    _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
+# ------------------------------------------------------------- convolution + max-pool
+
+cdef cnnx_pool_geometry _conv_pool_struct(ConvGeometry geometry, int batch, tuple pool_size,
+                                          tuple pool_out) except *:
+    """The pool over the convolution's output: windows pool_size, strides pool_size (they
+    tile it), no padding before."""
+    return _pool_geometry((batch, *geometry.output_size, geometry.filters), pool_out,
+                          pool_size, pool_size, (0, 0))
+
+
+def can_fuse_max_pool(ConvGeometry geometry, pool_size, pool_out):
+    """True when conv2d_max_pool_forward takes this convolution and a max-pool of pool_size
+    windows (strides = pool_size, no padding before) with output size pool_out (POH, POW)."""
+    pool_size, pool_out = tuple(pool_size), tuple(pool_out)
+    cdef cnnx_conv_geometry g = geometry.forward
+    cdef cnnx_pool_geometry p = _conv_pool_struct(geometry, 1, pool_size, pool_out)
+    g.batch = 1
+    return bool(cnnx_conv2d_max_pool_fusable(&g, &p))
+
+
+def conv2d_max_pool_forward(ConvGeometry geometry, x, kernel, bias, pooled, taps, pool_size,
+                            bint relu=False, n_threads=1):
+    """pooled = max-pool(conv(x, kernel) + bias (relu)), taps = each max's uint8 tap inside
+    its window (max_pool2d_forward's bits for a uint8 argmax), without the convolution's
+    output in memory.  x (N,H,W,C) -> pooled, taps (N,POH,POW,F); windows pool_size, strides
+    pool_size, no padding before (can_fuse_max_pool says which)."""
+    who = "conv2d_max_pool_forward"
+    (h, w, c), (kh, kw), f = geometry.input_size, geometry.kernel_size, geometry.filters
+    _check(who, "x", x, (-1, h, w, c))
+    _check(who, "kernel", kernel, (kh, kw, c, f))
+    _check_output(who, "pooled", pooled, (x.shape[0], -1, -1, f))
+    _check_output(who, "taps", taps, pooled.shape, np.uint8)
+    if bias is not None:
+        _check(who, "bias", bias, (f,))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_pool_geometry g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size),
-                                               tuple(strides), tuple(pads))
+    cdef cnnx_conv_geometry g = geometry.forward
+    _batch_rows(who, &g, x.shape[0])
+    pool_size = tuple(pool_size)
+    cdef cnnx_pool_geometry p = _conv_pool_struct(geometry, x.shape[0], pool_size,
+                                                  tuple(pooled.shape[1:3]))
+    if not cnnx_conv2d_max_pool_fusable(&g, &p):
+        raise ValueError(f"{who}: a max-pool of {pool_size} windows (strides {pool_size}, "
+                         f"output {pooled.shape[1:3]}) cannot be fused into {geometry!r}; "
+                         f"it takes stride-1 convolutions and windows that tile the output "
+                         f"from its top left, pool height dividing 16 (can_fuse_max_pool)")
+    cdef const float *x_data = _data(x)
+    cdef const float *kernel_data = _data(kernel)
+    cdef float *pooled_data = _data(pooled)
+    cdef unsigned char *taps_data = <unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>taps)
+    cdef const float *bias_pointer = NULL if bias is None else _data(bias)
+    cdef float *workspace = _data(_workspace(cnnx_conv2d_max_pool_workspace_floats(&g, f,
+                                                                                   threads)))
+    cdef int use_relu = relu, filters = f
+    with nogil:
+        cnnx_conv2d_max_pool_forward(&g, x_data, kernel_data, filters, bias_pointer, use_relu,
+                                     &p, pooled_data, taps_data, threads, workspace)
+    return pooled, taps
+
+
+def avg_pool2d_forward(x, y, pool_size=None, strides=None, pads=(0, 0), n_threads=1,
+                       PoolGeometry geometry=None):
+    """y = mean of each window's cells inside x.  x (N,H,W,C) -> y (N,OH,OW,C).
+    geometry: the layer's PoolGeometry (then pool_size, strides and pads are not read)."""
+    who = "avg_pool2d_forward"
+    cdef cnnx_pool_geometry g
+    if geometry is not None:
+        g = _pool_call(who, geometry, "x", x, "y", y, False)
+    else:
+        _check(who, "x", x, (-1, -1, -1, -1))
+        _check_output(who, "y", y, (x.shape[0], -1, -1, x.shape[3]))
+        g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size), tuple(strides),
+                           tuple(pads))
+    cdef int threads = _threads(who, n_threads)
     cdef const float[:, :, :, ::1] x_view = x
     cdef float[:, :, :, ::1] y_view = y
     with nogil:
@@ -566,16 +705,22 @@ def avg_pool2d_forward(x, y, pool_size, strides, pads=(0, 0), n_threads=1):
     return y
 
 
-def avg_pool2d_backward(grad_output, grad_input, pool_size, strides, pads=(0, 0),
-                        n_threads=1):
-    """grad_input = each window's grad_output spread evenly over its cells (overwritten)."""
+def avg_pool2d_backward(grad_output, grad_input, pool_size=None, strides=None, pads=(0, 0),
+                        n_threads=1, PoolGeometry geometry=None):
+    """grad_input = each window's grad_output spread evenly over its cells (overwritten).
+    geometry: the layer's PoolGeometry (then pool_size, strides and pads are not read)."""
     who = "avg_pool2d_backward"
-    _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
-    _check_output(who, "grad_input", grad_input,
-                  (grad_output.shape[0], -1, -1, grad_output.shape[3]))
+    cdef cnnx_pool_geometry g
+    if geometry is not None:
+        g = _pool_call(who, geometry, "grad_output", grad_output, "grad_input", grad_input,
+                       True)
+    else:
+        _check(who, "grad_output", grad_output, (-1, -1, -1, -1))
+        _check_output(who, "grad_input", grad_input,
+                      (grad_output.shape[0], -1, -1, grad_output.shape[3]))
+        g = _pool_geometry(grad_input.shape, grad_output.shape[1:3], tuple(pool_size),
+                           tuple(strides), tuple(pads))
     cdef int threads = _threads(who, n_threads)
-    cdef cnnx_pool_geometry g = _pool_geometry(grad_input.shape, grad_output.shape[1:3],
-                                               tuple(pool_size), tuple(strides), tuple(pads))
     cdef const float[:, :, :, ::1] grad_output_view = grad_output
     cdef float[:, :, :, ::1] grad_input_view = grad_input
     with nogil:

@@ -160,19 +160,91 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
                                        need_input_grad, *geometry.output_size, *geometry.pads)
 
 
+def _fused_pool(geometry, pool_size, strides, padding):
+    """(pool_size, pool output size) of a max-pool over the convolution's output, or None
+    when conv2d_max_pool_forward cannot take it."""
+    pool_size = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else pool_size, "strides")
+    oh, ow = geometry.output_size
+    if strides != pool_size or output_size(oh, pool_size[0], strides[0], padding) < 1 \
+            or output_size(ow, pool_size[1], strides[1], padding) < 1:
+        return None
+    pool_h, pool_w, top, left = _geometry(oh, ow, *pool_size, strides, padding)
+    if (top, left) != (0, 0) or not _kernels.can_fuse_max_pool(geometry, pool_size,
+                                                               (pool_h, pool_w)):
+        return None
+    return pool_size, (pool_h, pool_w)
+
+
+def can_fuse_max_pool(geometry, pool_size, strides=None, padding="valid"):
+    """True when conv2d_max_pool_forward takes the convolution of `geometry` followed by
+    this max-pool: a stride-1 convolution (up to 8x8), windows that tile its output
+    (strides == pool_size) from the top left, pool height dividing 16."""
+    return _fused_pool(geometry, pool_size, strides, padding) is not None
+
+
+def conv2d_max_pool_forward(x, kernel, bias, pool_size, pool_padding="valid", relu=False,
+                            n_threads=None, out=None, geometry=None):
+    """The convolution (its geometry: a layer's conv_geometry) then a max-pool of pool_size
+    windows, strides pool_size -> (pooled (N,POH,POW,F), taps uint8): the bits of
+    conv2d_forward then max_pool2d_forward with a uint8 argmax, without the convolution's
+    output ever in memory (each band of it is pooled where it is made).  float32 only.
+    out: optional (pooled, taps) arrays to write into."""
+    what = "conv2d_max_pool_forward"
+    fused = _fused_pool(geometry, pool_size, None, pool_padding)
+    if fused is None:
+        raise ValueError(f"{what}: a max-pool of {pool_size} ({pool_padding!r}) cannot be "
+                         f"fused into {geometry!r} (see can_fuse_max_pool); run "
+                         f"conv2d_forward then max_pool2d_forward")
+    if x.dtype != np.float32:
+        raise TypeError(f"{what} runs on float32 arrays, got x of {x.dtype}; the float64 "
+                        f"path is conv2d_forward then max_pool2d_forward")
+    pool_size, pool_out = fused
+    shape = (len(x), *pool_out, geometry.filters)
+    pooled, taps = out if out is not None else (np.empty(shape, np.float32),
+                                                np.empty(shape, np.uint8))
+    return _kernels.conv2d_max_pool_forward(geometry, _c(x), kernel, bias, pooled, taps,
+                                            pool_size, relu,
+                                            n_threads=_threads.resolve(n_threads))
+
+
 # -------------------------------------------------------------------------------- pooling
 
-def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None, out=None):
+def pool_geometry(input_size, pool_size, strides=None, padding="valid"):
+    """A pooling layer's geometry, worked out and checked once (MaxPool2D / AvgPool2D.build):
+    input_size (H, W, C) -> a _kernels.PoolGeometry with output_size (OH, OW) and pads
+    (top, left) by Keras' rules; strides default to pool_size."""
+    h, w, c = input_size
+    ph, pw = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else (ph, pw), "strides")
+    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+    return _kernels.PoolGeometry((h, w, c), (ph, pw), strides, (top, left), (oh, ow))
+
+
+def _pool_arguments(x_shape, pool_size, strides, padding, geometry):
+    """((PH, PW), strides, OH, OW, top, left): from the layer's geometry, else worked out."""
+    if geometry is not None:
+        return (geometry.pool_size, geometry.strides, *geometry.output_size, *geometry.pads)
+    ph, pw = _pair(pool_size, "pool_size")
+    strides = _pair(strides if strides is not None else (ph, pw), "strides")
+    return ((ph, pw), strides, *_geometry(x_shape[1], x_shape[2], ph, pw, strides, padding))
+
+
+def max_pool2d_forward(x, pool_size=None, strides=None, padding="valid", n_threads=None,
+                       out=None, geometry=None):
     """y = max over each window -> (y, argmax); argmax is the int32 index h*W+w in the input plane.
 
     out: optional (y, argmax) arrays to write into (float32 only; a layer's buffers reused
-    from step to step, which saves the page faults of fresh big arrays)."""
-    _check_nhwc(x, "max_pool2d_forward")
-    ph, pw = _pair(pool_size, "pool_size")
-    strides = _pair(strides if strides is not None else (ph, pw), "strides")
-    n, h, w, c = x.shape
-    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+    from step to step, which saves the page faults of fresh big arrays).
+    geometry: the layer's pool_geometry (then pool_size, strides and padding are not read,
+    and the arrays are checked once, at the kernels' boundary)."""
     n_threads = _threads.resolve(n_threads)
+    if geometry is not None and out is not None and x.dtype == np.float32:
+        return _kernels.max_pool2d_forward(_c(x), *out, n_threads=n_threads, geometry=geometry)
+    _check_nhwc(x, "max_pool2d_forward")
+    n, h, w, c = x.shape
+    (ph, pw), strides, oh, ow, top, left = _pool_arguments(x.shape, pool_size, strides,
+                                                           padding, geometry)
     if x.dtype == np.float32:
         y, argmax = out if out is not None else (np.empty((n, oh, ow, c), np.float32),
                                                  np.empty((n, oh, ow, c), np.int32))
@@ -182,7 +254,7 @@ def max_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=No
 
 
 def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_size=None,
-                        strides=None, padding="valid", out=None, relu_y=None):
+                        strides=None, padding="valid", out=None, relu_y=None, geometry=None):
     """Route each output gradient to the input cell that held the max.
 
     pool_size, strides and padding, when given, must be the forward's: windows that tile the
@@ -190,8 +262,15 @@ def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_s
     out: optional float32 array of input_shape to write grad_input into.
     relu_y: the forward's output, when the pool's input is a ReLU's output: ReLU's backward
     is then folded in (each routed gradient times (y > 0), the bits of ReLU's backward after
-    this one)."""
+    this one).
+    geometry: the layer's pool_geometry, in place of pool_size, strides and padding."""
     n, h, w, c = input_shape
+    if (geometry is not None and out is not None and grad_output.dtype == np.float32
+            and (relu_y is None or relu_y.dtype == np.float32)):
+        return _kernels.max_pool2d_backward(_c(grad_output), _c(argmax), out,
+                                            relu_y=None if relu_y is None else _c(relu_y),
+                                            n_threads=_threads.resolve(n_threads),
+                                            geometry=geometry)
     if argmax.shape != grad_output.shape:
         raise ValueError(f"max_pool2d_backward: argmax {argmax.shape} and grad_output "
                          f"{grad_output.shape} differ")
@@ -201,16 +280,15 @@ def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_s
                          f"{grad_output.shape} differ")
     if grad_output.dtype == np.float32:
         grad_input = out if out is not None else np.empty((n, h, w, c), np.float32)
-        geometry = {}
-        if pool_size is not None:
-            ph, pw = _pair(pool_size, "pool_size")
-            strides = _pair(strides if strides is not None else (ph, pw), "strides")
-            _, _, top, left = _geometry(h, w, ph, pw, strides, padding)
-            geometry = dict(pool_size=(ph, pw), strides=strides, pads=(top, left))
+        windows = {}                              # unknown: the kernel scatters by argmax
+        if geometry is not None or pool_size is not None:
+            pool_size, strides, _, _, top, left = _pool_arguments(input_shape, pool_size,
+                                                                  strides, padding, geometry)
+            windows = dict(pool_size=pool_size, strides=strides, pads=(top, left))
         return _kernels.max_pool2d_backward(
             _c(grad_output), _c(argmax), grad_input, n_threads=n_threads,
             relu_y=None if relu_y is None else _c(relu_y.astype(np.float32, copy=False)),
-            **geometry)
+            **windows)
     grad_input = ops_float64.max_pool2d_backward(grad_output, argmax, input_shape)
     if relu_y is not None:
         # ReLU's backward at the max cells (the others hold 0): a cell that is the max of
@@ -221,34 +299,41 @@ def max_pool2d_backward(grad_output, argmax, input_shape, n_threads=None, pool_s
     return grad_input
 
 
-def avg_pool2d_forward(x, pool_size, strides=None, padding="valid", n_threads=None):
-    """y = mean over each window's real cells (padding is not counted, as in Keras)."""
-    _check_nhwc(x, "avg_pool2d_forward")
-    ph, pw = _pair(pool_size, "pool_size")
-    strides = _pair(strides if strides is not None else (ph, pw), "strides")
-    n, h, w, c = x.shape
-    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+def avg_pool2d_forward(x, pool_size=None, strides=None, padding="valid", n_threads=None,
+                       out=None, geometry=None):
+    """y = mean over each window's real cells (padding is not counted, as in Keras).
+    out: optional float32 array to write y into; geometry: as in max_pool2d_forward."""
     n_threads = _threads.resolve(n_threads)
+    if geometry is not None and out is not None and x.dtype == np.float32:
+        return _kernels.avg_pool2d_forward(_c(x), out, n_threads=n_threads, geometry=geometry)
+    _check_nhwc(x, "avg_pool2d_forward")
+    n, h, w, c = x.shape
+    (ph, pw), strides, oh, ow, top, left = _pool_arguments(x.shape, pool_size, strides,
+                                                           padding, geometry)
     if x.dtype == np.float32:
-        y = np.empty((n, oh, ow, c), np.float32)
+        y = out if out is not None else np.empty((n, oh, ow, c), np.float32)
         return _kernels.avg_pool2d_forward(_c(x), y, (ph, pw), strides, (top, left),
                                            n_threads=n_threads)
     return ops_float64.avg_pool2d_forward(x, (ph, pw), strides, oh, ow, top, left)
 
 
-def avg_pool2d_backward(grad_output, input_shape, pool_size, strides=None, padding="valid",
-                        n_threads=None):
-    """Spread each output gradient evenly over its window's real cells."""
-    ph, pw = _pair(pool_size, "pool_size")
-    strides = _pair(strides if strides is not None else (ph, pw), "strides")
-    n, h, w, c = input_shape
-    oh, ow, top, left = _geometry(h, w, ph, pw, strides, padding)
+def avg_pool2d_backward(grad_output, input_shape, pool_size=None, strides=None,
+                        padding="valid", n_threads=None, out=None, geometry=None):
+    """Spread each output gradient evenly over its window's real cells.
+    out: optional float32 array of input_shape to write into; geometry: as in
+    max_pool2d_forward."""
     n_threads = _threads.resolve(n_threads)
+    if geometry is not None and out is not None and grad_output.dtype == np.float32:
+        return _kernels.avg_pool2d_backward(_c(grad_output), out, n_threads=n_threads,
+                                            geometry=geometry)
+    n, h, w, c = input_shape
+    (ph, pw), strides, oh, ow, top, left = _pool_arguments(input_shape, pool_size, strides,
+                                                           padding, geometry)
     if grad_output.shape != (n, oh, ow, c):
         raise ValueError(f"avg_pool2d_backward: grad_output is {grad_output.shape}, "
                          f"expected {(n, oh, ow, c)}")
     if grad_output.dtype == np.float32:
-        grad_input = np.empty((n, h, w, c), np.float32)
+        grad_input = out if out is not None else np.empty((n, h, w, c), np.float32)
         return _kernels.avg_pool2d_backward(_c(grad_output), grad_input, (ph, pw), strides,
                                             (top, left), n_threads=n_threads)
     return ops_float64.avg_pool2d_backward(grad_output, input_shape, (ph, pw), strides, oh, ow,

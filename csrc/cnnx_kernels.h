@@ -97,6 +97,27 @@ void cnnx_max_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x,
 void cnnx_max_pool2d_backward(const cnnx_pool_geometry *geometry, const float *grad_output,
                               const void *argmax, int argmax_kind, const float *relu_y,
                               float *grad_input, int n_threads);
+/* Output rows [first_row, end_row) of cnnx_max_pool2d_forward (row = image * out_h + out_y),
+ * on the calling thread: the fused convolution + max-pool pools each band of convolution
+ * output it has just made, with the same row code, so the same bits. */
+void cnnx_max_pool2d_forward_rows(const cnnx_pool_geometry *geometry, const float *x, float *y,
+                                  void *argmax, int argmax_kind, long first_row, long end_row);
+
+/* Convolution (stride 1) with a max-pool epilogue: pooled = max_pool(conv(x) + bias (relu)),
+ * taps = the pool's window taps (CNNX_ARGMAX_WINDOW), the same bits as cnnx_conv2d_forward
+ * then cnnx_max_pool2d_forward, and the convolution's output never reaches memory: each band
+ * of output rows is made in a per-thread buffer and pooled there. pool describes the pool
+ * over the convolution's output (batch, out_h, out_w, filters). Only where
+ * cnnx_conv2d_max_pool_fusable says 1: the conv's stride-1 path, windows that tile the
+ * output (stride == pool), no padding before, pool_h dividing the band height. */
+int cnnx_conv2d_max_pool_fusable(const cnnx_conv_geometry *geometry,
+                                 const cnnx_pool_geometry *pool);
+long cnnx_conv2d_max_pool_workspace_floats(const cnnx_conv_geometry *geometry, int filters,
+                                           int n_threads);
+void cnnx_conv2d_max_pool_forward(const cnnx_conv_geometry *geometry, const float *x,
+                                  const float *kernel, int filters, const float *bias,
+                                  int relu, const cnnx_pool_geometry *pool, float *pooled,
+                                  uint8_t *taps, int n_threads, float *workspace);
 /* y = mean over the window's cells inside the input. */
 void cnnx_avg_pool2d_forward(const cnnx_pool_geometry *geometry, const float *x, float *y,
                              int n_threads);

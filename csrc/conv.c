@@ -28,8 +28,14 @@
  *   - Grad kernel, few channels (C <= 4, F % 16 == 0): direct, no im2col: grad_tile tiles of
  *     up to 6 k rows x 16 filters read the band (or x, 'valid') and grad_output in place;
  *     the bias sums ride on one tile.
- *   - This file calls the GEMM frame (gemm.c) and the micro-kernel table (microkernel.c);
- *     neither calls back into it. The im2col rows it packs from live in packing.c.
+ *   - Forward with a max-pool epilogue (stride 1, pool windows that tile the output and fit
+ *     a band): the band's output rows land in a per-thread L2-sized buffer instead of y and
+ *     are pooled from there (pool.c's row code): a Conv2D(relu) + MaxPool2D(2) pair writes a
+ *     quarter of the output plus a byte of taps per pooled value; the full output, which a
+ *     1-channel first layer spends most of its time writing, never reaches memory.
+ *   - This file calls the GEMM frame (gemm.c), the micro-kernel table (microkernel.c) and
+ *     max-pool's rows (pool.c); none calls back into it. The im2col rows it packs from live
+ *     in packing.c.
  */
 #include <string.h>
 
@@ -138,25 +144,110 @@ static int tile_taps(const cnnx_conv_geometry *g, int first_y, int first_x, int 
     return used;
 }
 
-static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads)
+/* One forward micro-tile of a band: six real output pixels, across row ends, by their band
+ * cells' offsets (a tile past the band's last pixel repeats its first row), and the band
+ * rows and columns of its first and last real pixel (for tile_taps). */
+typedef struct {
+    long row_offsets[GEMM_MR];
+    int first_y, first_x, last_y, last_x, rows;
+} forward_tile;
+
+/* The tiles of a band of `rows` output rows, from pixel 0: walked, not divided (with one
+ * channel the divisions cost as much as the tile). Bands of BAND_ROWS rows all have the
+ * same tiles: they are planned once per call, shared by the threads, and a shorter last
+ * band plans its own. */
+static int plan_forward_tiles(const cnnx_conv_geometry *g, int rows, forward_tile *tiles)
+{
+    int pixels = rows * g->out_w, width = padded_width(g), row_y = 0, row_x = 0, count = 0;
+    for (int q0 = 0; q0 < pixels; q0 += GEMM_MR, ++count) {
+        forward_tile *tile = tiles + count;
+        tile->rows = pixels - q0 < GEMM_MR ? pixels - q0 : GEMM_MR;
+        tile->first_y = row_y;
+        tile->first_x = row_x;
+        for (int r = 0; r < GEMM_MR; ++r) {
+            if (r < tile->rows) {
+                tile->last_y = row_y;
+                tile->last_x = row_x;
+            }
+            tile->row_offsets[r] = r < tile->rows
+                                       ? ((long)row_y * width + row_x) * g->channels
+                                       : tile->row_offsets[0];
+            if (++row_x == g->out_w) {
+                row_x = 0;
+                ++row_y;
+            }
+        }
+    }
+    return count;
+}
+
+/* Floats that hold the tiles of one full band. */
+static long forward_plan_floats(const cnnx_conv_geometry *g)
+{
+    long tiles = ((long)BAND_ROWS * g->out_w + GEMM_MR - 1) / GEMM_MR;
+    return (tiles * (long)sizeof(forward_tile) + 63) / 64 * 16;
+}
+
+/* Per thread: a short band's tile plan, with a pool epilogue the band's output rows
+ * [BAND_ROWS][OW][F] (L2-sized: 200 KB on comics' 98x98x32 layer), the zero-padded band and
+ * an edge tile, rounded up to whole cache lines. */
+static long forward_thread_floats(const cnnx_conv_geometry *g, int filters, int pooling)
+{
+    long floats = band_floats(g) + EDGE_FLOATS + forward_plan_floats(g)
+                  + (pooling ? (long)BAND_ROWS * g->out_w * filters : 0);
+    return (floats + 15) / 16 * 16;
+}
+
+/* The packed kernel, the full bands' tile plan, then each thread's space. */
+static long forward_fast_workspace(const cnnx_conv_geometry *g, int filters, int n_threads,
+                                   int pooling)
 {
     long depth = (long)g->kernel_h * g->kernel_w * g->channels;
     long panels = (filters + GEMM_NR - 1) / GEMM_NR;
-    return depth * GEMM_NR * panels + (long)n_threads * (band_floats(g) + EDGE_FLOATS);
+    return depth * GEMM_NR * panels + forward_plan_floats(g)
+           + (long)n_threads * forward_thread_floats(g, filters, pooling);
 }
 
+/* The pool epilogue of one band: the windows that start in the band's output rows
+ * y0 .. y0 + rows - 1 (all of each lies in the band: pool_h divides BAND_ROWS, and the
+ * last band ends where the output does, where windows are clipped either way), pooled by
+ * max-pool's own row code over a geometry of this band alone. */
+static void pool_band(const cnnx_pool_geometry *pool, const float *band_output, long image,
+                      int y0, int rows, float *pooled, uint8_t *taps)
+{
+    int first = y0 / pool->pool_h, end = (y0 + rows + pool->pool_h - 1) / pool->pool_h;
+    if (end > pool->out_h)
+        end = pool->out_h;                /* 'valid': rows past the last window */
+    if (end <= first)
+        return;
+    cnnx_pool_geometry band = *pool;
+    band.batch = 1;
+    band.in_h = rows;
+    band.out_h = end - first;
+    long offset = (image * pool->out_h + first) * (long)pool->out_w * pool->channels;
+    cnnx_max_pool2d_forward_rows(&band, band_output, pooled + offset, taps + offset,
+                                 CNNX_ARGMAX_WINDOW, 0, band.out_h);
+}
+
+/* pool NULL: y = the convolution. Otherwise the band's output rows land in a per-thread
+ * buffer (y unused) and pool_band writes pooled and taps from it: the same tiles, the same
+ * bits, and the output never goes to memory. */
 static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const float *kernel,
                               int filters, const float *bias, int relu, float *y,
+                              const cnnx_pool_geometry *pool, float *pooled, uint8_t *taps,
                               int n_threads, float *workspace)
 {
     int depth = g->kernel_h * g->kernel_w * g->channels;
-    int panels = (filters + GEMM_NR - 1) / GEMM_NR, width = padded_width(g);
+    int panels = (filters + GEMM_NR - 1) / GEMM_NR;
     int bands_per_image = (g->out_h + BAND_ROWS - 1) / BAND_ROWS;
     long bands = band_count(g);
+    long thread_floats = forward_thread_floats(g, filters, pool != NULL);
     float *packed_kernel = workspace;                     /* [panel][depth][16], zero-padded */
-    float *thread_space = workspace + (long)depth * GEMM_NR * panels;
+    forward_tile *full_band_tiles = (forward_tile *)(workspace + (long)depth * GEMM_NR * panels);
+    float *thread_space = (float *)full_band_tiles + forward_plan_floats(g);
     int tap_offsets[MAX_TAPS];
     tap_offsets_for(g, tap_offsets);
+    int full_band_tile_count = plan_forward_tiles(g, BAND_ROWS, full_band_tiles);
     for (int panel = 0; panel < panels; ++panel) {
         int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR : GEMM_NR;
         float *dst = packed_kernel + (long)panel * depth * GEMM_NR;
@@ -166,47 +257,36 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                    sizeof(float) * cols);
     }
     (void)n_threads;
-    cnnx_get_isa();
+    const micro_kernel_table *kernels = micro_kernels();
 
     #pragma omp parallel for schedule(dynamic) num_threads(n_threads) if (n_threads > 1 && bands > 1)
     for (long band_index = 0; band_index < bands; ++band_index) {
-        float *band = thread_space + THREAD_ID() * (band_floats(g) + EDGE_FLOATS);
+        /* the thread's space: tile plan, band output (pooling), band, edge tile */
+        forward_tile *short_band_tiles = (forward_tile *)(thread_space
+                                                          + THREAD_ID() * thread_floats);
+        float *band_output = (float *)short_band_tiles + forward_plan_floats(g);
+        float *band = band_output + (pool ? (long)BAND_ROWS * g->out_w * filters : 0);
         float *edge_tile = band + band_floats(g), *edge_bias = edge_tile + GEMM_MR * GEMM_NR;
         int a_taps[MAX_TAPS], b_taps[MAX_TAPS];
         long image = band_index / bands_per_image;
         int y0 = (int)(band_index % bands_per_image) * BAND_ROWS;
         int rows = g->out_h - y0 < BAND_ROWS ? g->out_h - y0 : BAND_ROWS;
-        int pixels = rows * g->out_w;
-        float *y_band = y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
+        float *y_band = pool ? band_output
+                             : y + ((image * g->out_h + y0) * (long)g->out_w) * filters;
         copy_band(g, x, image, y0, rows, band);
-        int tile_y = 0, tile_x = 0;                       /* pixel q0, in the band */
-        for (int q0 = 0; q0 < pixels; q0 += GEMM_MR) {
-            /* six real output pixels, across row ends: their band cells by offset (walked,
-             * not divided: with one channel the divisions cost as much as the tile) */
-            int tile_rows = pixels - q0 < GEMM_MR ? pixels - q0 : GEMM_MR;
-            long row_offsets[GEMM_MR];
-            int first_y = tile_y, first_x = tile_x;
-            int row_y = tile_y, row_x = tile_x, last_y = tile_y, last_x = tile_x;
-            for (int r = 0; r < GEMM_MR; ++r) {
-                if (r < tile_rows) {
-                    last_y = row_y;
-                    last_x = row_x;
-                }
-                row_offsets[r] = r < tile_rows
-                                     ? ((long)row_y * width + row_x) * g->channels
-                                     : row_offsets[0];
-                if (++row_x == g->out_w) {
-                    row_x = 0;
-                    ++row_y;
-                }
-                if (r == GEMM_MR - 1) {
-                    tile_y = row_y;
-                    tile_x = row_x;
-                }
-            }
+        const forward_tile *tiles = full_band_tiles;
+        int tile_count = full_band_tile_count;
+        if (rows < BAND_ROWS) {
+            tiles = short_band_tiles;
+            tile_count = plan_forward_tiles(g, rows, short_band_tiles);
+        }
+        for (int t = 0; t < tile_count; ++t) {
+            const long *row_offsets = tiles[t].row_offsets;
+            int q0 = t * GEMM_MR, tile_rows = tiles[t].rows;
             const int *a_list, *b_list;
-            int used_taps = tile_taps(g, y0 + first_y, first_x, y0 + last_y, last_x,
-                                      tap_offsets, a_taps, b_taps, &a_list, &b_list);
+            int used_taps = tile_taps(g, y0 + tiles[t].first_y, tiles[t].first_x,
+                                      y0 + tiles[t].last_y, tiles[t].last_x, tap_offsets,
+                                      a_taps, b_taps, &a_list, &b_list);
             for (int panel = 0; panel < panels; ++panel) {
                 int cols = filters - panel * GEMM_NR < GEMM_NR ? filters - panel * GEMM_NR
                                                                : GEMM_NR;
@@ -214,21 +294,23 @@ static void conv_forward_fast(const cnnx_conv_geometry *g, const float *x, const
                 const float *panel_bias = bias ? bias + panel * GEMM_NR : NULL;
                 float *c = y_band + (long)q0 * filters + panel * GEMM_NR;
                 if (tile_rows == GEMM_MR && cols == GEMM_NR) {
-                    micro_kernels()->conv(used_taps, a_list, b_list, g->channels, band,
-                                          row_offsets, b, c, filters, panel_bias, relu);
+                    kernels->conv(used_taps, a_list, b_list, g->channels, band, row_offsets,
+                                  b, c, filters, panel_bias, relu);
                     continue;
                 }
                 if (bias) {
                     memset(edge_bias, 0, sizeof(float) * GEMM_NR);
                     memcpy(edge_bias, panel_bias, sizeof(float) * cols);
                 }
-                micro_kernels()->conv(used_taps, a_list, b_list, g->channels, band, row_offsets,
-                                      b, edge_tile, GEMM_NR, bias ? edge_bias : NULL, relu);
+                kernels->conv(used_taps, a_list, b_list, g->channels, band, row_offsets, b,
+                              edge_tile, GEMM_NR, bias ? edge_bias : NULL, relu);
                 for (int r = 0; r < tile_rows; ++r)
                     memcpy(c + (long)r * filters, edge_tile + r * GEMM_NR,
                            sizeof(float) * cols);
             }
         }
+        if (pool)
+            pool_band(pool, band_output, image, y0, rows, pooled, taps);
     }
 }
 
@@ -237,7 +319,8 @@ void cnnx_conv2d_forward(const cnnx_conv_geometry *geometry, const float *x,
                          float *y, int n_threads, float *workspace)
 {
     if (use_fast_path(geometry)) {
-        conv_forward_fast(geometry, x, kernel, filters, bias, relu, y, n_threads, workspace);
+        conv_forward_fast(geometry, x, kernel, filters, bias, relu, y, NULL, NULL, NULL,
+                          n_threads, workspace);
         return;
     }
     int rows = geometry->batch * geometry->out_h * geometry->out_w;
@@ -253,8 +336,32 @@ long cnnx_conv2d_forward_workspace_floats(const cnnx_conv_geometry *geometry, in
     long generic = cnnx_gemm_workspace_floats(n_threads);
     if (!use_fast_path(geometry))
         return generic;
-    long fast = forward_fast_workspace(geometry, filters, n_threads);
+    long fast = forward_fast_workspace(geometry, filters, n_threads, 0);
     return fast > generic ? fast : generic;
+}
+
+int cnnx_conv2d_max_pool_fusable(const cnnx_conv_geometry *geometry,
+                                 const cnnx_pool_geometry *pool)
+{
+    return use_fast_path(geometry) && pool->in_h == geometry->out_h
+           && pool->in_w == geometry->out_w && pool->stride_h == pool->pool_h
+           && pool->stride_w == pool->pool_w && pool->pad_top == 0 && pool->pad_left == 0
+           && BAND_ROWS % pool->pool_h == 0 && pool->pool_h * pool->pool_w <= 256;
+}
+
+long cnnx_conv2d_max_pool_workspace_floats(const cnnx_conv_geometry *geometry, int filters,
+                                           int n_threads)
+{
+    return forward_fast_workspace(geometry, filters, n_threads, 1);
+}
+
+void cnnx_conv2d_max_pool_forward(const cnnx_conv_geometry *geometry, const float *x,
+                                  const float *kernel, int filters, const float *bias,
+                                  int relu, const cnnx_pool_geometry *pool, float *pooled,
+                                  uint8_t *taps, int n_threads, float *workspace)
+{
+    conv_forward_fast(geometry, x, kernel, filters, bias, relu, NULL, pool, pooled, taps,
+                      n_threads, workspace);
 }
 
 static long chunk_count(const cnnx_conv_geometry *g)

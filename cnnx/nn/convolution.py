@@ -7,7 +7,15 @@ from cnnx.nn.layer import WeightedLayer
 
 class Conv2D(WeightedLayer):
     """x (N, H, W, C) -> y (N, OH, OW, filters); kernel (KH, KW, C, filters), bias (filters,).
-    In training, the output and grad_input live in buffers the next training step overwrites."""
+    In training, the output and grad_input live in buffers the next training step overwrites.
+
+    max_pool: a MaxPool2D right after this layer whose training forward this layer does in
+    its own (pooling.fuse_relu_into_max_pool sets it): each band of output is pooled where it
+    is made, the full output never reaches memory, and the forward returns the pooled output
+    (the MaxPool2D then hands it on).  A class default, so layers pickled before the fusion
+    load unfused."""
+
+    max_pool = None
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None,
                  use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
@@ -43,6 +51,8 @@ class Conv2D(WeightedLayer):
 
     def forward(self, x, training=False, rng=None):
         self._x = x if training else None          # backward needs x for grads["kernel"]
+        if training and self._pools_in_forward(x):
+            return self._forward_pooled(x)
         out = None
         if training and x.dtype == np.float32:
             # reused from step to step: a fresh 80 MB output page-faults on every step
@@ -51,6 +61,27 @@ class Conv2D(WeightedLayer):
         z = ops.conv2d_forward(x, self.params["kernel"], self.params.get("bias"),
                                relu=self.fused_relu, out=out, geometry=self.geometry)
         return self._activate(z, training)
+
+    def _pools_in_forward(self, x):
+        # the pool's backward must apply this layer's ReLU backward: nothing keeps the output
+        pool = self.max_pool
+        return (pool is not None and x.dtype == np.float32 and self.relu_backward_by_next
+                and pool.masks_relu)
+
+    def _forward_pooled(self, x):
+        """The training forward with the max-pool's: -> the pool's output; the pool gets its
+        output, taps and input shape for its backward (MaxPool2D.take_pooled)."""
+        pool = self.max_pool
+        output_shape = (len(x), *self.geometry.output_size, self.filters)
+        pooled_shape = (len(x), *pool.output_shape)
+        out = (self._workspace("pooled", pooled_shape, np.float32),
+               self._workspace("taps", pooled_shape, np.uint8))
+        pooled, taps = ops.conv2d_max_pool_forward(
+            x, self.params["kernel"], self.params.get("bias"), pool.pool_size, pool.padding,
+            relu=True, out=out, geometry=self.geometry)
+        self._y = self._z = None                  # the pool's backward applies the ReLU's
+        pool.take_pooled(pooled, taps, output_shape)
+        return pooled
 
     def _backward_linear(self, grad_z):
         out = None

@@ -1,8 +1,9 @@
 """MaxPool2D and AvgPool2D over NHWC inputs (Keras rules for strides and 'same' padding)."""
 import numpy as np
 
-from cnnx import _kernels, _threads, ops
+from cnnx import ops
 from cnnx.nn import activations
+from cnnx.nn.convolution import Conv2D
 from cnnx.nn.layer import ActivatedLayer, Layer
 
 # Windows that tile the input (strides == pool_size) of at most this many cells keep their
@@ -14,6 +15,10 @@ _MAX_TAPS_PER_BYTE = 256
 
 
 class _Pool2D(Layer):
+    # worked out at build (ops.pool_geometry) and handed to the kernels; a class default, so
+    # that layers pickled before it existed, or used unbuilt, pass their arguments instead
+    geometry = None
+
     def __init__(self, pool_size=2, strides=None, padding="valid", name=None):
         super().__init__(name)
         kind = type(self).__name__
@@ -34,18 +39,19 @@ class _Pool2D(Layer):
         if oh < 1 or ow < 1:
             raise ValueError(f"{kind}({self.pool_size}) needs H and W of at least "
                              f"{self.pool_size}, got H={h}, W={w}")
+        self.geometry = ops.pool_geometry(input_shape, self.pool_size, self.strides,
+                                          self.padding)
         return (oh, ow, c)
+
+    def _geometry_for(self, shape):
+        """The built geometry when it describes an input of this shape (N, H, W, C)."""
+        geometry = self.geometry
+        return geometry if geometry is not None and geometry.input_size == shape[1:] else None
 
     def _output_shape(self, input_shape):
         h, w, c = input_shape
         return (ops.output_size(h, self.pool_size[0], self.strides[0], self.padding),
                 ops.output_size(w, self.pool_size[1], self.strides[1], self.padding), c)
-
-    def _pads(self, input_shape):
-        """(top, left) zeros before the input, for the kernels."""
-        h, w = input_shape[1:3]
-        return (ops.padding_before(h, self.pool_size[0], self.strides[0], self.padding),
-                ops.padding_before(w, self.pool_size[1], self.strides[1], self.padding))
 
     def get_config(self):
         return {**super().get_config(), "pool_size": list(self.pool_size),
@@ -63,6 +69,7 @@ class MaxPool2D(_Pool2D):
     """
 
     masks_relu = False       # True: this backward applies the ReLU backward of the layer before
+    _pooled = None           # the output the Conv2D before pooled for this layer (take_pooled)
 
     def take_relu_backward_of(self, previous_layer):
         """Apply previous_layer's ReLU backward in this backward when previous_layer is an
@@ -76,6 +83,28 @@ class MaxPool2D(_Pool2D):
         self.masks_relu = True
         return True
 
+    def pool_in_forward_of(self, previous_layer):
+        """Let previous_layer, a Conv2D whose ReLU backward this layer applies, do this
+        layer's training forward in its own (Conv2D.max_pool): its output is then pooled
+        band by band where it is made and never written whole.  Returns True when fused:
+        stride-1 convolutions, windows that tile the output from its top left
+        (ops.can_fuse_max_pool).  The same bits; the backward needs only this layer's output
+        (the ReLU mask) and taps."""
+        if not (isinstance(previous_layer, Conv2D) and previous_layer.relu_backward_by_next
+                and self.masks_relu
+                and ops.can_fuse_max_pool(previous_layer.geometry, self.pool_size,
+                                          self.strides, self.padding)):
+            return False
+        previous_layer.max_pool = self
+        return True
+
+    def take_pooled(self, y, argmax, input_shape):
+        """The Conv2D before has pooled its training output (input_shape) into y and argmax
+        (uint8 taps) for this layer; the next forward(y, training=True) returns y as it is."""
+        self._pooled = self._relu_y = y
+        self._argmax = argmax
+        self._input_shape = input_shape
+
     def index_dtype(self):
         """What training keeps per output for the backward: a uint8 tap inside the window
         when windows tile the input (a quarter of the bytes), else an int32 cell index."""
@@ -84,6 +113,9 @@ class MaxPool2D(_Pool2D):
         return np.dtype(np.uint8 if tiling else np.int32)
 
     def forward(self, x, training=False, rng=None):
+        pooled, self._pooled = self._pooled, None
+        if training and x is pooled:               # the Conv2D before did this forward
+            return x
         out = None
         if training and x.dtype == np.float32 and x.ndim == 4:
             # reused from step to step: a fresh 80 MB output page-faults on every step
@@ -91,7 +123,7 @@ class MaxPool2D(_Pool2D):
             out = (self._workspace("output", shape, np.float32),
                    self._workspace("argmax", shape, self.index_dtype()))
         y, argmax = ops.max_pool2d_forward(x, self.pool_size, self.strides, self.padding,
-                                           out=out)
+                                           out=out, geometry=self._geometry_for(x.shape))
         # where each max came from: a uint8 tap inside the window, or an int32 cell index
         self._argmax = argmax if training else None
         # the ReLU's output at each max cell, for the backward's mask: the output buffer,
@@ -113,7 +145,8 @@ class MaxPool2D(_Pool2D):
                                  f"output; call forward(x, training=True) before backward")
         return ops.max_pool2d_backward(grad_output, self._argmax, self._input_shape,
                                        pool_size=self.pool_size, strides=self.strides,
-                                       padding=self.padding, out=out, relu_y=relu_y)
+                                       padding=self.padding, out=out, relu_y=relu_y,
+                                       geometry=self._geometry_for(self._input_shape))
 
 
 class AvgPool2D(_Pool2D):
@@ -127,28 +160,31 @@ class AvgPool2D(_Pool2D):
         if not self._reuse:
             return ops.avg_pool2d_forward(x, self.pool_size, self.strides, self.padding)
         y = self._workspace("output", (len(x), *self._output_shape(x.shape[1:])), np.float32)
-        return _kernels.avg_pool2d_forward(x, y, self.pool_size, self.strides,
-                                           self._pads(x.shape),
-                                           n_threads=_threads.get_num_threads())
+        return ops.avg_pool2d_forward(x, self.pool_size, self.strides, self.padding, out=y,
+                                      geometry=self._geometry_for(x.shape))
 
     def backward(self, grad_output):
         if not (self._reuse and _fast(grad_output)):
             return ops.avg_pool2d_backward(grad_output, self._input_shape, self.pool_size,
                                            self.strides, self.padding)
         grad_input = self._workspace("grad_input", self._input_shape, np.float32)
-        return _kernels.avg_pool2d_backward(grad_output, grad_input, self.pool_size,
-                                            self.strides, self._pads(self._input_shape),
-                                            n_threads=_threads.get_num_threads())
+        return ops.avg_pool2d_backward(grad_output, self._input_shape, self.pool_size,
+                                       self.strides, self.padding, out=grad_input,
+                                       geometry=self._geometry_for(self._input_shape))
 
 
 def fuse_relu_into_max_pool(layers):
     """Let each MaxPool2D in `layers` (a model's layers, in order) apply the ReLU backward of
-    the layer right before it (MaxPool2D.take_relu_backward_of); returns how many pairs
-    were fused.  The same bits, one pass over the ReLU output's gradient fewer per pair and
-    step."""
-    return sum(layer.take_relu_backward_of(previous)
-               for previous, layer in zip(layers, layers[1:])
-               if isinstance(layer, MaxPool2D))
+    the layer right before it (MaxPool2D.take_relu_backward_of), and, where that layer is a
+    Conv2D that can (MaxPool2D.pool_in_forward_of), let it pool its own training output;
+    returns how many ReLU pairs were fused.  The same bits, one pass over the ReLU output's
+    gradient fewer per pair and step, and the pooled convolutions' output never written."""
+    fused = 0
+    for previous, layer in zip(layers, layers[1:]):
+        if isinstance(layer, MaxPool2D) and layer.take_relu_backward_of(previous):
+            layer.pool_in_forward_of(previous)
+            fused += 1
+    return fused
 
 
 def _fast(array):
