@@ -50,7 +50,7 @@ class SparseCategoricalCrossentropy(Loss):
             if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
                 raise ValueError(f"{who}: labels must be integer class indices, got {y.dtype} "
                                  f"values such as {y[np.argmax(y != np.round(y))]!r}")
-        if y.size and (np.minimum.reduce(y) < 0 or np.maximum.reduce(y) >= n_outputs):
+        if y.size and _out_of_range(y, n_outputs):
             raise ValueError(f"{who}: labels must lie in [0, {n_outputs}) for a model with "
                              f"{n_outputs} outputs, got min {y.min()}, max {y.max()}")
         return y.astype(np.int64, copy=False)
@@ -81,7 +81,7 @@ class SparseCategoricalCrossentropy(Loss):
         return float(-log_p[rows, y].astype(np.float64).sum()), grad
 
     def n_correct(self, outputs, y):
-        return int((outputs.argmax(axis=-1) == y).sum())
+        return np.count_nonzero(outputs.argmax(axis=-1) == y)
 
 
 class BinaryCrossentropy(Loss):
@@ -120,6 +120,16 @@ class BinaryCrossentropy(Loss):
 
     def n_correct(self, outputs, y):
         return int(((outputs[:, 0] > 0.5) == y).sum())
+
+
+def _out_of_range(y, n_outputs):
+    """True when a label of y (any real dtype) lies outside [0, n_outputs). Integer labels
+    take one reduction: seen as unsigned, a negative label is larger than any n_outputs."""
+    if y.dtype.kind == "i":
+        return np.maximum.reduce(y.view(f"u{y.dtype.itemsize}"), axis=None) >= n_outputs
+    if y.dtype.kind == "u":
+        return np.maximum.reduce(y, axis=None) >= n_outputs
+    return np.minimum.reduce(y, axis=None) < 0 or np.maximum.reduce(y, axis=None) >= n_outputs
 
 
 _BY_NAME = {cls.name: cls for cls in (SparseCategoricalCrossentropy, BinaryCrossentropy)}

@@ -171,23 +171,30 @@ class Sequential:
         self._require_compiled("gradient")
         x = self._as_input(x, "gradient")
         y = self._as_labels(y, len(x), "gradient")
-        state_before = {name: value.copy() for name, value in self.state.items()}
-        outputs = self.forward(x, training=True, rng=LazyRng((self.seed, *key)))
+        state = self.state
+        state_before = {name: value.copy() for name, value in state.items()}
+        rng = LazyRng((self.seed, *key))
+        outputs = x                       # _as_input checked the first layer's input shape
+        for layer in self.layers:
+            outputs = layer.forward(outputs, True, rng)
         last = self.layers[-1]
         if self._fused:
             loss_sum, grad = self.loss.from_logits(last.logits(), y)
-            grad = last.backward_logits(grad)
         else:
             loss_sum, grad = self.loss(outputs, y)
-            grad = last.backward(grad)
+        # counted next to the loss, while NumPy's code is still in the caches (after the
+        # backward's kernels it costs ten times as much)
+        n_correct = self.loss.n_correct(outputs, y)
+        grad = last.backward_logits(grad) if self._fused else last.backward(grad)
         for layer in reversed(self.layers[:-1]):
             grad = layer.backward(grad)
-        state_after = self.state
-        result = GradientSum(grads=dict(self.grads), n_samples=len(x), loss_sum=loss_sum,
-                             n_correct=self.loss.n_correct(outputs, y),
-                             state={k: v.copy() for k, v in state_after.items()})
-        for name, value in state_before.items():
-            state_after[name][...] = value
+        result = GradientSum(grads=self.grads, n_samples=len(x), loss_sum=loss_sum,
+                             n_correct=n_correct, state={})
+        if state_before:
+            state_after = self.state
+            result.state = {name: value.copy() for name, value in state_after.items()}
+            for name, value in state_before.items():
+                state_after[name][...] = value
         return result
 
     def regularization_loss(self):
@@ -232,7 +239,7 @@ class Sequential:
         weight changes.
         """
         result = self.gradient(x, y, key)
-        if not np.isfinite(result.loss_sum):
+        if not math.isfinite(result.loss_sum):
             epoch, step = key[0], key[1]
             raise NonFiniteLossError(f"{self.name}: the loss became {result.loss_sum} "
                                      f"at epoch {epoch}, step {step}; lower the learning "
