@@ -131,10 +131,9 @@ class Optimizer:
         g = grads[name] / n_samples + regularizers[name].gradient(params[name]) (a missing
         regularizer adds nothing): summed gradients and penalties go in as they are."""
         regularizers = regularizers or {}
-        missing = grads.keys() - params.keys()
-        if missing:
+        if not grads.keys() <= params.keys():
             raise KeyError(f"{type(self).__name__}.apply: gradients for unknown parameters "
-                           f"{sorted(missing)}")
+                           f"{sorted(grads.keys() - params.keys())}")
         lr = self.learning_rate(self.iterations)
         self.iterations += 1
         self._begin_step()

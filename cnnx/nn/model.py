@@ -29,6 +29,8 @@ _KERAS_NAMES = {"Conv2D": "conv2d", "MaxPool2D": "max_pooling2d", "AvgPool2D": "
 # dropout draws from (seed, epoch, step, shard), a 4-tuple, so it never meets these.
 _INIT, _SHUFFLE = 0, 1
 
+_FLOAT32 = np.dtype(np.float32)
+
 # The kernels index arrays with 32-bit ints (cnnx/_kernels.pyx refuses anything larger), so a
 # sample (one image, one layer output) can hold at most this many values.
 MAX_SAMPLE_SIZE = 2**31 - 1
@@ -346,8 +348,10 @@ class Sequential:
     # -------------------------------------------------------------- inputs at the edge
 
     def _as_input(self, x, who):
-        """float32, C-contiguous, shape (N, *input_shape): converted once, here."""
-        x = np.asarray(x)
+        """float32, C-contiguous, shape (N, *input_shape): converted once, here (a step's
+        batch usually is already: then no NumPy call at all)."""
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
         if x.shape[1:] != self.input_shape:
             first = self.layers[0]
             raise ValueError(f"{self.name}.{who}: layer {first.name!r} "
@@ -355,6 +359,8 @@ class Sequential:
                              f"{(None, *self.input_shape)}, got {x.shape}")
         if len(x) == 0:
             raise ValueError(f"{self.name}.{who}: got no samples (x has shape {x.shape})")
+        if x.dtype == _FLOAT32 and x.flags.c_contiguous:
+            return x
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _check_positive(self, name, value, who):
@@ -363,7 +369,8 @@ class Sequential:
                              f"got {value!r}")
 
     def _as_labels(self, y, n, who):
-        y = np.asarray(y)
+        if type(y) is not np.ndarray:
+            y = np.asarray(y)
         if y.ndim == 0 or len(y) != n:
             raise ValueError(f"{self.name}.{who}: x has {n} samples but y has "
                              f"{len(y) if y.ndim else 'a single value'}")
