@@ -39,8 +39,8 @@ class Dense(WeightedLayer):
         self._kernel_factors = None
         kernel, bias = self.params["kernel"], self.params.get("bias")
         if _kernel_operands(x, kernel, bias):
-            # straight to the kernel, which checks the shapes (ops.dense_forward would check
-            # them first in Python: a few % of a small network's step)
+            # straight to the kernel, which checks the shapes (ops.dense_forward checks
+            # them first in Python, on every call of every step)
             z = _kernels.sgemm(x, kernel, np.empty((len(x), self.units), np.float32), bias,
                                self.fused_relu, n_threads=_threads.get_num_threads())
         else:

@@ -185,7 +185,7 @@ class Sequential:
         else:
             loss_sum, grad = self.loss(outputs, y)
         # counted next to the loss, while NumPy's code is still in the caches (after the
-        # backward's kernels it costs ten times as much)
+        # backward's kernels have pushed it out, the same count cost four times as much)
         n_correct = self.loss.n_correct(outputs, y)
         grad = last.backward_logits(grad) if self._fused else last.backward(grad)
         for layer in reversed(self.layers[:-1]):
