@@ -14,7 +14,8 @@ FMA peak (convolution, dense) or of the copy bandwidth (memory-bound layers), an
 convolution inside the step against the same convolution alone.
 test_python_overhead (fashion, batch 32; goal: under 3% of the step): the time a step spends
 outside the C kernels' calls, measured inside each step, plus the Cython boundary's fixed
-cost per call (a call on one float) times the calls a step makes:
+cost per call (a call on one float) times the calls a step makes, and where the outside time
+sits (the median gap before each kernel call, in the step's order; the largest printed):
 
     pytest benchmarks/test_training.py -k python_overhead --benchmark-only -p no:xdist -s
 """
@@ -108,15 +109,16 @@ def test_step_profile(benchmark, net, threads, peak, copy_bandwidth):
 
 
 @contextlib.contextmanager
-def kernel_clock():
+def kernel_clock(calls=None):
     """Time every call into cnnx._kernels while inside: yields [seconds, calls], reset by
     the caller. The ops look _kernels' functions up at each call, so wrapping the module's
-    attributes sees them all."""
+    attributes sees them all. Given a list, `calls` also gets (name, started, ended) per
+    call (separate rounds: the appends cost time outside the kernels themselves)."""
     spent = [0.0, 0]
     originals = {name: value for name, value in vars(_kernels).items()
                  if callable(value) and not name.startswith("_") and not isinstance(value, type)}
 
-    def timed(function):
+    def timed(name, function):
         def call(*args, **kwargs):
             started = time.perf_counter()
             try:
@@ -125,8 +127,18 @@ def kernel_clock():
                 spent[0] += time.perf_counter() - started
                 spent[1] += 1
         return call
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                calls.append((name, started, time.perf_counter()))
+        return call
+    wrap = timed if calls is None else recorded
     for name, function in originals.items():
-        setattr(_kernels, name, timed(function))
+        setattr(_kernels, name, wrap(name, function))
     try:
         yield spent
     finally:
@@ -134,13 +146,26 @@ def kernel_clock():
             setattr(_kernels, name, function)
 
 
+def gaps_between_kernels(calls, started, ended):
+    """{"NN before kernel": seconds}: the time outside the kernels before each call of one
+    step (the Python of the layer that makes the call, and of whatever ran since the last
+    call), and after the last."""
+    gaps, previous = {}, started
+    for index, (name, call_started, call_ended) in enumerate(calls):
+        gaps[f"{index:02d} before {name}"] = call_started - previous
+        previous = call_ended
+    gaps["after the last kernel"] = ended - previous
+    return gaps
+
+
 def python_overhead(net, batch, threads, rounds):
     """Median step (ms) and, measured inside the same steps, the median time outside the
-    kernels' calls; the boundary's fixed cost per call (ms) and the calls per step."""
+    kernels' calls; the boundary's fixed cost per call (ms) and the calls per step; the
+    median gap (us) before each kernel call of a step, in the step's order."""
     model, x, y = bench.training_setup(net, batch)
     run = bench.step_function(model, x, y)
     one, target = np.ones(1, np.float32), np.empty(1, np.float32)
-    steps, outside, boundary = [], [], []
+    steps, outside, boundary, gaps = [], [], [], []
     with cnnx.num_threads(threads):
         for _ in range(10):
             run()                                       # buffers and optimizer slots built
@@ -153,13 +178,20 @@ def python_overhead(net, batch, threads, rounds):
                 run()
                 outside.append(time.perf_counter() - started - spent[0])
                 calls = spent[1]
+            recorded = []
+            with kernel_clock(recorded):
+                started = time.perf_counter()
+                run()
+                gaps.append(gaps_between_kernels(recorded, started, time.perf_counter()))
             started = time.perf_counter()
             for _ in range(100):
                 _kernels.copy(one, target, n_threads=1)
             boundary.append((time.perf_counter() - started) / 100)
     return {"step_ms": 1e3 * statistics.median(steps),
             "outside_kernels_ms": 1e3 * statistics.median(outside),
-            "boundary_ms_per_call": 1e3 * statistics.median(boundary), "calls": calls}
+            "boundary_ms_per_call": 1e3 * statistics.median(boundary), "calls": calls,
+            "gaps_us": {name: 1e6 * statistics.median(step[name] for step in gaps)
+                        for name in gaps[0]}}
 
 
 @pytest.mark.benchmark(group="python overhead")
@@ -180,3 +212,6 @@ def test_python_overhead(benchmark, threads):
           f"with the boundary ({result['calls']} calls x "
           f"{1e3 * result['boundary_ms_per_call']:.2f} us) "
           f"{100 * result['with_boundary_share']:.1f}%; load {result['load_average']:.2f}")
+    largest = sorted(result["gaps_us"].items(), key=lambda item: -item[1])[:8]
+    print("largest gaps between kernel calls (median us): "
+          + ", ".join(f"{name} {us:.1f}" for name, us in largest))

@@ -12,9 +12,13 @@ The gradient an update reads is grad / n_samples + the regularizer's gradient (G
 Sequential hands a GradientSum's summed gradients and the layers' L1L2 penalties straight to
 the C pass, so a step makes no mean or penalty arrays.
 """
+import math
+
 import numpy as np
 
 from cnnx import _kernels, _threads
+
+_FLOAT32 = np.dtype(np.float32)       # comparing with the dtype, not the type, skips a lookup
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -127,10 +131,9 @@ class Optimizer:
         g = grads[name] / n_samples + regularizers[name].gradient(params[name]) (a missing
         regularizer adds nothing): summed gradients and penalties go in as they are."""
         regularizers = regularizers or {}
-        missing = set(grads) - set(params)
-        if missing:
+        if not grads.keys() <= params.keys():
             raise KeyError(f"{type(self).__name__}.apply: gradients for unknown parameters "
-                           f"{sorted(missing)}")
+                           f"{sorted(grads.keys() - params.keys())}")
         lr = self.learning_rate(self.iterations)
         self.iterations += 1
         self._begin_step()
@@ -163,10 +166,10 @@ class Optimizer:
         return buffer
 
     def _slot(self, slot, name, like, fill=0.0):
-        table = self.slots[slot]
-        if name not in table:
-            table[name] = np.full_like(like, fill)
-        return table[name]
+        value = self.slots[slot].get(name)
+        if value is None:
+            value = self.slots[slot][name] = np.full_like(like, fill)
+        return value
 
     # serialisation: flat arrays, no pickle
     def state_dict(self):
@@ -329,7 +332,7 @@ class Adam(Optimizer):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
         t = self.iterations
         if _fused(param, grad, m, v):
-            root = np.sqrt(1 - self.beta_2 ** t)
+            root = math.sqrt(1 - self.beta_2 ** t)          # np.sqrt's bits, without NumPy
             _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
                                  1 - self.beta_2, lr * root / (1 - self.beta_1 ** t),
                                  self.epsilon * root, **terms.kernel_options(),
@@ -396,14 +399,16 @@ class Nadam(Adam):
         m, v = self._slot("m", name, param), self._slot("v", name, param)
         m_scale = self._mu_next / (1 - self._product_t * self._mu_next)
         grad_scale = (1 - self._mu_t) / (1 - self._product_t)
-        root = np.sqrt(1 - self.beta_2 ** self.iterations)      # v_hat = v / root^2
         if _fused(param, grad, m, v):
+            root = math.sqrt(1 - self.beta_2 ** self.iterations)    # v_hat = v / root^2
             _kernels.adam_update(param, grad, m, v, self.beta_1, 1 - self.beta_1, self.beta_2,
                                  1 - self.beta_2, lr * root, self.epsilon * root,
                                  m_scale=m_scale, grad_scale=grad_scale,
                                  **terms.kernel_options(),
                                  n_threads=_threads.get_num_threads())
             return
+        root = np.sqrt(1 - self.beta_2 ** self.iterations)      # np.float64: it sets the
+        # float32 arrays' promotions below, as it always did
         grad = terms.of(grad, param)
         work = self._scratch(name, param)
         _moving_average(m, grad, self.beta_1, work)
@@ -450,7 +455,7 @@ class LARS(Optimizer):
 def _fused(*arrays):
     """True when the C update applies: float32, C-contiguous, writeable, not empty."""
     for a in arrays:                      # a loop, not all(...): this runs for every param
-        if a.dtype != np.float32 or not a.flags.c_contiguous or a.size == 0:
+        if a.dtype != _FLOAT32 or not a.flags.c_contiguous or a.size == 0:
             return False
     return arrays[0].flags.writeable
 

@@ -37,34 +37,45 @@ class Dense(WeightedLayer):
     def forward(self, x, training=False, rng=None):
         self._x = x if training else None          # backward needs x for grads["kernel"]
         self._kernel_factors = None
-        z = ops.dense_forward(x, self.params["kernel"], self.params.get("bias"),
-                              relu=self.fused_relu)
+        kernel, bias = self.params["kernel"], self.params.get("bias")
+        if _kernel_operands(x, kernel, bias):
+            # straight to the kernel, which checks the shapes (ops.dense_forward checks
+            # them first in Python, on every call of every step)
+            z = _kernels.sgemm(x, kernel, np.empty((len(x), self.units), np.float32), bias,
+                               self.fused_relu, n_threads=_threads.get_num_threads())
+        else:
+            z = ops.dense_forward(x, kernel, bias, relu=self.fused_relu)
         return self._activate(z, training)
 
     def _backward_linear(self, grad_z):
-        if self.kernel_grad_as_factors and self._x.dtype == np.float32:
-            return self._backward_keeping_factors(np.ascontiguousarray(grad_z))
-        grad_input, grad_kernel, grad_bias = ops.dense_backward(
-            self._x, self.params["kernel"], grad_z, need_input_grad=self.need_input_grad)
-        self.grads["kernel"] = grad_kernel
-        if self.use_bias:
-            self.grads["bias"] = grad_bias
-        return grad_input
-
-    def _backward_keeping_factors(self, grad_z):
-        """ops.dense_backward's grad_input and grad_bias, the same kernel calls, without its
-        grad_kernel GEMM: the kernel gradient stays as its factors (x, grad_z)."""
-        kernel, n_threads = self.params["kernel"], _threads.resolve(None)
-        grad_input = None
-        if self.need_input_grad:
-            grad_input = np.empty(self._x.shape, np.float32)     # (N, U) @ (U, I)
-            _kernels.sgemm(grad_z, kernel, grad_input, transpose_b=True, n_threads=n_threads)
+        x, kernel = self._x, self.params["kernel"]
+        as_factors = self.kernel_grad_as_factors and x.dtype == np.float32
+        if as_factors:
+            grad_z = np.ascontiguousarray(grad_z)           # kept: one of the two factors
+        elif not _kernel_operands(x, kernel, grad_z):
+            grad_input, grad_kernel, grad_bias = ops.dense_backward(
+                x, kernel, grad_z, need_input_grad=self.need_input_grad)
+            self.grads["kernel"] = grad_kernel
+            if self.use_bias:
+                self.grads["bias"] = grad_bias
+            return grad_input
+        # ops.dense_backward's kernel calls, in its order, without its Python checks
+        n_threads = _threads.get_num_threads()
+        if as_factors:
+            # the kernel gradient stays as its factors (x, grad_z): no in x units GEMM
+            self.grads["kernel"] = None
+            self._kernel_factors = (x, grad_z)
+        else:
+            self.grads["kernel"] = _kernels.sgemm(            # (I, N) @ (N, U)
+                x, grad_z, np.empty(kernel.shape, np.float32), transpose_a=True,
+                n_threads=n_threads)
         if self.use_bias:
             self.grads["bias"] = _kernels.column_sums(
                 grad_z, np.empty(self.units, np.float32), n_threads=n_threads)
-        self.grads["kernel"] = None
-        self._kernel_factors = (self._x, grad_z)
-        return grad_input
+        if not self.need_input_grad:
+            return None
+        return _kernels.sgemm(grad_z, kernel, np.empty(x.shape, np.float32),  # (N, U) @ (U, I)
+                              transpose_b=True, n_threads=n_threads)
 
     @property
     def kernel_factors(self):
@@ -74,6 +85,17 @@ class Dense(WeightedLayer):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units}
+
+
+def _kernel_operands(*arrays):
+    """True when the kernels take these arrays as they are: float32 and C-contiguous (None,
+    a missing bias, passes). Anything else goes through ops, which converts or refuses."""
+    for array in arrays:               # a loop, not all(...): this runs on every call
+        if array is not None and not (isinstance(array, np.ndarray)
+                                      and array.dtype == np.float32
+                                      and array.flags.c_contiguous):
+            return False
+    return True
 
 
 class Flatten(Layer):

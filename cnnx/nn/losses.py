@@ -6,12 +6,16 @@ Each loss has two entry points:
                                                           (softmax / sigmoid): stable at
                                                           extreme logits, gradient p - y.
 """
+import operator
+
 import numpy as np
 
 from cnnx import _kernels, _threads
 from cnnx.nn import activations
 
 _TINY = 1e-7      # clip for probabilities on the unfused path (Keras' epsilon)
+_FLOAT32, _INT64 = np.dtype(np.float32), np.dtype(np.int64)
+_LIST_CHECK_SIZE = 4096     # labels up to this many are checked and counted as Python lists
 
 
 class Loss:
@@ -22,7 +26,8 @@ class Loss:
         raise NotImplementedError
 
     def _numeric_labels(self, y, who):
-        y = np.asarray(y)
+        if type(y) is not np.ndarray:
+            y = np.asarray(y)
         if y.dtype.kind not in "biuf":
             raise TypeError(f"{who}: {self.name} expects numeric labels (integer class "
                             f"indices), got an array of dtype {y.dtype}; convert them, e.g. "
@@ -50,10 +55,10 @@ class SparseCategoricalCrossentropy(Loss):
             if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
                 raise ValueError(f"{who}: labels must be integer class indices, got {y.dtype} "
                                  f"values such as {y[np.argmax(y != np.round(y))]!r}")
-        if y.size and (np.minimum.reduce(y) < 0 or np.maximum.reduce(y) >= n_outputs):
+        if y.size and _out_of_range(y, n_outputs):
             raise ValueError(f"{who}: labels must lie in [0, {n_outputs}) for a model with "
                              f"{n_outputs} outputs, got min {y.min()}, max {y.max()}")
-        return y.astype(np.int64, copy=False)
+        return y if y.dtype == _INT64 else y.astype(np.int64)
 
     def __call__(self, probabilities, y):
         rows = np.arange(len(y))
@@ -67,7 +72,7 @@ class SparseCategoricalCrossentropy(Loss):
             # one C pass per row: the loss in double and softmax - onehot, stable at any logit
             grad = np.empty(logits.shape, np.float32)
             loss_sum = _kernels.softmax_cross_entropy(
-                np.ascontiguousarray(logits), np.ascontiguousarray(y, dtype=np.int64), grad,
+                _contiguous(logits, _FLOAT32), _contiguous(y, _INT64), grad,
                 n_threads=_threads.get_num_threads())
             return loss_sum, grad
         return self._from_logits_numpy(logits, y)
@@ -81,7 +86,10 @@ class SparseCategoricalCrossentropy(Loss):
         return float(-log_p[rows, y].astype(np.float64).sum()), grad
 
     def n_correct(self, outputs, y):
-        return int((outputs.argmax(axis=-1) == y).sum())
+        predicted = outputs.argmax(axis=-1)
+        if len(y) <= _LIST_CHECK_SIZE:       # a batch: as lists, away from NumPy's ufuncs
+            return sum(map(operator.eq, predicted.tolist(), y.tolist()))
+        return int(np.count_nonzero(predicted == y))
 
 
 class BinaryCrossentropy(Loss):
@@ -120,6 +128,26 @@ class BinaryCrossentropy(Loss):
 
     def n_correct(self, outputs, y):
         return int(((outputs[:, 0] > 0.5) == y).sum())
+
+
+def _contiguous(array, dtype):
+    """array as a C-contiguous array of dtype: itself when it already is, without a call
+    into NumPy (every call into NumPy shows in a small network's step)."""
+    if isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _out_of_range(y, n_outputs):
+    """True when a label of y (any real dtype) lies outside [0, n_outputs).
+
+    A training step checks its batch's labels: a batch's worth of integers goes through a
+    Python list, whose min and max cost a few microseconds where NumPy's reductions cost
+    ~40 (a step's kernels push NumPy's code out of the caches)."""
+    if y.dtype.kind in "iu" and y.size <= _LIST_CHECK_SIZE:
+        values = y.tolist()
+        return min(values) < 0 or max(values) >= n_outputs
+    return np.minimum.reduce(y, axis=None) < 0 or np.maximum.reduce(y, axis=None) >= n_outputs
 
 
 _BY_NAME = {cls.name: cls for cls in (SparseCategoricalCrossentropy, BinaryCrossentropy)}

@@ -29,6 +29,8 @@ _KERAS_NAMES = {"Conv2D": "conv2d", "MaxPool2D": "max_pooling2d", "AvgPool2D": "
 # dropout draws from (seed, epoch, step, shard), a 4-tuple, so it never meets these.
 _INIT, _SHUFFLE = 0, 1
 
+_FLOAT32 = np.dtype(np.float32)
+
 # The kernels index arrays with 32-bit ints (cnnx/_kernels.pyx refuses anything larger), so a
 # sample (one image, one layer output) can hold at most this many values.
 MAX_SAMPLE_SIZE = 2**31 - 1
@@ -171,23 +173,30 @@ class Sequential:
         self._require_compiled("gradient")
         x = self._as_input(x, "gradient")
         y = self._as_labels(y, len(x), "gradient")
-        state_before = {name: value.copy() for name, value in self.state.items()}
-        outputs = self.forward(x, training=True, rng=LazyRng((self.seed, *key)))
+        state = self.state
+        state_before = {name: value.copy() for name, value in state.items()}
+        rng = LazyRng((self.seed, *key))
+        outputs = x                       # _as_input checked the first layer's input shape
+        for layer in self.layers:
+            outputs = layer.forward(outputs, True, rng)
         last = self.layers[-1]
         if self._fused:
             loss_sum, grad = self.loss.from_logits(last.logits(), y)
-            grad = last.backward_logits(grad)
         else:
             loss_sum, grad = self.loss(outputs, y)
-            grad = last.backward(grad)
+        # counted next to the loss, while NumPy's code is still in the caches (after the
+        # backward's kernels have pushed it out, the same count cost four times as much)
+        n_correct = self.loss.n_correct(outputs, y)
+        grad = last.backward_logits(grad) if self._fused else last.backward(grad)
         for layer in reversed(self.layers[:-1]):
             grad = layer.backward(grad)
-        state_after = self.state
-        result = GradientSum(grads=dict(self.grads), n_samples=len(x), loss_sum=loss_sum,
-                             n_correct=self.loss.n_correct(outputs, y),
-                             state={k: v.copy() for k, v in state_after.items()})
-        for name, value in state_before.items():
-            state_after[name][...] = value
+        result = GradientSum(grads=self.grads, n_samples=len(x), loss_sum=loss_sum,
+                             n_correct=n_correct, state={})
+        if state_before:
+            state_after = self.state
+            result.state = {name: value.copy() for name, value in state_after.items()}
+            for name, value in state_before.items():
+                state_after[name][...] = value
         return result
 
     def regularization_loss(self):
@@ -232,7 +241,7 @@ class Sequential:
         weight changes.
         """
         result = self.gradient(x, y, key)
-        if not np.isfinite(result.loss_sum):
+        if not math.isfinite(result.loss_sum):
             epoch, step = key[0], key[1]
             raise NonFiniteLossError(f"{self.name}: the loss became {result.loss_sum} "
                                      f"at epoch {epoch}, step {step}; lower the learning "
@@ -339,8 +348,10 @@ class Sequential:
     # -------------------------------------------------------------- inputs at the edge
 
     def _as_input(self, x, who):
-        """float32, C-contiguous, shape (N, *input_shape): converted once, here."""
-        x = np.asarray(x)
+        """float32, C-contiguous, shape (N, *input_shape): converted once, here (a step's
+        batch usually is already: then no NumPy call at all)."""
+        if type(x) is not np.ndarray:
+            x = np.asarray(x)
         if x.shape[1:] != self.input_shape:
             first = self.layers[0]
             raise ValueError(f"{self.name}.{who}: layer {first.name!r} "
@@ -348,6 +359,8 @@ class Sequential:
                              f"{(None, *self.input_shape)}, got {x.shape}")
         if len(x) == 0:
             raise ValueError(f"{self.name}.{who}: got no samples (x has shape {x.shape})")
+        if x.dtype == _FLOAT32 and x.flags.c_contiguous:
+            return x
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _check_positive(self, name, value, who):
@@ -356,7 +369,8 @@ class Sequential:
                              f"got {value!r}")
 
     def _as_labels(self, y, n, who):
-        y = np.asarray(y)
+        if type(y) is not np.ndarray:
+            y = np.asarray(y)
         if y.ndim == 0 or len(y) != n:
             raise ValueError(f"{self.name}.{who}: x has {n} samples but y has "
                              f"{len(y) if y.ndim else 'a single value'}")
