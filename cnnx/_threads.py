@@ -4,7 +4,15 @@ import os
 import threading
 
 _default = None                 # set by set_num_threads; None means "from the environment"
-_local = threading.local()      # per-Python-thread override from the num_threads() context
+
+
+class _Override(threading.local):
+    # a class attribute, so reading it outside any num_threads() block finds None instead of
+    # raising and catching an AttributeError (0.42 us against 0.08, on every kernel call)
+    n_threads = None
+
+
+_local = _Override()            # per-Python-thread override from the num_threads() context
 
 
 def _read_environment():
@@ -34,7 +42,7 @@ def set_num_threads(n_threads):
 
 def get_num_threads():
     """The thread count the kernels use now, on this Python thread."""
-    override = getattr(_local, "n_threads", None)
+    override = _local.n_threads
     if override is not None:
         return override
     return _default if _default is not None else _environment_default
@@ -43,7 +51,7 @@ def get_num_threads():
 @contextlib.contextmanager
 def num_threads(n_threads):
     """Use n_threads for kernels called from this Python thread inside the block."""
-    previous = getattr(_local, "n_threads", None)
+    previous = _local.n_threads
     _local.n_threads = _check(n_threads)
     try:
         yield
