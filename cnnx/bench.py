@@ -110,7 +110,9 @@ def layer_bytes(layer, batch_size):
     (backward). 0 for Conv2D, Dense and Flatten (a view), and for a ReLU layer whose
     BatchNormalization before it applies the ReLU (fused). A MaxPool2D that applies the
     ReLU backward of the layer before (masks_relu; that layer then skips its pass) also
-    reads its output y in backward."""
+    reads its output y in backward; one whose Conv2D pools its own output in its epilogue
+    (pooled_in_conv) moves nothing forward: the pooled values and taps are the conv's
+    output, written as it computes."""
     if isinstance(layer, (nn.Conv2D, nn.Dense, nn.Flatten)):
         return 0, 0
     if isinstance(getattr(layer, "activation", None), nn.activations.FusedReLU):
@@ -127,6 +129,8 @@ def layer_bytes(layer, batch_size):
         saved = extra = size_out // 4 * layer.index_dtype().itemsize
         if layer.masks_relu:              # y > 0, the ReLU's mask at each max cell
             saved += size_out
+        if layer.pooled_in_conv:
+            return 0, size_out + size_in + saved
     return size_in + size_out + extra, size_out + size_in + saved
 
 

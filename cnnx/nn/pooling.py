@@ -69,6 +69,7 @@ class MaxPool2D(_Pool2D):
     """
 
     masks_relu = False       # True: this backward applies the ReLU backward of the layer before
+    pooled_in_conv = False   # True: the Conv2D before does this layer's training forward
     _pooled = None           # the output the Conv2D before pooled for this layer (take_pooled)
 
     def take_relu_backward_of(self, previous_layer):
@@ -96,6 +97,7 @@ class MaxPool2D(_Pool2D):
                                           self.strides, self.padding)):
             return False
         previous_layer.max_pool = self
+        self.pooled_in_conv = True
         return True
 
     def take_pooled(self, y, argmax, input_shape):

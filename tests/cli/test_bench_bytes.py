@@ -40,3 +40,15 @@ def test_dropout_counts_a_one_byte_mask():
     size = BATCH * 5 * 7 * 4
     assert bench.layer_bytes(model.layers[0], BATCH) == (2 * size + size // 4,
                                                          2 * size + size // 4)
+
+
+def test_a_max_pool_done_in_its_convolution_moves_nothing_forward():
+    model = architectures.fashion()
+    conv, pool = model.layers[0], model.layers[1]
+    assert conv.max_pool is pool                   # Sequential fused the pair
+    size_in = BATCH * 4 * 26 * 26 * 32
+    outputs = BATCH * 13 * 13 * 32
+    # backward: grad_output, grad_input, the one-byte taps and the pooled output (ReLU mask)
+    assert bench.layer_bytes(pool, BATCH) == (0, 4 * outputs + size_in + outputs + 4 * outputs)
+    unfused = nn.Sequential([nn.MaxPool2D(2)], input_shape=(26, 26, 32)).layers[0]
+    assert bench.layer_bytes(unfused, BATCH)[0] == size_in + 4 * outputs + outputs
