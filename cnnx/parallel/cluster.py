@@ -11,11 +11,6 @@ import os
 import time
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
-# Dask's statistical profiler (the dashboard's Profile page) samples every worker thread's
-# stack 100 times a second; on a worker whose one thread trains, that is CPU taken from the
-# shard (benchmarks/test_scaling.py::test_worker_profiler_cost). Clusters cnnx starts run
-# without it.
-LOCAL_CLUSTER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 def default_worker_count():
@@ -24,13 +19,11 @@ def default_worker_count():
 
 def start_local_cluster(n_workers=None, memory_limit="auto", dashboard=True):
     """A process-based LocalCluster on 127.0.0.1: one single-threaded worker per core."""
-    import dask
     from distributed import LocalCluster
     dashboard_address = "127.0.0.1:0" if dashboard else None
-    with dask.config.set(LOCAL_CLUSTER_CONFIG):          # the nannies hand it to their workers
-        return LocalCluster(n_workers=n_workers or default_worker_count(), threads_per_worker=1,
-                            processes=True, host="127.0.0.1",
-                            dashboard_address=dashboard_address, memory_limit=memory_limit)
+    return LocalCluster(n_workers=n_workers or default_worker_count(), threads_per_worker=1,
+                        processes=True, host="127.0.0.1", dashboard_address=dashboard_address,
+                        memory_limit=memory_limit)
 
 
 def _have_bokeh():

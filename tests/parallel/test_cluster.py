@@ -65,10 +65,6 @@ def test_no_client_starts_a_local_cluster_on_localhost(store):
         assert trainer.client.scheduler.address.startswith("tcp://127.0.0.1:")
         workers = trainer.client.scheduler_info()["workers"].values()
         assert all(w["nthreads"] == 1 for w in workers) and len(workers) >= 1
-        # Dask's stack sampler (100 a second, for the dashboard) would share the shard's core
-        profiling = trainer.client.run(lambda dask_worker: "profile" in
-                                       dask_worker.periodic_callbacks)
-        assert profiling and not any(profiling.values())
         trainer.fit(store, epochs=1, batch_size=32)
     assert "dashboard http://127.0.0.1:" in said[0]
 
