@@ -567,3 +567,33 @@ def test_conv_max_pool_fusion_in_a_step(benchmark, net, batch, n_threads):
         conv.max_pool = None
     fused_against_unfused(benchmark, fused, unfused, x, y, n_threads, net=net,
                           pairs=len(pairs))
+
+
+# ------------------------------------------------------------- strided convolutions
+# The comics paper's 5x5 stride-2 layers run on the general path (the GEMM frame packing
+# im2col panels straight from x; the grad input gathers through the stride-dilated geometry):
+# its share of the FMA peak, forward and backward, 'valid' padding.
+STRIDED_CONVS = [(32, 100, 100, 1, 32), (32, 48, 48, 32, 32)]     # N, H, W, C, F; 5x5, s 2
+
+
+@pytest.mark.benchmark(group="conv5x5-stride2")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("shape", STRIDED_CONVS, ids=conv_id)
+def test_conv5x5_stride2(benchmark, shape, direction, n_threads, medians, peak):
+    n, h, w, c, f = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    kernel = (rng.standard_normal((5, 5, c, f)) * 0.1).astype(np.float32)
+    out_h, out_w = (h - 5) // 2 + 1, (w - 5) // 2 + 1
+    input_grad = c > 3                          # a first layer never needs its input gradient
+    if direction == "forward":
+        benchmark(ops.conv2d_forward, x, kernel, None, (2, 2), "valid", True, n_threads)
+        passes = 1
+    else:
+        grad_output = rng.standard_normal((n, out_h, out_w, f)).astype(np.float32)
+        benchmark(ops.conv2d_backward, x, kernel, grad_output, (2, 2), "valid", input_grad,
+                  n_threads)
+        passes = 2 if input_grad else 1
+    flops = 2.0 * n * out_h * out_w * 25 * c * f * passes
+    record(benchmark, medians, (direction, "5x5s2", conv_id(shape), n_threads), flops,
+           n_threads, peak[n_threads])

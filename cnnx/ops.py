@@ -153,11 +153,62 @@ def conv2d_backward(x, kernel, grad_output, strides=(1, 1), padding="valid",
         grad_input = None
         if need_input_grad:
             grad_input = out if out is not None else np.empty(x.shape, np.float32)
-            _kernels.conv2d_grad_input(geometry, grad_output, kernel, grad_input,
-                                       n_threads=n_threads)
+            if not _strided_grad_input(geometry, grad_output, kernel, grad_input, n_threads):
+                _kernels.conv2d_grad_input(geometry, grad_output, kernel, grad_input,
+                                           n_threads=n_threads)
         return grad_input, grad_kernel, grad_bias
     return ops_float64.conv2d_backward(x, kernel, grad_output, geometry.strides,
                                        need_input_grad, *geometry.output_size, *geometry.pads)
+
+
+def _strided_grad_input(geometry, grad_output, kernel, grad_input, n_threads):
+    """grad_input of a strided convolution as stride-1 convolutions, one per stride phase;
+    False (nothing written) where that does not apply.
+
+    The general path convolves grad_output dilated by the strides: with stride 2, three in
+    four of the products it computes are zeros. Input cell iy takes only the kernel rows
+    ky = (iy + pad_top) mod s + s·j, from output rows q - j (q = (iy + pad_top - ky0) / s): so
+    the cells of one phase (iy ≡ ry - pad_top mod s) are a stride-1 convolution of
+    grad_output with that phase's kernel rows and columns, flipped and transposed, which the
+    stride-1 kernels run at full speed. Each cell is written by exactly one phase, in a
+    fixed order: the same bits for any thread count."""
+    (h, w, _), (kh, kw), (sh, sw) = geometry.input_size, geometry.kernel_size, geometry.strides
+    if (sh, sw) == (1, 1):
+        return False
+    (top, left), (oh, ow), f = geometry.pads, geometry.output_size, geometry.filters
+    phases = []
+    for ry in range(sh):
+        for rx in range(sw):
+            first_y, first_x = -((ry - top) // sh), -((rx - left) // sw)    # ceil((top - ry) / sh)
+            rows = (h - 1 + top - ry) // sh - first_y + 1
+            columns = (w - 1 + left - rx) // sw - first_x + 1
+            if rows < 1 or columns < 1:
+                continue                                # no input cell in this phase
+            taps_y, taps_x = len(range(ry, kh, sh)), len(range(rx, kw, sw))
+            pads = (taps_y - 1 - first_y, taps_x - 1 - first_x)
+            if taps_y and taps_x and min(pads) < 0:
+                return False                            # a phase starts past its taps' reach
+            phases.append((ry, rx, first_y, first_x, rows, columns, taps_y, taps_x, pads))
+    for ry, rx, first_y, first_x, rows, columns, taps_y, taps_x, pads in phases:
+        cells = grad_input[:, first_y * sh + ry - top::sh, first_x * sw + rx - left::sw]
+        if not taps_y or not taps_x:                    # a kernel narrower than its stride
+            cells[...] = 0.0
+            continue
+        # the last cells may lie past every output's window (their gradient is zero)
+        reached_rows, reached_columns = min(rows, oh + pads[0]), min(columns, ow + pads[1])
+        if (reached_rows, reached_columns) != (rows, columns):
+            cells[...] = 0.0
+            cells = cells[:, :reached_rows, :reached_columns]
+        # (taps_y, taps_x, F, C): this phase's taps, flipped in space, channels transposed
+        phase_kernel = np.ascontiguousarray(
+            kernel[ry::sh, rx::sw][::-1, ::-1].transpose(0, 1, 3, 2))
+        phase = _kernels.ConvGeometry((oh, ow, f), (taps_y, taps_x), kernel.shape[2], (1, 1),
+                                      pads, (reached_rows, reached_columns))
+        cells[...] = _kernels.conv2d_forward(
+            phase, grad_output, phase_kernel, None,
+            np.empty((len(grad_output), reached_rows, reached_columns, kernel.shape[2]),
+                     np.float32), False, n_threads=n_threads)
+    return True
 
 
 def _fused_pool(geometry, pool_size, strides, padding):
