@@ -22,13 +22,15 @@ class BatchNormalization(Layer):
     its own two passes, with the same results as the two layers apart.
     """
 
+    fused_relu = False       # True: this layer applies the ReLU layer after it
+    _on_kernels = False      # True: the last training forward ran on the C kernels
+
     def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
         super().__init__(name)
         if not 0 <= momentum < 1 or epsilon <= 0:
             raise ValueError(f"BatchNormalization expects 0 <= momentum < 1 and epsilon > 0, "
                              f"got momentum={momentum}, epsilon={epsilon}")
         self.momentum, self.epsilon = float(momentum), float(epsilon)
-        self.fused_relu = False          # True: this layer applies the ReLU layer after it
         self._cache = None
 
     def fuse_following_relu(self, next_layer):
@@ -69,6 +71,7 @@ class BatchNormalization(Layer):
             y = flat * scale
             y += (beta - self.state["moving_mean"] * scale).astype(x.dtype)
             return self._relu(y).reshape(x.shape)
+        self._on_kernels = False       # the backward must not take the kernels' mask
         count = len(flat)
         mean = np.einsum("mc->c", flat) / count
         y = np.subtract(flat, mean, out=self._workspace("output", flat.shape, x.dtype))
@@ -107,7 +110,7 @@ class BatchNormalization(Layer):
         y = _kernels.channel_affine(flat, scale, self.params["beta"],
                                     self._workspace("output", flat.shape, np.float32),
                                     a_shift=mean32, relu=self.fused_relu, n_threads=n_threads)
-        self._cache = (flat, mean, inv_std, y)
+        self._cache, self._on_kernels = (flat, mean, inv_std, y), True
         # the fused ReLU's mask, recomputed from x by the backward as the forward decided it
         self._relu_mask = ((mean32, scale, self.params["beta"].copy()) if self.fused_relu
                            else None)
@@ -142,7 +145,7 @@ class BatchNormalization(Layer):
         return out.reshape(grad_output.shape)
 
     def backward(self, grad_output):
-        if _fast(grad_output) and self._cache[0].dtype == np.float32:
+        if self._on_kernels and _fast(grad_output):
             return self._backward_float32(grad_output)
         flat, mean, inv_std, y = self._cache
         if self.fused_relu:                                    # ReLU's backward first

@@ -125,3 +125,27 @@ def test_fused_model_survives_pickling_and_keeps_its_config(rng):
                                                      nn.activations.FusedReLU)
     x = rng.standard_normal((2, 22, 21, 1)).astype(np.float32)
     np.testing.assert_array_equal(clone.predict(x), plain.predict(x))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_strided_input_takes_the_numpy_path_both_ways(rng, fused):
+    # a float32 input that is not C-contiguous trains on NumPy; its backward must too: the
+    # kernels' backward would read the ReLU mask of an earlier batch (or none at all)
+    layer = nn.BatchNormalization()
+    layer.build((4, 3, 5), rng)
+    relu = nn.ReLU()
+    if fused:
+        assert layer.fuse_following_relu(relu)
+    layer.forward(rng.standard_normal((2, 4, 3, 5)).astype(np.float32) + 3, training=True)
+    x = rng.standard_normal((2, 4, 6, 5)).astype(np.float32)[:, :, ::2]
+    grad = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+    y = layer.forward(x, training=True)
+    dx = layer.backward(grad.copy())               # the NumPy backward overwrites its input
+    reference = nn.BatchNormalization()
+    reference.build((4, 3, 5), rng)
+    y_ref = reference.forward(np.ascontiguousarray(x).astype(np.float64), training=True)
+    g = grad.astype(np.float64)
+    if fused:
+        y_ref, g = np.maximum(y_ref, 0), g * (y_ref > 0)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx, reference.backward(g), rtol=1e-3, atol=1e-4)
