@@ -537,24 +537,18 @@ def max_pool2d_forward(x, y, argmax, pool_size=None, strides=None, pads=(0, 0), 
     cdef int threads = _threads(who, n_threads)
     if geometry is None:
         g = _pool_geometry(x.shape, y.shape[1:3], tuple(pool_size), tuple(strides), tuple(pads))
-    cdef const float[:, :, :, ::1] x_view = x
-    cdef float[:, :, :, ::1] y_view = y
+    cdef const float *x_data = _data(x)
+    cdef float *y_data = _data(y)
     cdef void *argmax_pointer = _pointer(argmax)
     with nogil:
-        cnnx_max_pool2d_forward(&g, &x_view[0, 0, 0, 0], &y_view[0, 0, 0, 0],
-                                argmax_pointer, kind, threads)
+        cnnx_max_pool2d_forward(&g, x_data, y_data, argmax_pointer, kind, threads)
     return y, argmax
 
 
-cdef void *_pointer(array) except NULL:
-    """The data of a checked C-contiguous int32 or uint8 array."""
-    cdef const int[::1] cells
-    cdef const unsigned char[::1] taps
-    if array.dtype == np.uint8:
-        taps = array.reshape(-1)
-        return <void *>&taps[0]
-    cells = array.reshape(-1)
-    return <void *>&cells[0]
+cdef inline void *_pointer(array):
+    """The data of an array _check has accepted, of any dtype (an argmax's int32 cells or
+    uint8 taps): no view is made on the way (a pool call makes several per step)."""
+    return cnp.PyArray_DATA(<cnp.ndarray>array)
 
 
 def _check_taps(who, argmax, cnnx_pool_geometry g):
@@ -611,17 +605,13 @@ def max_pool2d_backward(grad_output, argmax, grad_input, pool_size=None, strides
         if low < 0 or high >= cells:
             raise ValueError(f"{who}: argmax holds {low}..{high}, outside the {cells} cells "
                              f"of the input plane {grad_input.shape[1:3]}")
-    cdef const float[:, :, :, ::1] grad_output_view = grad_output
+    cdef const float *grad_output_data = _data(grad_output)
     cdef const void *argmax_pointer = _pointer(argmax)
-    cdef float[:, :, :, ::1] grad_input_view = grad_input
-    cdef const float[:, :, :, ::1] relu_y_view
-    cdef const float *relu_y_pointer = NULL
-    if relu_y is not None:
-        relu_y_view = relu_y
-        relu_y_pointer = &relu_y_view[0, 0, 0, 0]
+    cdef float *grad_input_data = _data(grad_input)
+    cdef const float *relu_y_pointer = NULL if relu_y is None else _data(relu_y)
     with nogil:
-        cnnx_max_pool2d_backward(&g, &grad_output_view[0, 0, 0, 0], argmax_pointer, kind,
-                                 relu_y_pointer, &grad_input_view[0, 0, 0, 0], threads)
+        cnnx_max_pool2d_backward(&g, grad_output_data, argmax_pointer, kind, relu_y_pointer,
+                                 grad_input_data, threads)
     return grad_input
 
 
@@ -673,7 +663,7 @@ def conv2d_max_pool_forward(ConvGeometry geometry, x, kernel, bias, pooled, taps
     cdef const float *x_data = _data(x)
     cdef const float *kernel_data = _data(kernel)
     cdef float *pooled_data = _data(pooled)
-    cdef unsigned char *taps_data = <unsigned char *>cnp.PyArray_DATA(<cnp.ndarray>taps)
+    cdef unsigned char *taps_data = <unsigned char *>_pointer(taps)
     cdef const float *bias_pointer = NULL if bias is None else _data(bias)
     cdef float *workspace = _data(_workspace(cnnx_conv2d_max_pool_workspace_floats(&g, f,
                                                                                    threads)))

@@ -645,6 +645,9 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
     long panel_floats = ((long)BAND_ROWS * width + GEMM_MR) * GEMM_NR;
     float *partials = workspace + (long)n_threads * thread_floats;
     int panel_major = filters % GEMM_NR != 0 || depth >= PANEL_MAJOR_MIN_DEPTH;
+    /* grad_output as grad_kernel_rows reads it: 16-column panels, or rows of all F */
+    long grad_k_stride = panel_major ? GEMM_NR : filters;
+    long grad_panel_stride = panel_major ? panel_floats : GEMM_NR;
     int direct = use_direct_grad_kernel(g, filters);
     direct_grad_plan plan;
     if (direct)
@@ -692,9 +695,7 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                      * columns); rows are added into the partial in order */
                     for (int y = 0; y < rows; ++y) {
                         const float *grad_row = grad_band + (long)y * g->out_w * filters;
-                        for (int out_x = 0; out_x < g->out_w; ++out_x)
-                            for (int f = 0; f < filters; ++f)
-                                bias_partial[f] += grad_row[(long)out_x * filters + f];
+                        add_bias_sums(grad_row, g->out_w, filters, bias_partial);
                         grad_kernel_rows(g, band + (long)y * width * g->channels,
                                          (long)width * g->channels, g->channels, g->out_w,
                                          grad_row, filters, GEMM_NR, filters, partial,
@@ -709,25 +710,23 @@ static void conv_grad_kernel_fast(const cnnx_conv_geometry *g, const float *x,
                     long row_span = (long)g->kernel_w * g->channels;
                     fill_row_im2col(g, band, rows, row_im2col);
                     const float *b = grad_band;
-                    if (panel_major)
+                    if (panel_major) {
                         fill_grad_virtual(g, g->out_w, grad_band, pixels, filters, 1,
                                           grad_virtual, panel_floats, bias_partial);
-                    else
-                        add_bias_sums(grad_band, pixels, filters, bias_partial);
-                    if (panel_major)
                         b = grad_virtual;
+                    } else {
+                        add_bias_sums(grad_band, pixels, filters, bias_partial);
+                    }
                     grad_kernel_rows(g, row_im2col, g->out_w * row_span, row_span, pixels, b,
-                                     panel_major ? GEMM_NR : filters,
-                                     panel_major ? panel_floats : GEMM_NR, filters, partial,
+                                     grad_k_stride, grad_panel_stride, filters, partial,
                                      accumulate, edge_tile);
                     continue;
                 }
                 fill_grad_virtual(g, width, grad_band, virtual_rows, filters, panel_major,
                                   grad_virtual, panel_floats, bias_partial);
                 grad_kernel_rows(g, band, (long)width * g->channels, g->channels, virtual_rows,
-                                 grad_virtual, panel_major ? GEMM_NR : filters,
-                                 panel_major ? panel_floats : GEMM_NR, filters, partial,
-                                 accumulate, edge_tile);
+                                 grad_virtual, grad_k_stride, grad_panel_stride, filters,
+                                 partial, accumulate, edge_tile);
             }
         }
         sum_partials_in_order(partials, parts, (long)depth * filters, filters, grad_kernel,
@@ -783,9 +782,7 @@ void cnnx_conv2d_grad_kernel(const cnnx_conv_geometry *geometry, const float *x,
                 }
             float *bias_partial = partial + (long)depth * filters;
             memset(bias_partial, 0, sizeof(float) * filters);
-            for (int p = p0; p < p1; ++p)
-                for (int f = 0; f < filters; ++f)
-                    bias_partial[f] += grad_output[(long)p * filters + f];
+            add_bias_sums(grad_output + (long)p0 * filters, p1 - p0, filters, bias_partial);
         }
         sum_partials_in_order(partials, chunks, (long)depth * filters, filters, grad_kernel,
                               grad_bias);

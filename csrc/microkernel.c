@@ -49,8 +49,6 @@ static void micro_kernel_generic(int kc, const float *a, long a_row_stride, long
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
-/* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
-/* Callers pass taps = 1 (the direct convolution's tap loop lives in gathered_avx2_body). */
 /* The epilogue of both AVX2 kernels: one 6x16 tile of accumulators (+ C when accumulating,
  * + bias, then ReLU) stored to c. Inlined: the accumulators stay in registers. */
 static inline __attribute__((always_inline)) AVX2 void
@@ -92,10 +90,11 @@ store_tile_avx2(float *c, long ldc, int accumulate, const float *bias, int relu,
     store_row_avx2(c + 5 * ldc, c50, c51, accumulate, bias != NULL, bias0, bias1, relu);
 }
 
+/* Named accumulators (not arrays) keep all 12 in registers: gcc spills arrays here. */
 static inline __attribute__((always_inline)) AVX2 void
-micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
-                       long a_row_stride, long a_k_stride, const float *b, long b_k_stride,
-                       float *c, long ldc, int accumulate, const float *bias, int relu)
+micro_kernel_avx2_body(int kc, const float *a, long a_row_stride, long a_k_stride,
+                       const float *b, long b_k_stride, float *c, long ldc, int accumulate,
+                       const float *bias, int relu)
 {
     __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
     __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
@@ -103,11 +102,8 @@ micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
     __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
     __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
     __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-    for (int tap = 0; tap < taps; ++tap) {
-      const float *a_tap = taps == 1 ? a : a + tap_offsets[tap];
-      #pragma GCC unroll 4
-      for (int p = 0; p < kc; ++p) {
-        const float *a = a_tap + p * a_k_stride;
+    #pragma GCC unroll 4
+    for (int p = 0; p < kc; ++p, a += a_k_stride) {
         __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         __m256 a_value = _mm256_broadcast_ss(a);
         c00 = _mm256_fmadd_ps(a_value, b0, c00);
@@ -128,7 +124,6 @@ micro_kernel_avx2_body(int taps, const int *tap_offsets, int kc, const float *a,
         c50 = _mm256_fmadd_ps(a_value, b0, c50);
         c51 = _mm256_fmadd_ps(a_value, b1, c51);
         b += b_k_stride;
-      }
     }
     store_tile_avx2(c, ldc, accumulate, bias, relu, c00, c01, c10, c11, c20, c21, c30, c31,
                     c40, c41, c50, c51);
@@ -143,7 +138,7 @@ static AVX2 void micro_kernel_avx2_packed(int kc, const float *a, long a_row_str
     (void)a_row_stride;
     (void)a_k_stride;
     (void)b_k_stride;
-    micro_kernel_avx2_body(1, NULL, kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias,
+    micro_kernel_avx2_body(kc, a, 1, GEMM_MR, b, GEMM_NR, c, ldc, accumulate, bias,
                            relu);
 }
 
@@ -152,7 +147,7 @@ static AVX2 void micro_kernel_avx2_strided(int kc, const float *a, long a_row_st
                                            float *c, long ldc, int accumulate,
                                            const float *bias, int relu)
 {
-    micro_kernel_avx2_body(1, NULL, kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc,
+    micro_kernel_avx2_body(kc, a, a_row_stride, a_k_stride, b, b_k_stride, c, ldc,
                            accumulate, bias, relu);
 }
 
@@ -163,7 +158,7 @@ static AVX2 void micro_kernel_avx2_adjacent_rows(int kc, const float *a, long a_
                                                  int accumulate, const float *bias, int relu)
 {
     (void)a_row_stride;
-    micro_kernel_avx2_body(1, NULL, kc, a, 1, a_k_stride, b, b_k_stride, c, ldc, accumulate,
+    micro_kernel_avx2_body(kc, a, 1, a_k_stride, b, b_k_stride, c, ldc, accumulate,
                            bias, relu);
 }
 
@@ -408,7 +403,7 @@ static AVX2 void grad_tile_avx2(int k_rows, const float *a, const long *a_offset
         GRAD_TILE_CASE(1, 0) GRAD_TILE_CASE(2, 0) GRAD_TILE_CASE(3, 0)
         GRAD_TILE_CASE(4, 0) GRAD_TILE_CASE(5, 0) GRAD_TILE_CASE(6, 0)
         GRAD_TILE_CASE(1, 1) GRAD_TILE_CASE(2, 1) GRAD_TILE_CASE(3, 1)
-        GRAD_TILE_CASE(4, 1) GRAD_TILE_CASE(5, 1)
+        GRAD_TILE_CASE(4, 1) GRAD_TILE_CASE(5, 1) GRAD_TILE_CASE(6, 1)
     }
 #undef GRAD_TILE_CASE
 }

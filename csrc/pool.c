@@ -294,10 +294,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_b
                 float *restrict target = grad_image + (long)cell * channels;
                 int c0 = 0;
                 for (; c0 + CHANNEL_BLOCK <= channels; c0 += CHANNEL_BLOCK) {
-                    __m256i index = window_index
-                        ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                              (const __m128i *)((const uint8_t *)argmax + out + c0)))
-                        : _mm256_loadu_si256((const __m256i *)((const int32_t *)argmax + out + c0));
+                    __m256i index = load_indices(argmax, window_index, out + c0);
                     __m256 gradient = _mm256_loadu_ps(grad + c0);
                     if (masked)             /* grad * (y > 0 ? 1 : 0), as masked_grad */
                         gradient = _mm256_mul_ps(gradient, _mm256_and_ps(
