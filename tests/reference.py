@@ -161,3 +161,21 @@ def step_results(model, x, y):
     model.apply_gradient_sum(total)
     return ({**total.grads, **total.state}, total.loss_sum, outputs, model.predict(x),
             model.get_weights())
+
+
+def bits(array):
+    """The bits of a float array, to compare -0 and +0, and NaNs, exactly."""
+    array = np.asarray(array)
+    return array.view(np.uint32 if array.dtype == np.float32 else np.uint64)
+
+
+def assert_same_step(got, expected, who):
+    """Two step_results, bit for bit."""
+    grads, loss, outputs, predictions, weights = got
+    assert loss == expected[1], who
+    for key, value in expected[0].items():
+        assert np.array_equal(bits(grads[key]), bits(value)), (key, who)
+    assert np.array_equal(bits(outputs), bits(expected[2])), who
+    np.testing.assert_array_equal(predictions, expected[3])
+    for key, value in expected[4].items():
+        assert np.array_equal(bits(weights[key]), bits(value)), (key, who)

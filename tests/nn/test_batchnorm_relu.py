@@ -5,7 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
-from reference import numerical_gradient, step_results
+from reference import assert_same_step, numerical_gradient, step_results
 
 import cnnx
 from cnnx import _kernels, architectures, nn
@@ -41,14 +41,7 @@ def test_fused_model_gives_the_unfused_bits_for_any_thread_count(isa, rng):
         for n_threads in (1, 2, 3):
             with cnnx.num_threads(n_threads):
                 got = step_results(comics_bn(fused=True), x, y)
-            grads, loss, outputs, predictions, weights = got
-            assert loss == expected[1]
-            for name, value in expected[0].items():
-                assert np.array_equal(grads[name], value), name
-            np.testing.assert_array_equal(outputs, expected[2])
-            np.testing.assert_array_equal(predictions, expected[3])
-            for name, value in expected[4].items():
-                assert np.array_equal(weights[name], value), name
+            assert_same_step(got, expected, (isa, n_threads))
     finally:
         _kernels.set_isa("auto")
 

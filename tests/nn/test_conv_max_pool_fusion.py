@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
-from reference import step_results
+from reference import assert_same_step, bits, step_results
 
 import cnnx
 from cnnx import _kernels, architectures, nn, visualize
@@ -33,22 +33,6 @@ def net(name, pooled_in_conv):
         for conv, _ in pairs(model):
             conv.max_pool = None
     return model
-
-
-def bits(array):
-    array = np.asarray(array)
-    return array.view(np.uint32 if array.dtype == np.float32 else np.uint64)
-
-
-def assert_same_step(got, expected, who):
-    grads, loss, outputs, predictions, weights = got
-    assert loss == expected[1], who
-    for key, value in expected[0].items():
-        assert np.array_equal(bits(grads[key]), bits(value)), (key, who)
-    assert np.array_equal(bits(outputs), bits(expected[2])), who
-    np.testing.assert_array_equal(predictions, expected[3])
-    for key, value in expected[4].items():
-        assert np.array_equal(bits(weights[key]), bits(value)), (key, who)
 
 
 @pytest.mark.parametrize("isa", ISAS)

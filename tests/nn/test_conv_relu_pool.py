@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from reference import numerical_gradient, step_results
+from reference import assert_same_step, bits, numerical_gradient, step_results
 
 import cnnx
 from cnnx import _kernels, architectures, nn
@@ -38,11 +38,6 @@ def paper_net(name, fused):
     return model
 
 
-def bits(array):
-    array = np.asarray(array)
-    return array.view(np.uint32 if array.dtype == np.float32 else np.uint64)
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_fused_paper_net_gives_the_unfused_bits_for_any_thread_count(name, isa, rng):
@@ -55,15 +50,8 @@ def test_fused_paper_net_gives_the_unfused_bits_for_any_thread_count(name, isa, 
             expected = step_results(paper_net(name, fused=False), x, y)
         for n_threads in (1, 2, 3):
             with cnnx.num_threads(n_threads):
-                grads, loss, outputs, predictions, weights = step_results(
-                    paper_net(name, fused=True), x, y)
-            assert loss == expected[1]
-            for key, value in expected[0].items():
-                assert np.array_equal(bits(grads[key]), bits(value)), (key, n_threads)
-            np.testing.assert_array_equal(outputs, expected[2])
-            np.testing.assert_array_equal(predictions, expected[3])
-            for key, value in expected[4].items():
-                assert np.array_equal(bits(weights[key]), bits(value)), (key, n_threads)
+                got = step_results(paper_net(name, fused=True), x, y)
+            assert_same_step(got, expected, (name, isa, n_threads))
     finally:
         _kernels.set_isa("auto")
 
