@@ -40,15 +40,8 @@ def padded_id(case):
 
 def interleaved_ratio(baseline, candidate, rounds=9):
     """median(baseline) / median(candidate), timed in alternation so load drift hits both."""
-    import statistics
-    import time
-    times = {baseline: [], candidate: []}
-    for _ in range(rounds):
-        for function in (baseline, candidate):
-            start = time.perf_counter()
-            function()
-            times[function].append(time.perf_counter() - start)
-    return statistics.median(times[baseline]) / statistics.median(times[candidate])
+    baseline_time, candidate_time = interleaved_medians(baseline, candidate, rounds)
+    return baseline_time / candidate_time
 
 
 def gemm_id(shape):

@@ -109,24 +109,13 @@ def test_step_profile(benchmark, net, threads, peak, copy_bandwidth):
 
 
 @contextlib.contextmanager
-def kernel_clock(calls=None):
-    """Time every call into cnnx._kernels while inside: yields [seconds, calls], reset by
-    the caller. The ops look _kernels' functions up at each call, so wrapping the module's
-    attributes sees them all. Given a list, `calls` also gets (name, started, ended) per
-    call (separate rounds: the appends cost time outside the kernels themselves)."""
-    spent = [0.0, 0]
+def kernel_clock():
+    """Record every call into cnnx._kernels while inside: yields a list that gets (name,
+    started, ended) per call. The ops look _kernels' functions up at each call, so wrapping
+    the module's attributes sees them all."""
+    calls = []
     originals = {name: value for name, value in vars(_kernels).items()
                  if callable(value) and not name.startswith("_") and not isinstance(value, type)}
-
-    def timed(name, function):
-        def call(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - started
-                spent[1] += 1
-        return call
 
     def recorded(name, function):
         def call(*args, **kwargs):
@@ -136,11 +125,10 @@ def kernel_clock(calls=None):
             finally:
                 calls.append((name, started, time.perf_counter()))
         return call
-    wrap = timed if calls is None else recorded
     for name, function in originals.items():
-        setattr(_kernels, name, wrap(name, function))
+        setattr(_kernels, name, recorded(name, function))
     try:
-        yield spent
+        yield calls
     finally:
         for name, function in originals.items():
             setattr(_kernels, name, function)
@@ -173,16 +161,13 @@ def python_overhead(net, batch, threads, rounds):
             started = time.perf_counter()
             run()
             steps.append(time.perf_counter() - started)
-            with kernel_clock() as spent:
+            with kernel_clock() as recorded:
                 started = time.perf_counter()
                 run()
-                outside.append(time.perf_counter() - started - spent[0])
-                calls = spent[1]
-            recorded = []
-            with kernel_clock(recorded):
-                started = time.perf_counter()
-                run()
-                gaps.append(gaps_between_kernels(recorded, started, time.perf_counter()))
+                ended = time.perf_counter()
+            gaps.append(gaps_between_kernels(recorded, started, ended))
+            outside.append(sum(gaps[-1].values()))     # the step less its kernels' calls
+            calls = len(recorded)
             started = time.perf_counter()
             for _ in range(100):
                 _kernels.copy(one, target, n_threads=1)
