@@ -25,3 +25,17 @@ def test_gradient_dropout_mask_is_the_one_default_rng_of_seed_and_key_gives():
     model.forward(x, training=True, rng=np.random.default_rng((5, 1, 2, 3)))
     assert np.array_equal(lazy_mask, model.layers[2]._keep)
     assert 0 < lazy_mask.mean() < 1
+
+
+def test_a_step_of_a_network_without_dropout_makes_no_generator(monkeypatch):
+    # LazyRng exists so that networks that draw nothing pay for no Generator each step
+    model = nn.Sequential([nn.Conv2D(4, 3, activation="relu"), nn.MaxPool2D(2), nn.Flatten(),
+                           nn.Dense(3, activation="softmax")], input_shape=(8, 8, 1))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 8, 8, 1)).astype(np.float32), rng.integers(0, 3, 4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Generator was made for a network that draws nothing")
+    monkeypatch.setattr(np.random, "default_rng", refuse)
+    model.train_step(x, y, key=(0, 1, 0))
