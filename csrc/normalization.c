@@ -234,16 +234,14 @@ void cnnx_channel_affine(long rows, int channels, const float *restrict a,
      * ownership a normal store pays (a third of the traffic of a one-input pass): each
      * STREAM_ROWS rows are computed into L1 scratch by the same code, then streamed. */
     int stream = 0;
-#if defined(__x86_64__) || defined(__i386__)
-    stream = cnnx_get_isa() == CNNX_ISA_AVX2
-             && rows * channels * (long)sizeof(float) >= STREAM_MIN_BYTES
-             && channels % 4 == 0 && (long)channels * STREAM_ROWS <= STREAM_SCRATCH_FLOATS
-             && (uintptr_t)out % 16 == 0;
-#endif
     affine_rows_fn rows_pass = affine_rows_generic;
 #if defined(__x86_64__) || defined(__i386__)
-    if (cnnx_get_isa() == CNNX_ISA_AVX2)
+    if (cnnx_get_isa() == CNNX_ISA_AVX2) {
         rows_pass = affine_rows_avx2;
+        stream = rows * channels * (long)sizeof(float) >= STREAM_MIN_BYTES
+                 && channels % 4 == 0 && (long)channels * STREAM_ROWS <= STREAM_SCRATCH_FLOATS
+                 && (uintptr_t)out % 16 == 0;
+    }
 #endif
     (void)n_threads;
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
