@@ -43,6 +43,22 @@ static void clip_window(int start, int pool, int size, int *first, int *end)
  * running max lives in y, the index in an int32 scratch (the cell h*in_w + w, or the tap
  * i*pool_w + j when window_index, then narrowed: a select between a float compare and bytes
  * is one gcc leaves scalar), stored once, SCAN_CHANNELS channels at a time. */
+/* One index of an argmax: a uint8 tap inside the window (window_index) or an int32 cell. */
+static inline __attribute__((always_inline)) int load_index(const void *argmax,
+                                                            int window_index, long at)
+{
+    return window_index ? ((const uint8_t *)argmax)[at] : ((const int32_t *)argmax)[at];
+}
+
+static inline __attribute__((always_inline)) void store_index(void *argmax, int window_index,
+                                                              long at, int where)
+{
+    if (window_index)
+        ((uint8_t *)argmax)[at] = (uint8_t)where;
+    else
+        ((int32_t *)argmax)[at] = where;
+}
+
 #define SCAN_CHANNELS 256
 static inline __attribute__((always_inline)) void max_pool_forward_row(
     const cnnx_pool_geometry *g, const float *restrict x, float *restrict y,
@@ -247,8 +263,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_f
                     where = window_index ? i * g->pool_w + first_j : cell;
                 } else {
                     best = y[out + c];
-                    where = window_index ? ((uint8_t *)argmax)[out + c]
-                                         : ((int32_t *)argmax)[out + c];
+                    where = load_index(argmax, window_index, out + c);
                 }
                 for (int j = j0; j < end_j; ++j) {
                     int cell = row_cell + j;
@@ -259,10 +274,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_f
                     }
                 }
                 y[out + c] = best;
-                if (window_index)
-                    ((uint8_t *)argmax)[out + c] = (uint8_t)where;
-                else
-                    ((int32_t *)argmax)[out + c] = where;
+                store_index(argmax, window_index, out + c, where);
             }
         }
 }
@@ -312,8 +324,7 @@ static inline __attribute__((always_inline, target("avx2,fma"))) void max_pool_b
                     }
                 }
                 for (int c = c0; c < channels; ++c) {
-                    int index = window_index ? ((const uint8_t *)argmax)[out + c]
-                                             : ((const int32_t *)argmax)[out + c];
+                    int index = load_index(argmax, window_index, out + c);
                     target[c] = index == code
                                 ? masked_grad(grad[c], masked ? relu_y[out + c] : 0.0f, masked)
                                 : 0.0f;
